@@ -1,0 +1,433 @@
+"""Self-pinching gates: weight matrices masked by a function of themselves.
+
+A gated weight matrix ``W`` is used as ``W * M`` with the soft mask
+
+    M = sigmoid((W^2 - t^2) / (2 * tau))
+
+where ``t`` is one learnable threshold shared by a tie group of matrices and
+``tau`` a small temperature. Weights whose magnitude is below ``t`` are
+"pinched" towards zero; the hard mask used at the end is ``|W| > |t|``.
+
+Thresholds are stored in units of each matrix's weight standard deviation
+(``scale``, measured once when the gate is built) and the temperature is
+``tau = tau_scale * scale^2``, so one ``threshold`` and one ``tau_scale``
+value mean the same thing for base and large models, and for every matrix of
+a tie group.
+
+Authors
+ * speechbrain-spg developers 2026
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def soft_mask(weight, threshold, tau):
+    """Returns the self-pinching soft mask ``sigmoid((W^2 - t^2) / (2 tau))``.
+
+    Arguments
+    ---------
+    weight : torch.Tensor
+        The weight matrix ``W``.
+    threshold : torch.Tensor or float
+        The absolute threshold ``t`` (its sign does not matter).
+    tau : torch.Tensor or float
+        The temperature (positive).
+
+    Returns
+    -------
+    torch.Tensor
+        The mask, same shape as ``weight``, values in (0, 1).
+
+    Example
+    -------
+    >>> w = torch.tensor([0.0, 1.0, 3.0])
+    >>> soft_mask(w, 1.0, 0.01).round(decimals=4)
+    tensor([0.0000, 0.5000, 1.0000])
+    """
+    return torch.sigmoid((weight * weight - threshold * threshold) / (2 * tau))
+
+
+def hard_mask(weight, threshold):
+    """Returns the hard mask ``|W| > |t|`` that the pruning stage applies.
+
+    Arguments
+    ---------
+    weight : torch.Tensor
+        The weight matrix ``W``.
+    threshold : torch.Tensor or float
+        The absolute threshold ``t``.
+
+    Returns
+    -------
+    torch.Tensor
+        Boolean tensor, ``True`` where the weight is kept.
+
+    Example
+    -------
+    >>> hard_mask(torch.tensor([-2.0, 0.5, 1.5]), -1.0)
+    tensor([ True, False,  True])
+    """
+    return weight.abs() > abs(threshold)
+
+
+def pinch_reference(weight, threshold, tau):
+    """Plain autograd reference of the gate, ``W * soft_mask(W, t, tau)``.
+
+    Arguments
+    ---------
+    weight : torch.Tensor
+        The weight matrix ``W``.
+    threshold : torch.Tensor
+        The absolute threshold ``t`` (scalar tensor).
+    tau : torch.Tensor or float
+        The temperature.
+
+    Returns
+    -------
+    torch.Tensor
+        The gated weight.
+
+    Example
+    -------
+    >>> pinch_reference(torch.tensor([0.0, 3.0]), torch.tensor(1.0), 0.01)
+    tensor([0., 3.])
+    """
+    return weight * soft_mask(weight, threshold, tau)
+
+
+class PinchFunction(torch.autograd.Function):
+    """Memory-lean gate: saves only ``W`` and ``t`` and recomputes the mask.
+
+    With ``z = (W^2 - t^2) / (2 tau)``, ``M = sigmoid(z)`` and
+    ``s = M (1 - M) / tau``, the gradients of ``W * M`` are
+    ``d/dW = M + W^2 s`` and ``d/dt = -t W s``.
+
+    Example
+    -------
+    >>> w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    >>> t = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    >>> torch.autograd.gradcheck(PinchFunction.apply, (w, t, 0.1))
+    True
+    """
+
+    @staticmethod
+    def forward(ctx, weight, threshold, tau):
+        """Computes ``W * M``; see the class docstring.
+
+        Arguments
+        ---------
+        ctx : context
+            Autograd context.
+        weight : torch.Tensor
+            The weight matrix.
+        threshold : torch.Tensor
+            Scalar absolute threshold.
+        tau : float or torch.Tensor
+            The temperature (not differentiated).
+
+        Returns
+        -------
+        torch.Tensor
+            The gated weight.
+        """
+        ctx.save_for_backward(weight, threshold)
+        ctx.tau = tau
+        return weight * soft_mask(weight, threshold, tau)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        """Recomputes the mask and returns the gradients of ``W`` and ``t``.
+
+        Arguments
+        ---------
+        ctx : context
+            Autograd context.
+        grad_output : torch.Tensor
+            Gradient of the loss with respect to the gated weight.
+
+        Returns
+        -------
+        tuple
+            Gradients for ``weight``, ``threshold`` and ``None`` for tau.
+        """
+        weight, threshold = ctx.saved_tensors
+        mask = soft_mask(weight, threshold, ctx.tau)
+        slope = mask * (1 - mask) / ctx.tau
+        grad_weight = grad_threshold = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = grad_output * (mask + weight * weight * slope)
+        if ctx.needs_input_grad[1]:
+            grad_threshold = -(grad_output * weight * slope).sum() * threshold
+        return grad_weight, grad_threshold, None
+
+
+class SoftZerosFunction(torch.autograd.Function):
+    """Expected number of pinched weights, ``sum(1 - M)``, differentiable in t.
+
+    The weights are treated as constants (the sparsity regulariser moves the
+    thresholds, the task loss moves the weights) and nothing but ``W`` and
+    ``t`` is saved for backward.
+
+    Example
+    -------
+    >>> w = torch.tensor([0.0, 0.1, 3.0])
+    >>> t = torch.tensor(1.0, requires_grad=True)
+    >>> SoftZerosFunction.apply(w, t, 0.01)
+    tensor(2., grad_fn=<SoftZerosFunctionBackward>)
+    """
+
+    @staticmethod
+    def forward(ctx, weight, threshold, tau):
+        """Counts ``sum(1 - M)``.
+
+        Arguments
+        ---------
+        ctx : context
+            Autograd context.
+        weight : torch.Tensor
+            The weight matrix (not differentiated).
+        threshold : torch.Tensor
+            Scalar absolute threshold.
+        tau : float or torch.Tensor
+            The temperature.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar expected count of pruned weights.
+        """
+        ctx.save_for_backward(weight, threshold)
+        ctx.tau = tau
+        return (1 - soft_mask(weight, threshold, tau)).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        """Gradient with respect to the threshold only.
+
+        Arguments
+        ---------
+        ctx : context
+            Autograd context.
+        grad_output : torch.Tensor
+            Scalar upstream gradient.
+
+        Returns
+        -------
+        tuple
+            ``None``, gradient of the threshold, ``None``.
+        """
+        weight, threshold = ctx.saved_tensors
+        mask = soft_mask(weight, threshold, ctx.tau)
+        slope = (mask * (1 - mask)).sum() / ctx.tau
+        return None, grad_output * slope * threshold, None
+
+
+def group_indices(names, tie):
+    """Assigns each gated matrix to a tie group.
+
+    Arguments
+    ---------
+    names : list of str
+        Module names of the gated matrices, in order.
+    tie : str
+        ``"linear"`` (one group per matrix), ``"block"`` (one per transformer
+        block, read from the ``layers.<i>.`` part of the name) or ``"global"``.
+
+    Returns
+    -------
+    list of int
+        The group index of each matrix, numbered from 0 in order of appearance.
+
+    Example
+    -------
+    >>> names = ["encoder.layers.0.q", "encoder.layers.0.k", "encoder.layers.1.q"]
+    >>> group_indices(names, "linear"), group_indices(names, "block")
+    ([0, 1, 2], [0, 0, 1])
+    >>> group_indices(names, "global")
+    [0, 0, 0]
+    """
+    if tie == "linear":
+        return list(range(len(names)))
+    if tie == "global":
+        return [0] * len(names)
+    if tie == "block":
+        keys = [_block_key(name) for name in names]
+        order = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+        return [order[key] for key in keys]
+    raise ValueError(
+        f"tie: unknown tie mode {tie!r}; expected one of "
+        "'linear', 'block', 'global'."
+    )
+
+
+def _block_key(name):
+    """Returns the ``...layers.<i>`` prefix of a module name."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return ".".join(parts[: i + 2])
+    raise ValueError(
+        f"tie='block': cannot find the transformer block of module {name!r} "
+        "(expected a '.layers.<index>.' part); use tie='linear' or 'global'."
+    )
+
+
+class SelfPinchingGate(nn.Module):
+    """Learnable thresholds of the tie groups of a set of weight matrices.
+
+    Arguments
+    ---------
+    scales : torch.Tensor
+        Standard deviation of each gated matrix (1-D, one per matrix).
+    groups : list of int
+        Tie group of each matrix (see ``group_indices``).
+    tau_scale : float
+        Temperature relative to the weights' variance: ``tau = tau_scale *
+        scale^2``.
+    threshold_init : float
+        Initial threshold, in units of each matrix's standard deviation.
+    lr_scale : float
+        The stored parameter is ``threshold / lr_scale``: an optimiser step of
+        size ``lr`` moves the threshold by ``lr * lr_scale``. Lets one optimiser
+        shared with the SSL weights move the thresholds fast enough.
+
+    Example
+    -------
+    >>> gate = SelfPinchingGate(torch.ones(3), [0, 0, 1], 0.05, 0.5)
+    >>> gate.num_groups, gate.thresholds().tolist()
+    (2, [0.5, 0.5, 0.5])
+    >>> w = torch.tensor([0.1, 2.0])
+    >>> gate(0, w)
+    tensor([0.0083, 2.0000], grad_fn=<PinchFunctionBackward>)
+    """
+
+    def __init__(self, scales, groups, tau_scale, threshold_init, lr_scale=1.0):
+        super().__init__()
+        num_groups = max(groups) + 1
+        self.tau_scale = float(tau_scale)
+        self.lr_scale = float(lr_scale)
+        self.threshold_param = nn.Parameter(
+            torch.full((num_groups,), threshold_init / self.lr_scale)
+        )
+        self.register_buffer("scale", scales.detach().float().clone())
+        self.register_buffer("group", torch.tensor(groups, dtype=torch.long))
+        self.register_buffer("pruned", torch.tensor(False))
+        self.register_buffer("step", torch.tensor(0, dtype=torch.long))
+
+    @property
+    def num_groups(self):
+        """Number of learnable thresholds."""
+        return self.threshold_param.numel()
+
+    def group_thresholds(self):
+        """Thresholds of the groups, in units of the weight std (1-D)."""
+        return self.threshold_param * self.lr_scale
+
+    def thresholds(self):
+        """Absolute threshold of each matrix (1-D, differentiable)."""
+        return self.group_thresholds()[self.group] * self.scale
+
+    def taus(self):
+        """Temperature of each matrix (1-D)."""
+        return self.tau_scale * self.scale * self.scale
+
+    def forward(self, index, weight):
+        """Gates one weight matrix.
+
+        Arguments
+        ---------
+        index : int
+            Position of the matrix in the gate.
+        weight : torch.Tensor
+            Its weights.
+
+        Returns
+        -------
+        torch.Tensor
+            ``W * M``.
+        """
+        threshold = self.group_thresholds()[self.group[index]] * self.scale[index]
+        return PinchFunction.apply(weight, threshold, self.taus()[index])
+
+
+class GatedLinear(nn.Linear):
+    """A ``nn.Linear`` whose weight goes through a self-pinching gate.
+
+    It shares the ``weight`` and ``bias`` parameters of the layer it replaces,
+    so state-dict keys are unchanged. Before hard pruning it uses the soft
+    gated weight; after, the fixed binary ``mask`` (kept weights only, also
+    during further fine-tuning). In eval mode without gradients the effective
+    weight is cached until the weight or the thresholds change.
+
+    Arguments
+    ---------
+    linear : nn.Linear
+        The layer to gate.
+    gate : SelfPinchingGate
+        The gate holding the thresholds (not registered as a submodule).
+    index : int
+        Position of this matrix in the gate.
+
+    Example
+    -------
+    >>> layer = nn.Linear(4, 2)
+    >>> gate = SelfPinchingGate(layer.weight.std().reshape(1), [0], 0.05, 1.0)
+    >>> gated = GatedLinear(layer, gate, 0)
+    >>> gated(torch.randn(3, 4)).shape
+    torch.Size([3, 2])
+    """
+
+    def __init__(self, linear, gate, index):
+        nn.Module.__init__(self)
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.index = index
+        object.__setattr__(self, "gate", gate)
+        self.register_buffer("mask", None, persistent=False)
+        self._cache = None
+
+    def effective_weight(self):
+        """The weight the layer multiplies with: gated, or masked if pruned.
+
+        Returns
+        -------
+        torch.Tensor
+            Same shape as ``weight``.
+        """
+        if self.mask is not None:
+            return self.weight * self.mask
+        return self.gate(self.index, self.weight)
+
+    def forward(self, x):
+        """Linear transform with the effective weight.
+
+        Arguments
+        ---------
+        x : torch.Tensor
+            Input features (..., in_features).
+
+        Returns
+        -------
+        torch.Tensor
+            Output features (..., out_features).
+        """
+        if self.training or torch.is_grad_enabled():
+            self._cache = None
+            return F.linear(x, self.effective_weight(), self.bias)
+        key = (
+            self.weight._version,
+            self.weight.data_ptr(),
+            self.gate.threshold_param._version,
+            self.mask is None,
+        )
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.effective_weight())
+        return F.linear(x, self._cache[1], self.bias)
+
+    def extra_repr(self):
+        """Shows the gate position next to the layer sizes."""
+        return super().extra_repr() + f", gate_index={self.index}"

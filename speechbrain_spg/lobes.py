@@ -1,0 +1,490 @@
+"""SpeechBrain lobes of wav2vec2, HuBERT and WavLM with self-pinching gates.
+
+``SPGWav2Vec2``, ``SPGHuBERT`` and ``SPGWavLM`` take every constructor
+argument of SpeechBrain's ``speechbrain.integrations.huggingface`` wrappers,
+plus the SPG options (see ``speechbrain_spg.options.SPGOptions``). The
+linear layers selected by ``prune_modules`` are replaced by ``GatedLinear``
+layers that share their parameters, so the HuggingFace state-dict keys are
+unchanged.
+
+In drop-in mode (``inject_sparsity_loss=True``) the lobe attaches its
+sparsity regulariser to its own output, so a recipe that only minimises its
+task loss with one optimiser over ``lobe.parameters()`` still reaches the
+target.
+
+Authors
+ * speechbrain-spg developers 2026
+"""
+
+import re
+
+import torch
+from speechbrain.integrations.huggingface.hubert import HuBERT
+from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
+from speechbrain.integrations.huggingface.wavlm import WavLM
+from torch import nn
+from transformers import AutoConfig
+
+from speechbrain_spg.gates import (
+    GatedLinear,
+    SelfPinchingGate,
+    group_indices,
+    hard_mask,
+)
+from speechbrain_spg.options import (
+    SPGOptions,
+    check_model_type,
+    gated_target,
+)
+from speechbrain_spg.sparsity import (
+    AuxiliaryLossInjection,
+    LagrangianSparsityRegularizer,
+    LayerSparsity,
+    SparsityReport,
+    hard_zero_counts,
+    soft_zero_counts,
+)
+
+
+def find_prunable_linears(model, pattern):
+    """Lists the ``nn.Linear`` modules whose name matches a regex.
+
+    Arguments
+    ---------
+    model : nn.Module
+        The model to search.
+    pattern : str
+        Regular expression, searched (``re.search``) in each module name.
+
+    Returns
+    -------
+    list of (str, nn.Linear)
+        Matching modules in definition order.
+
+    Raises
+    ------
+    ValueError
+        If nothing matches (the message lists some linear layer names).
+
+    Example
+    -------
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    >>> [name for name, _ in find_prunable_linears(net, r"^2$")]
+    ['2']
+    """
+    regex = re.compile(pattern)
+    linears = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    found = [(name, module) for name, module in linears if regex.search(name)]
+    if not found:
+        examples = ", ".join(name for name, _ in linears[:6])
+        raise ValueError(
+            f"prune_modules: the regex {pattern!r} matches none of the "
+            f"{len(linears)} nn.Linear modules of the model (e.g. {examples})."
+        )
+    return found
+
+
+def install_gates(model, options):
+    """Replaces the selected linear layers of ``model`` by gated ones.
+
+    Arguments
+    ---------
+    model : nn.Module
+        The HuggingFace model (modified in place).
+    options : SPGOptions
+        Which modules, how thresholds are tied, initial values.
+
+    Returns
+    -------
+    gate : SelfPinchingGate
+        The gate holding the thresholds.
+    names : list of str
+        Names of the gated modules, in gate order.
+
+    Example
+    -------
+    >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    >>> gate, names = install_gates(net, SPGOptions(prune_modules=r"\\d"))
+    >>> names, type(net[1]).__name__, gate.num_groups
+    (['0', '1'], 'GatedLinear', 2)
+    """
+    found = find_prunable_linears(model, options.prune_modules)
+    names = [name for name, _ in found]
+    scales = torch.stack([m.weight.detach().float().std() for _, m in found])
+    gate = SelfPinchingGate(
+        scales.clamp_min(torch.finfo(torch.float32).tiny),
+        group_indices(names, options.tie),
+        options.tau_scale,
+        options.threshold_init,
+        lr_scale=options.gate_lr_scale,
+    )
+    for index, (name, linear) in enumerate(found):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, GatedLinear(linear, gate, index))
+    return gate, names
+
+
+class SPGLobeMixin:
+    """Adds self-pinching gates to a SpeechBrain HuggingFace SSL lobe.
+
+    Mixed in front of ``Wav2Vec2`` / ``HuBERT`` / ``WavLM``; the keyword
+    arguments of ``SPGOptions`` are taken here, every other argument goes to
+    the SpeechBrain wrapper unchanged.
+
+    Arguments
+    ---------
+    source : str
+        HuggingFace hub id or local folder of the SSL model.
+    save_path : str
+        Download folder, as in SpeechBrain's wrappers.
+    **kwargs
+        SPG options (``target_sparsity``, ``tie``, ``prune_modules``,
+        ``tau_scale``, ``threshold_init``, ``target_scope``,
+        ``inject_sparsity_loss``, ``warmup_steps``, ``ramp_steps``,
+        ``gate_lr_scale``) and the wrapper's own arguments.
+    """
+
+    def __init__(self, source, save_path="", **kwargs):
+        spg_keys = {f.name for f in SPGOptions.__dataclass_fields__.values()}
+        options = SPGOptions(
+            **{k: kwargs.pop(k) for k in list(kwargs) if k in spg_keys}
+        )
+        if kwargs.get("freeze", False):
+            raise ValueError(
+                "freeze: an SPG lobe must be trainable (its thresholds learn); "
+                "set freeze: False (freeze_feature_extractor: True keeps the "
+                "CNN front end fixed)."
+            )
+        config = AutoConfig.from_pretrained(source, cache_dir=save_path or None)
+        check_model_type(config.model_type, source)
+        super().__init__(source=source, save_path=save_path, **kwargs)
+        self.source = str(source)
+        self.spg_options = options
+        self.gate, self.gated_names = install_gates(self.model, options)
+        self.total_params = sum(p.numel() for p in self.model.parameters())
+        self.gated_params = sum(
+            layer.weight.numel() for layer in self.gated_layers()
+        )
+        self.gated_target = gated_target(
+            options.target_sparsity,
+            options.target_scope,
+            self.total_params,
+            self.gated_params,
+        )
+        self.regularizer = LagrangianSparsityRegularizer(
+            self.gated_target,
+            options.warmup_steps,
+            options.ramp_steps,
+            lr_scale=options.gate_lr_scale,
+        )
+        self.register_load_state_dict_post_hook(_restore_masks)
+
+    def gated_layers(self):
+        """The ``GatedLinear`` layers, in gate order.
+
+        Returns
+        -------
+        list of GatedLinear
+            One per gated matrix.
+        """
+        return [self.model.get_submodule(name) for name in self.gated_names]
+
+    @property
+    def is_pruned(self):
+        """Whether ``hard_prune`` has been applied."""
+        return bool(self.gate.pruned)
+
+    def forward(self, wav, wav_lens=None):
+        """Encodes a batch of waveforms through the gated model.
+
+        Arguments
+        ---------
+        wav : torch.Tensor
+            Waveforms (batch, time).
+        wav_lens : torch.Tensor
+            Relative lengths, SpeechBrain style.
+
+        Returns
+        -------
+        torch.Tensor
+            The SSL features, as the wrapped lobe returns them. In drop-in
+            mode during training they carry the sparsity regulariser's
+            gradient.
+        """
+        training = self.training and torch.is_grad_enabled()
+        if training:
+            self.gate.step += 1
+        out = super().forward(wav, wav_lens)
+        if training and self.spg_options.inject_sparsity_loss:
+            if not self.is_pruned:
+                out = AuxiliaryLossInjection.apply(out, self.sparsity_loss())
+        return out
+
+    def soft_sparsity(self):
+        """Expected fraction of the gated weights removed (differentiable).
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar in [0, 1].
+        """
+        counts = soft_zero_counts(
+            [layer.weight for layer in self.gated_layers()],
+            self.gate.thresholds(),
+            self.gate.taus(),
+        )
+        return counts.sum() / self.gated_params
+
+    def hard_zero_counts(self):
+        """Weights removed by the hard mask (or by the fixed mask if pruned).
+
+        Returns
+        -------
+        torch.Tensor
+            1-D long tensor, one count per gated matrix.
+        """
+        layers = self.gated_layers()
+        if self.is_pruned:
+            return torch.stack([(~layer.mask).sum() for layer in layers])
+        return hard_zero_counts(
+            [layer.weight for layer in layers], self.gate.thresholds()
+        )
+
+    def hard_sparsity(self):
+        """Fraction of the gated weights the hard mask removes.
+
+        Returns
+        -------
+        float
+            In [0, 1].
+        """
+        return self.hard_zero_counts().sum().item() / self.gated_params
+
+    def sparsity_loss(self):
+        """The Lagrangian sparsity term for the current step.
+
+        Add it to the task loss (or use ``inject_sparsity_loss``). One
+        minimising optimiser over all parameters is enough: the multipliers
+        ascend through a gradient reversal.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar loss.
+        """
+        return self.regularizer(self.soft_sparsity(), int(self.gate.step))
+
+    def sparsity_report(self):
+        """Sparsity overall and per gated matrix.
+
+        Returns
+        -------
+        SparsityReport
+            ``.as_dict()`` for JSON, ``.table()`` / ``str()`` to read.
+        """
+        layers = self.gated_layers()
+        with torch.no_grad():
+            thresholds = self.gate.thresholds()
+            soft = soft_zero_counts(
+                [layer.weight for layer in layers], thresholds, self.gate.taus()
+            )
+            hard = self.hard_zero_counts()
+        per_layer = tuple(
+            LayerSparsity(
+                name=name,
+                group=int(self.gate.group[i]),
+                numel=layer.weight.numel(),
+                hard=hard[i].item() / layer.weight.numel(),
+                soft=soft[i].item() / layer.weight.numel(),
+                threshold=abs(thresholds[i].item()),
+            )
+            for i, (name, layer) in enumerate(zip(self.gated_names, layers))
+        )
+        return SparsityReport(
+            target=self.gated_target,
+            soft=soft.sum().item() / self.gated_params,
+            hard=hard.sum().item() / self.gated_params,
+            total_params=self.total_params,
+            gated_params=self.gated_params,
+            removed_params=int(hard.sum()),
+            layers=per_layer,
+        )
+
+    def calibrate_thresholds(self, target=None, iterations=60):
+        """Scales all thresholds by one factor so hard sparsity hits a target.
+
+        The relative allocation between layers that training found is kept.
+        Returns the factor so that it can be reported.
+
+        Arguments
+        ---------
+        target : float, optional
+            Hard sparsity to reach; default the gated target.
+        iterations : int
+            Bisection steps.
+
+        Returns
+        -------
+        float
+            The factor the thresholds were multiplied by.
+        """
+        target = self.gated_target if target is None else target
+        weights = [layer.weight.detach() for layer in self.gated_layers()]
+        base = self.gate.thresholds().detach()
+
+        def sparsity(factor):
+            return hard_zero_counts(weights, base * factor).sum().item() / (
+                self.gated_params
+            )
+
+        low, high = 0.0, 1.0
+        while sparsity(high) < target:
+            high *= 2
+        for _ in range(iterations):
+            mid = (low + high) / 2
+            low, high = (mid, high) if sparsity(mid) < target else (low, mid)
+        with torch.no_grad():
+            self.gate.threshold_param.mul_(high)
+        return high
+
+    def hard_prune(self, calibrate=False):
+        """Applies the hard mask ``|W| > |t|`` permanently.
+
+        Pruned weights are set to zero and kept at zero by a fixed mask in
+        any further fine-tuning; the soft gate is switched off, so the lobe
+        computes exactly what the exported compact model computes.
+
+        Arguments
+        ---------
+        calibrate : bool
+            First scale the thresholds so the hard sparsity equals the target
+            (see ``calibrate_thresholds``).
+
+        Returns
+        -------
+        SparsityReport
+            The sparsity after pruning.
+        """
+        if self.is_pruned:
+            return self.sparsity_report()
+        if calibrate:
+            self.calibration_factor = self.calibrate_thresholds()
+        with torch.no_grad():
+            thresholds = self.gate.thresholds()
+            masks = [
+                hard_mask(layer.weight, thresholds[i])
+                for i, layer in enumerate(self.gated_layers())
+            ]
+        self.apply_masks(masks)
+        return self.sparsity_report()
+
+    def apply_masks(self, masks):
+        """Fixes binary masks on the gated layers and zeros the pruned weights.
+
+        Arguments
+        ---------
+        masks : list of torch.Tensor
+            One boolean mask per gated matrix (``True`` = kept).
+        """
+        with torch.no_grad():
+            for layer, mask in zip(self.gated_layers(), masks):
+                layer.weight.mul_(mask)
+                layer.mask = mask.to(torch.bool)
+            self.gate.pruned.fill_(True)
+
+
+def _restore_masks(module, incompatible_keys):
+    """After loading a pruned checkpoint, rebuilds the fixed masks."""
+    for layer in module.gated_layers():
+        layer.mask = (layer.weight != 0) if module.is_pruned else None
+
+
+class SPGWav2Vec2(SPGLobeMixin, Wav2Vec2):
+    """SpeechBrain's ``Wav2Vec2`` lobe with self-pinching gates.
+
+    Arguments
+    ---------
+    source : str
+        HuggingFace hub id (e.g. ``facebook/wav2vec2-base``) or local folder.
+    save_path : str
+        Download folder.
+    **kwargs
+        SPG options (see ``SPGOptions``: ``target_sparsity``, ``tie``,
+        ``prune_modules``, ``tau_scale``, ``threshold_init``,
+        ``target_scope``, ``inject_sparsity_loss``, ``warmup_steps``,
+        ``ramp_steps``, ``gate_lr_scale``) and every argument of
+        ``speechbrain.integrations.huggingface.wav2vec2.Wav2Vec2``
+        (``output_norm``, ``freeze_feature_extractor``, ...).
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain_spg.architectures import (
+    ...     TINY_OVERRIDES, build_config, save_random_model)
+    >>> src = save_random_model(build_config("wav2vec2", **TINY_OVERRIDES),
+    ...                         tempfile.mkdtemp())
+    >>> lobe = SPGWav2Vec2(src, save_path="", target_sparsity=0.6)
+    >>> lobe(torch.randn(2, 4000)).shape
+    torch.Size([2, 198, 32])
+    >>> lobe.gate.num_groups, lobe.gated_params
+    (12, 16384)
+    >>> lobe.sparsity_loss()
+    tensor(0., grad_fn=<AddBackward0>)
+    """
+
+
+class SPGHuBERT(SPGLobeMixin, HuBERT):
+    """SpeechBrain's ``HuBERT`` lobe with self-pinching gates.
+
+    Arguments
+    ---------
+    source : str
+        HuggingFace hub id (e.g. ``facebook/hubert-large-ll60k``) or folder.
+    save_path : str
+        Download folder.
+    **kwargs
+        SPG options (see ``SPGWav2Vec2``) and every argument of
+        ``speechbrain.integrations.huggingface.hubert.HuBERT``.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain_spg.architectures import (
+    ...     TINY_OVERRIDES, build_config, save_random_model)
+    >>> src = save_random_model(build_config("hubert", **TINY_OVERRIDES),
+    ...                         tempfile.mkdtemp())
+    >>> lobe = SPGHuBERT(src, save_path="", tie="block")
+    >>> lobe.gate.num_groups
+    2
+    """
+
+
+class SPGWavLM(SPGLobeMixin, WavLM):
+    """SpeechBrain's ``WavLM`` lobe with self-pinching gates.
+
+    Arguments
+    ---------
+    source : str
+        HuggingFace hub id (e.g. ``microsoft/wavlm-base-plus``) or folder.
+    save_path : str
+        Download folder.
+    **kwargs
+        SPG options (see ``SPGWav2Vec2``) and every argument of
+        ``speechbrain.integrations.huggingface.wavlm.WavLM``.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain_spg.architectures import (
+    ...     TINY_OVERRIDES, build_config, save_random_model)
+    >>> src = save_random_model(build_config("wavlm", **TINY_OVERRIDES),
+    ...                         tempfile.mkdtemp())
+    >>> lobe = SPGWavLM(src, save_path="", tie="global")
+    >>> lobe.gate.num_groups
+    1
+    """

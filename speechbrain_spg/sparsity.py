@@ -1,0 +1,461 @@
+"""Sparsity measurement and control for self-pinching gates.
+
+Soft (expected) sparsity is the mean of ``1 - M`` over the gated weights and
+is differentiable in the thresholds; hard sparsity counts the weights the
+pruning stage removes (``|W| <= |t|``). A Lagrangian regulariser,
+
+    L = lambda_1 * (s - target) + lambda_2 * (s - target)^2,
+
+drives the soft sparsity ``s`` to a (scheduled) target. The multipliers are
+maximised while everything else is minimised: they pass through a gradient
+reversal, so ONE ordinary minimising optimiser over all parameters performs
+their gradient ascent.
+
+Authors
+ * speechbrain-spg developers 2026
+"""
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from speechbrain_spg.gates import SoftZerosFunction, hard_mask
+
+
+def validate_target(target, key="target_sparsity"):
+    """Checks that a sparsity target lies in [0, 1).
+
+    Arguments
+    ---------
+    target : float
+        The target fraction of removed weights.
+    key : str
+        Name of the hyperparameter, for the error message.
+
+    Returns
+    -------
+    float
+        The target.
+
+    Example
+    -------
+    >>> validate_target(0.65)
+    0.65
+    >>> validate_target(1.0)
+    Traceback (most recent call last):
+      ...
+    ValueError: target_sparsity: must be a number in [0, 1), got 1.0.
+    """
+    if (
+        isinstance(target, bool)
+        or not isinstance(target, (int, float))
+        or not 0 <= target < 1
+    ):
+        raise ValueError(f"{key}: must be a number in [0, 1), got {target!r}.")
+    return float(target)
+
+
+def scheduled_target(step, target, warmup_steps=0, ramp_steps=0):
+    """Target sparsity at a training step: 0 during warm-up, then a linear ramp.
+
+    Arguments
+    ---------
+    step : int
+        Training steps done so far.
+    target : float
+        Final target sparsity.
+    warmup_steps : int
+        Steps with target 0 (the gates learn only from the task loss).
+    ramp_steps : int
+        Steps over which the target rises linearly to ``target``.
+
+    Returns
+    -------
+    float
+        The target in force.
+
+    Example
+    -------
+    >>> [scheduled_target(s, 0.6, 2, 4) for s in (0, 2, 4, 6, 9)]
+    [0.0, 0.0, 0.3, 0.6, 0.6]
+    """
+    if step < warmup_steps:
+        return 0.0
+    if ramp_steps <= 0:
+        return target
+    return target * min(1.0, (step - warmup_steps) / ramp_steps)
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward, negated gradient backward.
+
+    Example
+    -------
+    >>> x = torch.tensor(2.0, requires_grad=True)
+    >>> (3 * GradientReversal.apply(x)).backward()
+    >>> x.grad
+    tensor(-3.)
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        """Returns ``x`` unchanged.
+
+        Arguments
+        ---------
+        ctx : context
+            Autograd context.
+        x : torch.Tensor
+            Input.
+
+        Returns
+        -------
+        torch.Tensor
+            A view of ``x``.
+        """
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        """Negates the gradient.
+
+        Arguments
+        ---------
+        ctx : context
+            Autograd context.
+        grad_output : torch.Tensor
+            Upstream gradient.
+
+        Returns
+        -------
+        torch.Tensor
+            ``-grad_output``.
+        """
+        return -grad_output
+
+
+class AuxiliaryLossInjection(torch.autograd.Function):
+    """Identity on a tensor that adds an auxiliary loss's gradient in backward.
+
+    ``y = inject(x, aux)`` returns ``x``; when the main loss backpropagates
+    through ``y``, ``aux`` receives gradient 1, exactly as if ``aux`` had been
+    added to the main loss. This lets a module attach its own regulariser to
+    a recipe that only optimises its own loss.
+
+    Example
+    -------
+    >>> x = torch.ones(2, requires_grad=True)
+    >>> a = torch.tensor(0.0, requires_grad=True)
+    >>> y = AuxiliaryLossInjection.apply(x, 5 * a)
+    >>> y.sum().backward()
+    >>> x.grad, a.grad
+    (tensor([1., 1.]), tensor(5.))
+    """
+
+    @staticmethod
+    def forward(ctx, x, aux_loss):
+        """Returns ``x`` unchanged.
+
+        Arguments
+        ---------
+        ctx : context
+            Autograd context.
+        x : torch.Tensor
+            The tensor the main loss depends on.
+        aux_loss : torch.Tensor
+            Scalar auxiliary loss.
+
+        Returns
+        -------
+        torch.Tensor
+            A view of ``x``.
+        """
+        ctx.aux_shape = aux_loss.shape
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        """Passes the gradient on and gives the auxiliary loss gradient 1.
+
+        Arguments
+        ---------
+        ctx : context
+            Autograd context.
+        grad_output : torch.Tensor
+            Upstream gradient.
+
+        Returns
+        -------
+        tuple
+            ``grad_output`` and ones for the auxiliary loss.
+        """
+        ones = torch.ones(
+            ctx.aux_shape, dtype=grad_output.dtype, device=grad_output.device
+        )
+        return grad_output, ones
+
+
+class LagrangianSparsityRegularizer(nn.Module):
+    """Drives the soft sparsity to a scheduled target with two multipliers.
+
+    Arguments
+    ---------
+    target : float
+        Final target sparsity in [0, 1).
+    warmup_steps : int
+        Steps before the target starts to rise (see ``scheduled_target``).
+    ramp_steps : int
+        Steps of the linear rise.
+    lr_scale : float
+        The multipliers are stored divided by this factor (see
+        ``SelfPinchingGate``).
+
+    Example
+    -------
+    >>> reg = LagrangianSparsityRegularizer(0.5)
+    >>> reg(torch.tensor(0.3), step=10)
+    tensor(0., grad_fn=<AddBackward0>)
+    >>> reg.multiplier_param.data.fill_(1.0)
+    tensor([1., 1.])
+    >>> round(reg(torch.tensor(0.3), step=10).item(), 4)
+    -0.16
+    """
+
+    def __init__(self, target, warmup_steps=0, ramp_steps=0, lr_scale=1.0):
+        super().__init__()
+        self.target = validate_target(target)
+        self.warmup_steps = int(warmup_steps)
+        self.ramp_steps = int(ramp_steps)
+        self.lr_scale = float(lr_scale)
+        self.multiplier_param = nn.Parameter(torch.zeros(2))
+
+    def target_at(self, step):
+        """Target in force at ``step``.
+
+        Arguments
+        ---------
+        step : int
+            Training steps done.
+
+        Returns
+        -------
+        float
+            The scheduled target.
+        """
+        return scheduled_target(
+            int(step), self.target, self.warmup_steps, self.ramp_steps
+        )
+
+    def multipliers(self):
+        """The two Lagrange multipliers (lambda_1, lambda_2)."""
+        return self.multiplier_param.detach() * self.lr_scale
+
+    def forward(self, soft_sparsity, step):
+        """Lagrangian term for the current soft sparsity.
+
+        Arguments
+        ---------
+        soft_sparsity : torch.Tensor
+            Scalar expected sparsity (differentiable in the thresholds).
+        step : int
+            Training steps done (for the schedule).
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar loss: minimise it; the multipliers ascend through a
+            gradient reversal.
+        """
+        gap = soft_sparsity - self.target_at(step)
+        lam = GradientReversal.apply(self.multiplier_param) * self.lr_scale
+        return lam[0] * gap + lam[1] * gap * gap
+
+
+def soft_zero_counts(weights, thresholds, taus):
+    """Expected number of pruned weights of each matrix.
+
+    Arguments
+    ---------
+    weights : list of torch.Tensor
+        The gated matrices.
+    thresholds : torch.Tensor
+        Absolute threshold of each matrix (differentiable).
+    taus : torch.Tensor
+        Temperature of each matrix.
+
+    Returns
+    -------
+    torch.Tensor
+        1-D tensor, ``sum(1 - M)`` per matrix, differentiable in thresholds.
+
+    Example
+    -------
+    >>> w = [torch.tensor([0.0, 2.0]), torch.tensor([0.0, 0.1, 5.0])]
+    >>> soft_zero_counts(w, torch.tensor([1.0, 1.0]), torch.tensor([0.01, 0.01]))
+    tensor([1., 2.])
+    """
+    return torch.stack(
+        [
+            SoftZerosFunction.apply(w.detach(), thresholds[i], taus[i])
+            for i, w in enumerate(weights)
+        ]
+    )
+
+
+def hard_zero_counts(weights, thresholds):
+    """Number of weights the hard mask removes in each matrix.
+
+    Arguments
+    ---------
+    weights : list of torch.Tensor
+        The gated matrices.
+    thresholds : torch.Tensor
+        Absolute threshold of each matrix.
+
+    Returns
+    -------
+    torch.Tensor
+        1-D long tensor of counts.
+
+    Example
+    -------
+    >>> w = [torch.tensor([0.0, 2.0]), torch.tensor([0.0, 0.1, 5.0])]
+    >>> hard_zero_counts(w, torch.tensor([1.0, 1.0]))
+    tensor([1, 2])
+    """
+    with torch.no_grad():
+        return torch.stack(
+            [
+                (~hard_mask(w, thresholds[i])).sum()
+                for i, w in enumerate(weights)
+            ]
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSparsity:
+    """Sparsity of one gated matrix.
+
+    Arguments
+    ---------
+    name : str
+        Module name.
+    group : int
+        Tie group.
+    numel : int
+        Number of weights.
+    hard : float
+        Fraction removed by the hard mask.
+    soft : float
+        Expected fraction removed by the soft mask.
+    threshold : float
+        Absolute threshold.
+
+    Example
+    -------
+    >>> LayerSparsity("q", 0, 10, 0.5, 0.49, 0.1).hard
+    0.5
+    """
+
+    name: str
+    group: int
+    numel: int
+    hard: float
+    soft: float
+    threshold: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityReport:
+    """Sparsity of a gated model, overall and per matrix.
+
+    Arguments
+    ---------
+    target : float
+        Target sparsity of the gated weights.
+    soft : float
+        Soft (expected) sparsity of the gated weights.
+    hard : float
+        Hard sparsity of the gated weights.
+    total_params : int
+        All parameters of the wrapped model.
+    gated_params : int
+        Weights under a gate.
+    removed_params : int
+        Weights the hard mask removes.
+    layers : tuple of LayerSparsity
+        Per-matrix details.
+
+    Example
+    -------
+    >>> rep = SparsityReport(0.5, 0.5, 0.5, 100, 80, 40, ())
+    >>> rep.nonzero_params, rep.model_sparsity, rep.compression_ratio
+    (60, 0.4, 1.6666666666666667)
+    """
+
+    target: float
+    soft: float
+    hard: float
+    total_params: int
+    gated_params: int
+    removed_params: int
+    layers: tuple
+
+    @property
+    def nonzero_params(self):
+        """Parameters left after hard pruning."""
+        return self.total_params - self.removed_params
+
+    @property
+    def model_sparsity(self):
+        """Fraction of ALL model parameters removed."""
+        return self.removed_params / self.total_params
+
+    @property
+    def compression_ratio(self):
+        """``total_params / nonzero_params``."""
+        return self.total_params / self.nonzero_params
+
+    def as_dict(self):
+        """Plain-JSON form, with the derived counts.
+
+        Returns
+        -------
+        dict
+            All fields, ``layers`` as a list of dicts.
+        """
+        out = dataclasses.asdict(self)
+        out["layers"] = [dataclasses.asdict(layer) for layer in self.layers]
+        out["nonzero_params"] = self.nonzero_params
+        out["model_sparsity"] = self.model_sparsity
+        out["compression_ratio"] = self.compression_ratio
+        return out
+
+    def table(self):
+        """Readable per-layer table with a summary line.
+
+        Returns
+        -------
+        str
+            Fixed-width text table.
+        """
+        width = max([len(layer.name) for layer in self.layers] + [5])
+        lines = [
+            f"{'layer':<{width}}  group      numel    hard    soft  threshold"
+        ]
+        for layer in self.layers:
+            lines.append(
+                f"{layer.name:<{width}}  {layer.group:>5}  {layer.numel:>9}"
+                f"  {layer.hard:6.4f}  {layer.soft:6.4f}  {layer.threshold:9.3e}"
+            )
+        lines.append(
+            f"gated: target {self.target:.4f}  hard {self.hard:.4f}  "
+            f"soft {self.soft:.4f} | model: {self.nonzero_params}/"
+            f"{self.total_params} params kept, sparsity "
+            f"{self.model_sparsity:.4f}, ratio {self.compression_ratio:.2f}x"
+        )
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.table()
