@@ -1,0 +1,80 @@
+"""Baselines to compare SPG against.
+
+Uniform magnitude pruning (UMP) is the two-stage baseline of the paper: the
+same fraction of the smallest-magnitude weights is removed from EVERY gated
+matrix at once, the masks are fixed, and the model is fine-tuned. It reuses
+the SPG lobe (same modules, same export) with its gates replaced by fixed
+masks, so both methods go through the same recipe and the same exporter.
+
+Authors
+ * speechbrain-spg developers 2026
+"""
+
+import torch
+
+
+def magnitude_mask(weight, sparsity):
+    """Keeps the largest-magnitude weights, removing a given fraction.
+
+    Arguments
+    ---------
+    weight : torch.Tensor
+        A weight matrix.
+    sparsity : float
+        Fraction of its weights to remove, in [0, 1).
+
+    Returns
+    -------
+    torch.Tensor
+        Boolean mask, ``True`` where kept; exactly
+        ``round(sparsity * numel)`` entries are ``False``.
+
+    Example
+    -------
+    >>> magnitude_mask(torch.tensor([0.1, -3.0, 0.5, -0.2]), 0.5)
+    tensor([False,  True,  True, False])
+    """
+    count = int(round(sparsity * weight.numel()))
+    mask = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
+    if count > 0:
+        order = weight.detach().abs().reshape(-1).argsort()
+        mask[order[:count]] = False
+    return mask.reshape(weight.shape)
+
+
+def uniform_magnitude_prune(lobe, sparsity=None):
+    """Applies uniform magnitude pruning to an SPG lobe (fixed masks).
+
+    Arguments
+    ---------
+    lobe : SPGLobeMixin
+        An SPG lobe; its gates are replaced by fixed magnitude masks, and it
+        then fine-tunes like a pruned SPG lobe (pruned weights stay zero).
+    sparsity : float, optional
+        Fraction removed from every gated matrix; default the lobe's gated
+        target (``target_scope: model`` is already converted).
+
+    Returns
+    -------
+    SparsityReport
+        Sparsity after pruning.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain_spg.architectures import (
+    ...     TINY_OVERRIDES, build_config, save_random_model)
+    >>> from speechbrain_spg.lobes import SPGWav2Vec2
+    >>> src = save_random_model(build_config("wav2vec2", **TINY_OVERRIDES),
+    ...                         tempfile.mkdtemp())
+    >>> lobe = SPGWav2Vec2(src, save_path="", target_sparsity=0.65)
+    >>> report = uniform_magnitude_prune(lobe)
+    >>> round(report.hard, 3), {round(layer.hard, 2) for layer in report.layers}
+    (0.65, {0.65})
+    """
+    sparsity = lobe.gated_target if sparsity is None else sparsity
+    masks = [
+        magnitude_mask(layer.weight, sparsity) for layer in lobe.gated_layers()
+    ]
+    lobe.apply_masks(masks)
+    return lobe.sparsity_report()

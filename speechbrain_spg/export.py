@@ -1,0 +1,578 @@
+"""Compact export of a pruned SPG lobe, and loading it back.
+
+``export_compact(lobe, path)`` writes
+
+- ``path/hf/``: a standard HuggingFace folder (pruned weights set to zero)
+  that SpeechBrain's ``Wav2Vec2`` lobe and ``transformers.AutoModel`` load
+  unchanged;
+- ``path/compact.safetensors``: each pruned matrix as a packed bitmask
+  (``<key>::mask``, one bit per weight) and its kept values
+  (``<key>::values``); every other tensor as is;
+- ``path/spg_manifest.json``: configuration, sparsity per layer,
+  thresholds, target, parameter counts, source model and the sha256 of
+  every file.
+
+The export is written to a temporary folder next to ``path`` and moved into
+place with one rename, so an interrupted export never leaves a half-written
+folder behind. ``load_compact`` checks every checksum and the architecture
+before it builds the model.
+
+Authors
+ * speechbrain-spg developers 2026
+"""
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
+from transformers import AutoConfig, AutoModel
+
+from speechbrain_spg import __version__
+from speechbrain_spg.options import check_model_type
+
+MANIFEST = "spg_manifest.json"
+COMPACT_FILE = "compact.safetensors"
+HF_FOLDER = "hf"
+FORMAT_VERSION = 1
+_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+class CompactExportError(RuntimeError):
+    """A compact export is missing, tampered with or does not match."""
+
+
+def pack_mask(mask):
+    """Packs a boolean tensor into bytes, one bit per element.
+
+    Arguments
+    ---------
+    mask : torch.Tensor
+        Boolean tensor (any shape).
+
+    Returns
+    -------
+    torch.Tensor
+        1-D uint8 tensor of ``ceil(numel / 8)`` bytes.
+
+    Example
+    -------
+    >>> pack_mask(torch.tensor([True, False, True, True]))
+    tensor([176], dtype=torch.uint8)
+    """
+    bits = mask.detach().cpu().reshape(-1).numpy().astype(np.uint8)
+    return torch.from_numpy(np.packbits(bits))
+
+
+def unpack_mask(packed, shape):
+    """Inverse of ``pack_mask``.
+
+    Arguments
+    ---------
+    packed : torch.Tensor
+        uint8 bytes from ``pack_mask``.
+    shape : sequence of int
+        Shape of the original mask.
+
+    Returns
+    -------
+    torch.Tensor
+        Boolean tensor of that shape.
+
+    Example
+    -------
+    >>> unpack_mask(torch.tensor([176], dtype=torch.uint8), (2, 2))
+    tensor([[ True, False],
+            [ True,  True]])
+    """
+    count = math.prod(shape)
+    bits = np.unpackbits(packed.cpu().numpy(), count=count)
+    return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
+
+
+def pruned_state_dict(lobe):
+    """State dict of the lobe's HuggingFace model with the hard masks applied.
+
+    Arguments
+    ---------
+    lobe : SPGLobeMixin
+        An SPG lobe, pruned or not (if not, the hard mask ``|W| > |t|`` is
+        applied to the copy, the lobe is left unchanged).
+
+    Returns
+    -------
+    state : dict
+        Key -> tensor (CPU, detached copies), HuggingFace key names.
+    masks : dict
+        Weight key -> boolean mask, for every gated matrix.
+    """
+    state = {
+        key: value.detach().cpu().clone()
+        for key, value in lobe.model.state_dict().items()
+    }
+    masks = {}
+    with torch.no_grad():
+        thresholds = lobe.gate.thresholds()
+        for i, (name, layer) in enumerate(
+            zip(lobe.gated_names, lobe.gated_layers())
+        ):
+            if layer.mask is not None:
+                mask = layer.mask.cpu()
+            else:
+                mask = (layer.weight.abs() > thresholds[i].abs()).cpu()
+            key = f"{name}.weight"
+            state[key] = state[key] * mask
+            masks[key] = mask
+    return state, masks
+
+
+def compact_tensors(state, masks, dtype="float32"):
+    """Encodes a state dict as bitmask + kept values for the masked keys.
+
+    Arguments
+    ---------
+    state : dict
+        Key -> tensor.
+    masks : dict
+        Key -> boolean mask for the keys stored sparsely.
+    dtype : str
+        ``"float32"`` or ``"float16"``: storage type of every float tensor.
+
+    Returns
+    -------
+    dict
+        Tensors to write with safetensors.
+
+    Example
+    -------
+    >>> w = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
+    >>> out = compact_tensors({"w": w, "b": torch.ones(2)}, {"w": w != 0})
+    >>> out["w::values"], out["w::mask"], out["b"]
+    (tensor([2., 3.]), tensor([96], dtype=torch.uint8), tensor([1., 1.]))
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(
+            f"dtype: must be one of {sorted(_DTYPES)}, got {dtype!r}."
+        )
+    store = _DTYPES[dtype]
+    out = {}
+    for key, tensor in state.items():
+        if key in masks:
+            mask = masks[key]
+            out[f"{key}::mask"] = pack_mask(mask)
+            out[f"{key}::values"] = tensor[mask].to(store).contiguous()
+        elif tensor.is_floating_point():
+            out[key] = tensor.to(store).contiguous()
+        else:
+            out[key] = tensor.contiguous()
+    return out
+
+
+def expand_tensors(tensors, shapes):
+    """Inverse of ``compact_tensors``: dense float32 tensors.
+
+    Arguments
+    ---------
+    tensors : dict
+        Tensors read from ``compact.safetensors``.
+    shapes : dict
+        Key -> shape of every sparsely stored matrix.
+
+    Returns
+    -------
+    dict
+        Key -> dense tensor.
+
+    Example
+    -------
+    >>> w = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
+    >>> out = compact_tensors({"w": w}, {"w": w != 0})
+    >>> torch.equal(expand_tensors(out, {"w": [2, 2]})["w"], w)
+    True
+    """
+    state = {}
+    for key, tensor in tensors.items():
+        if key.endswith("::values"):
+            continue
+        if key.endswith("::mask"):
+            name = key[: -len("::mask")]
+            mask = unpack_mask(tensor, shapes[name])
+            dense = torch.zeros(mask.shape, dtype=torch.float32)
+            dense[mask] = tensors[f"{name}::values"].float()
+            state[name] = dense
+        elif tensor.is_floating_point():
+            state[key] = tensor.float()
+        else:
+            state[key] = tensor
+    return state
+
+
+def sha256_of(path):
+    """Hex sha256 of a file.
+
+    Arguments
+    ---------
+    path : str or os.PathLike
+        The file.
+
+    Returns
+    -------
+    str
+        64 hex digits.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> f = tempfile.NamedTemporaryFile(delete=False); _ = f.write(b"spg"); f.close()
+    >>> sha256_of(f.name)[:12]
+    'f2714f600579'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ideal_compact_bytes(state, masks, dtype="float32"):
+    """Information-theoretic size of a compact export's tensor data.
+
+    Dense tensors + kept values + one bit per gated weight, without any
+    container overhead.
+
+    Arguments
+    ---------
+    state : dict
+        Key -> tensor (pruned).
+    masks : dict
+        Key -> boolean mask of the gated matrices.
+    dtype : str
+        Storage type of float tensors.
+
+    Returns
+    -------
+    int
+        Bytes.
+
+    Example
+    -------
+    >>> w = torch.zeros(4, 4); w[0, 0] = 1.0
+    >>> ideal_compact_bytes({"w": w}, {"w": w != 0})
+    6
+    """
+    width = torch.finfo(_DTYPES[dtype]).bits // 8
+    total = 0.0
+    for key, tensor in state.items():
+        if key in masks:
+            total += int(masks[key].sum()) * width + masks[key].numel() / 8
+        elif tensor.is_floating_point():
+            total += tensor.numel() * width
+        else:
+            total += tensor.numel() * tensor.element_size()
+    return int(math.ceil(total))
+
+
+def export_compact(lobe, path, dtype="float32", overwrite=False):
+    """Writes the pruned lobe as a HuggingFace folder and a compact file.
+
+    Arguments
+    ---------
+    lobe : SPGLobeMixin
+        The SPG lobe (``hard_prune`` it first; if not, the hard mask is applied
+        to the exported copy).
+    path : str or os.PathLike
+        Export folder. Refused if it exists and is not empty, unless
+        ``overwrite``; then the previous export is replaced in one rename.
+    dtype : str
+        ``"float32"`` (default, exact) or ``"float16"`` for the compact file.
+    overwrite : bool
+        Replace an existing non-empty folder.
+
+    Returns
+    -------
+    dict
+        The manifest written to ``path/spg_manifest.json``.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain_spg.architectures import (
+    ...     TINY_OVERRIDES, build_config, save_random_model)
+    >>> from speechbrain_spg.lobes import SPGWav2Vec2
+    >>> src = save_random_model(build_config("wav2vec2", **TINY_OVERRIDES),
+    ...                         tempfile.mkdtemp())
+    >>> lobe = SPGWav2Vec2(src, save_path="", threshold_init=0.8)
+    >>> _ = lobe.hard_prune()
+    >>> out = os.path.join(tempfile.mkdtemp(), "compact")
+    >>> manifest = export_compact(lobe, out)
+    >>> sorted(os.listdir(out))
+    ['compact.safetensors', 'hf', 'spg_manifest.json']
+    >>> round(manifest["sparsity"]["gated"], 2)
+    0.58
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise FileExistsError(
+            f"export_compact: {path} exists and is not empty; pass "
+            "overwrite=True to replace it, or choose another folder."
+        )
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"export_compact: {path} is a file, not a folder.")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        manifest = _write_export(lobe, tmp, dtype)
+        _replace_folder(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_export(lobe, folder, dtype):
+    """Writes every file of an export into ``folder``; returns the manifest."""
+    state, masks = pruned_state_dict(lobe)
+    hf_dir = os.path.join(folder, HF_FOLDER)
+    model = AutoModel.from_config(lobe.model.config)
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(hf_dir)
+    lobe.feature_extractor.save_pretrained(hf_dir)
+    save_file(
+        compact_tensors(state, masks, dtype),
+        os.path.join(folder, COMPACT_FILE),
+        metadata={"format": "speechbrain-spg", "version": str(FORMAT_VERSION)},
+    )
+    report = lobe.sparsity_report()
+    removed = sum(int((~m).sum()) for m in masks.values())
+    ideal = ideal_compact_bytes(state, masks, dtype)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "library": f"speechbrain-spg {__version__}",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "source": lobe.source,
+        "model_type": lobe.model.config.model_type,
+        "config": lobe.model.config.to_dict(),
+        "dtype": dtype,
+        "spg": {
+            "target_sparsity": lobe.spg_options.target_sparsity,
+            "target_scope": lobe.spg_options.target_scope,
+            "gated_target": lobe.gated_target,
+            "tie": lobe.spg_options.tie,
+            "prune_modules": lobe.spg_options.prune_modules,
+            "tau_scale": lobe.spg_options.tau_scale,
+            "calibration_factor": getattr(lobe, "calibration_factor", None),
+        },
+        "params": {
+            "total": lobe.total_params,
+            "gated": lobe.gated_params,
+            "removed": removed,
+            "nonzero": lobe.total_params - removed,
+        },
+        "sparsity": {
+            "gated": removed / lobe.gated_params,
+            "model": removed / lobe.total_params,
+            "compression_ratio": lobe.total_params
+            / (lobe.total_params - removed),
+        },
+        "layers": [
+            {
+                "name": layer.name,
+                "group": layer.group,
+                "numel": layer.numel,
+                "sparsity": float((~masks[f"{layer.name}.weight"]).sum())
+                / layer.numel,
+                "threshold": layer.threshold,
+            }
+            for layer in report.layers
+        ],
+        "sparse_shapes": {key: list(m.shape) for key, m in masks.items()},
+        "ideal_compact_bytes": ideal,
+        "files": _checksums(folder),
+    }
+    with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
+
+
+def _checksums(folder):
+    """sha256 of every file below ``folder`` (relative POSIX paths)."""
+    sums = {}
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, folder).replace(os.sep, "/")
+            sums[rel] = sha256_of(full)
+    return dict(sorted(sums.items()))
+
+
+def _replace_folder(tmp, path):
+    """Moves ``tmp`` to ``path``; an existing ``path`` is replaced."""
+    if not os.path.exists(path):
+        os.rename(tmp, path)
+        return
+    old = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path)
+    )
+    os.rmdir(old)
+    os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(path, verify=True):
+    """Reads and (by default) verifies an export's manifest.
+
+    Arguments
+    ---------
+    path : str or os.PathLike
+        Export folder.
+    verify : bool
+        Check the sha256 of every file listed and the supported model type.
+
+    Returns
+    -------
+    dict
+        The manifest.
+
+    Raises
+    ------
+    CompactExportError
+        Missing manifest or file, checksum mismatch, unsupported model.
+    """
+    path = os.fspath(path)
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise CompactExportError(
+            f"{manifest_path} not found: {path} is not a speechbrain-spg "
+            "export (write one with speechbrain_spg.export.export_compact)."
+        )
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CompactExportError(f"{manifest_path}: unreadable ({err}).") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CompactExportError(
+            f"{manifest_path}: format_version "
+            f"{manifest.get('format_version')!r} is not supported (expected "
+            f"{FORMAT_VERSION})."
+        )
+    if verify:
+        try:
+            check_model_type(manifest["model_type"], path)
+        except ValueError as err:
+            raise CompactExportError(str(err)) from None
+        for rel, expected in manifest["files"].items():
+            full = os.path.join(path, rel)
+            if not os.path.isfile(full):
+                raise CompactExportError(f"{full}: listed in the manifest but missing.")
+            actual = sha256_of(full)
+            if actual != expected:
+                raise CompactExportError(
+                    f"{full}: sha256 {actual} does not match the manifest "
+                    f"({expected}); the file was modified or corrupted. "
+                    "Export again."
+                )
+    return manifest
+
+
+def load_compact(path, verify=True):
+    """Rebuilds the HuggingFace model of a compact export.
+
+    Arguments
+    ---------
+    path : str or os.PathLike
+        Export folder written by ``export_compact``.
+    verify : bool
+        Verify checksums and architecture first (recommended).
+
+    Returns
+    -------
+    transformers.PreTrainedModel
+        The pruned model (float32), in eval mode.
+
+    Raises
+    ------
+    CompactExportError
+        If the export is incomplete, tampered with, or its tensors do not fit
+        the architecture in its manifest.
+    """
+    manifest = read_manifest(path, verify=verify)
+    config = AutoConfig.for_model(**_config_kwargs(manifest["config"]))
+    model = AutoModel.from_config(config)
+    tensors = load_file(os.path.join(os.fspath(path), COMPACT_FILE))
+    state = expand_tensors(tensors, manifest["sparse_shapes"])
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        k
+        for k in set(state) & set(expected)
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or wrong:
+        raise CompactExportError(
+            f"{path}: tensors do not match the {manifest['model_type']} "
+            f"architecture of the manifest (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, wrong shape {wrong[:3]})."
+        )
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _config_kwargs(config_dict):
+    """Config dict -> keyword arguments of ``AutoConfig.for_model``."""
+    kwargs = dict(config_dict)
+    model_type = kwargs.pop("model_type")
+    return {"model_type": model_type, **kwargs}
+
+
+class CompactWav2Vec2(Wav2Vec2):
+    """SpeechBrain lobe over a compact SPG export (wav2vec2, HuBERT or WavLM).
+
+    Any recipe can use a compressed model with one YAML line: point
+    ``source`` at the export folder. The manifest's checksums are verified,
+    then SpeechBrain's own ``Wav2Vec2`` lobe loads ``<export>/hf``.
+
+    Arguments
+    ---------
+    source : str
+        Export folder written by ``export_compact``.
+    save_path : str
+        Unused for local exports; kept for signature compatibility.
+    verify : bool
+        Verify the manifest checksums first.
+    **kwargs
+        Every other argument of SpeechBrain's ``Wav2Vec2`` lobe.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain_spg.architectures import (
+    ...     TINY_OVERRIDES, build_config, save_random_model)
+    >>> from speechbrain_spg.lobes import SPGWav2Vec2
+    >>> src = save_random_model(build_config("wav2vec2", **TINY_OVERRIDES),
+    ...                         tempfile.mkdtemp())
+    >>> out = os.path.join(tempfile.mkdtemp(), "compact")
+    >>> _ = export_compact(SPGWav2Vec2(src, save_path=""), out)
+    >>> lobe = CompactWav2Vec2(out)
+    >>> lobe(torch.randn(1, 4000)).shape
+    torch.Size([1, 198, 32])
+    """
+
+    def __init__(self, source, save_path="", verify=True, **kwargs):
+        manifest = read_manifest(source, verify=verify)
+        super().__init__(
+            source=os.path.join(os.fspath(source), HF_FOLDER),
+            save_path=save_path,
+            **kwargs,
+        )
+        self.manifest = manifest
