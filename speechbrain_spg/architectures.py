@@ -203,3 +203,44 @@ def default_feature_extractor():
         do_normalize=True,
         return_attention_mask=True,
     )
+
+
+def ensure_random_model(model_type, path, seed=0, **overrides):
+    """Writes a randomly initialised model folder unless it already exists.
+
+    Used by recipes that train an SSL model from scratch (the tiny models):
+    called from YAML with ``!apply:`` before the lobe that loads ``path``.
+
+    Arguments
+    ---------
+    model_type : str
+        ``"wav2vec2"``, ``"hubert"`` or ``"wavlm"``.
+    path : str or os.PathLike
+        Output folder; left untouched if it already holds a model.
+    seed : int
+        Seed of the random initialisation.
+    **overrides
+        Configuration fields (lists are turned into tuples).
+
+    Returns
+    -------
+    str
+        The folder.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> out = os.path.join(tempfile.mkdtemp(), "init")
+    >>> _ = ensure_random_model("wav2vec2", out, **TINY_OVERRIDES)
+    >>> before = os.path.getmtime(os.path.join(out, "model.safetensors"))
+    >>> _ = ensure_random_model("wav2vec2", out, **TINY_OVERRIDES)
+    >>> os.path.getmtime(os.path.join(out, "model.safetensors")) == before
+    True
+    """
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return str(path)
+    fields = {
+        key: tuple(value) if isinstance(value, list) else value
+        for key, value in overrides.items()
+    }
+    return save_random_model(build_config(model_type, **fields), path, seed)

@@ -324,7 +324,9 @@ def export_compact(lobe, path, dtype="float32", overwrite=False):
             "overwrite=True to replace it, or choose another folder."
         )
     if os.path.exists(path) and not os.path.isdir(path):
-        raise FileExistsError(f"export_compact: {path} is a file, not a folder.")
+        raise FileExistsError(
+            f"export_compact: {path} is a file, not a folder."
+        )
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -458,7 +460,9 @@ def read_manifest(path, verify=True):
         with open(manifest_path, encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise CompactExportError(f"{manifest_path}: unreadable ({err}).") from None
+        raise CompactExportError(
+            f"{manifest_path}: unreadable ({err})."
+        ) from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CompactExportError(
             f"{manifest_path}: format_version "
@@ -473,7 +477,9 @@ def read_manifest(path, verify=True):
         for rel, expected in manifest["files"].items():
             full = os.path.join(path, rel)
             if not os.path.isfile(full):
-                raise CompactExportError(f"{full}: listed in the manifest but missing.")
+                raise CompactExportError(
+                    f"{full}: listed in the manifest but missing."
+                )
             actual = sha256_of(full)
             if actual != expected:
                 raise CompactExportError(

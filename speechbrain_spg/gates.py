@@ -348,7 +348,9 @@ class SelfPinchingGate(nn.Module):
         torch.Tensor
             ``W * M``.
         """
-        threshold = self.group_thresholds()[self.group[index]] * self.scale[index]
+        threshold = (
+            self.group_thresholds()[self.group[index]] * self.scale[index]
+        )
         return PinchFunction.apply(weight, threshold, self.taus()[index])
 
 

@@ -155,6 +155,20 @@ def test_normal_run_writes_exact_csv(small_corpus, tmp_path):
     assert (save / "prepare_options.json").is_file()
 
 
+def test_rows_are_sorted_by_id_not_by_folder(tmp_path):
+    data = tmp_path / "LibriSpeech"
+    rows = []
+    for folder, utt_id in (("1/1", "2-1-0000"), ("3/1", "10-1-0000")):
+        chapter = data / "dev-clean" / folder
+        audio = str(chapter / f"{utt_id}.flac")
+        write_audio(audio, seconds=0.2)
+        transcript = chapter / f"{folder.replace('/', '-')}.trans.txt"
+        transcript.write_text(f"{utt_id} WORDS\n", encoding="utf-8")
+        rows.append((utt_id, 0.2, audio, folder.split("/")[0], "WORDS"))
+    out = prepare_librispeech(str(data), str(tmp_path / "save"), **ONLY_DEV)
+    assert_rows(out["dev-clean"], rows[::-1])
+
+
 def test_csv_is_read_by_speechbrain(small_corpus, tmp_path):
     from speechbrain.dataio.dataio import load_data_csv
 
@@ -467,8 +481,9 @@ def test_normalize_transcript_properties(text):
 
 
 # Transcripts: arbitrary unicode without line breaks (one line per
-# utterance), or text made mostly of allowed characters so that some rows
-# are kept.
+# utterance), or, twice as likely, text of lower- and upper-case letters,
+# apostrophes and whitespace so that many rows are kept.
+ALLOWED_LIKE = st.text(alphabet="abcXYZ' \t", max_size=20)
 TRANSCRIPTS = st.one_of(
     st.text(
         alphabet=st.characters(
@@ -476,14 +491,21 @@ TRANSCRIPTS = st.one_of(
         ),
         max_size=20,
     ),
-    st.text(alphabet="abcXYZ' \t7-", max_size=20),
+    ALLOWED_LIKE,
+    ALLOWED_LIKE,
+)
+# Audio lengths in samples at 16 kHz: anything up to 0.6 s, or, as likely,
+# lengths between the 0.1 s and 0.5 s limits of the test.
+FRAMES = st.one_of(
+    st.integers(min_value=0, max_value=9600),
+    st.integers(min_value=1600, max_value=8000),
 )
 
 
 @settings(max_examples=25, deadline=None)
 @given(
     st.lists(
-        st.tuples(TRANSCRIPTS, st.integers(min_value=0, max_value=9600)),
+        st.tuples(TRANSCRIPTS, FRAMES),
         min_size=1,
         max_size=4,
     )
