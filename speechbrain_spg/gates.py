@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speechbrain_spg.fused_gate import FusedPinchFunction
+
 
 def soft_mask(weight, threshold, tau):
     """Returns the self-pinching soft mask ``sigmoid((W^2 - t^2) / (2 tau))``.
@@ -292,6 +294,11 @@ class SelfPinchingGate(nn.Module):
         The stored parameter is ``threshold / lr_scale``: an optimiser step of
         size ``lr`` moves the threshold by ``lr * lr_scale``. Lets one optimiser
         shared with the SSL weights move the thresholds fast enough.
+    impl : str
+        ``"reference"`` (plain autograd functions), ``"fused"`` (one fused
+        pass that also yields the soft-zero count used by the sparsity
+        regulariser; eager PyTorch) or ``"compiled"`` (the fused math through
+        ``torch.compile``, eager if compiling fails).
 
     Example
     -------
@@ -303,11 +310,21 @@ class SelfPinchingGate(nn.Module):
     tensor([0.0083, 2.0000], grad_fn=<PinchFunctionBackward>)
     """
 
-    def __init__(self, scales, groups, tau_scale, threshold_init, lr_scale=1.0):
+    def __init__(
+        self,
+        scales,
+        groups,
+        tau_scale,
+        threshold_init,
+        lr_scale=1.0,
+        impl="reference",
+    ):
         super().__init__()
         num_groups = max(groups) + 1
         self.tau_scale = float(tau_scale)
         self.lr_scale = float(lr_scale)
+        self.impl = impl
+        self.soft_zeros = {}
         self.threshold_param = nn.Parameter(
             torch.full((num_groups,), threshold_init / self.lr_scale)
         )
@@ -351,7 +368,32 @@ class SelfPinchingGate(nn.Module):
         threshold = (
             self.group_thresholds()[self.group[index]] * self.scale[index]
         )
-        return PinchFunction.apply(weight, threshold, self.taus()[index])
+        tau = self.taus()[index]
+        if self.impl == "reference" or not torch.is_grad_enabled():
+            return PinchFunction.apply(weight, threshold, tau)
+        gated, soft_zeros = FusedPinchFunction.apply(
+            weight, threshold, tau, self.impl == "compiled"
+        )
+        self.soft_zeros[index] = soft_zeros
+        return gated
+
+    def recorded_soft_zeros(self, count):
+        """Soft-zero counts recorded by the fused path in this forward pass.
+
+        Arguments
+        ---------
+        count : int
+            Number of gated matrices.
+
+        Returns
+        -------
+        torch.Tensor or None
+            1-D counts (differentiable in the thresholds), or ``None`` if
+            the last forward pass did not record all of them.
+        """
+        if len(self.soft_zeros) != count:
+            return None
+        return torch.stack([self.soft_zeros[i] for i in range(count)])
 
 
 class GatedLinear(nn.Linear):
@@ -391,6 +433,7 @@ class GatedLinear(nn.Linear):
         object.__setattr__(self, "gate", gate)
         self.register_buffer("mask", None, persistent=False)
         self._cache = None
+        self.register_state_dict_post_hook(_save_pruned_weights_as_zeros)
 
     def effective_weight(self):
         """The weight the layer multiplies with: gated, or masked if pruned.
@@ -433,3 +476,17 @@ class GatedLinear(nn.Linear):
     def extra_repr(self):
         """Shows the gate position next to the layer sizes."""
         return super().extra_repr() + f", gate_index={self.index}"
+
+
+def _save_pruned_weights_as_zeros(module, state_dict, prefix, local_metadata):
+    """State-dict hook: a pruned layer's saved weight has exact zeros.
+
+    After hard pruning, an optimiser that carries momentum from before can
+    move the stored weights at pruned positions away from zero (the forward
+    pass masks them, so the model is unaffected). The mask is not saved; it
+    is rebuilt from the zeros when a checkpoint is loaded, so the saved
+    weight must carry them.
+    """
+    key = prefix + "weight"
+    if module.mask is not None and key in state_dict:
+        state_dict[key] = state_dict[key].detach() * module.mask

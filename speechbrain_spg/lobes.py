@@ -16,6 +16,7 @@ Authors
  * speechbrain-spg developers 2026
 """
 
+import contextlib
 import re
 
 import torch
@@ -24,6 +25,7 @@ from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 from speechbrain.integrations.huggingface.wavlm import WavLM
 from torch import nn
 from transformers import AutoConfig
+from transformers.models.wavlm.modeling_wavlm import WavLMAttention
 
 from speechbrain_spg.gates import (
     GatedLinear,
@@ -121,12 +123,91 @@ def install_gates(model, options):
         options.tau_scale,
         options.threshold_init,
         lr_scale=options.gate_lr_scale,
+        impl=options.gate_impl,
     )
     for index, (name, linear) in enumerate(found):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, GatedLinear(linear, gate, index))
+    for module in model.modules():
+        if type(module) is WavLMAttention:
+            module.__class__ = GatedWavLMAttention
     return gate, names
+
+
+@contextlib.contextmanager
+def effective_weights(*layers):
+    """Makes ``layer.weight`` read as the gated weight inside the block.
+
+    For code that reads the weights of linear layers instead of calling them
+    (WavLM's attention passes ``q_proj.weight`` etc. to
+    ``F.multi_head_attention_forward``). Layers that are not ``GatedLinear``
+    are left alone; the parameters are put back on exit.
+
+    Arguments
+    ---------
+    *layers : nn.Module
+        The layers whose ``weight`` is read inside the block.
+
+    Example
+    -------
+    >>> layer = nn.Linear(2, 2)
+    >>> gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 100.0)
+    >>> gated = GatedLinear(layer, gate, 0)
+    >>> with effective_weights(gated):
+    ...     bool((gated.weight.abs() < 1e-6).all())
+    True
+    >>> gated.weight is layer.weight
+    True
+    """
+    gated = [layer for layer in layers if isinstance(layer, GatedLinear)]
+    originals = [layer._parameters["weight"] for layer in gated]
+    effective = [layer.effective_weight() for layer in gated]
+    try:
+        for layer, weight in zip(gated, effective):
+            layer._parameters["weight"] = weight
+        yield
+    finally:
+        for layer, weight in zip(gated, originals):
+            layer._parameters["weight"] = weight
+
+
+class GatedWavLMAttention(WavLMAttention):
+    """WavLM attention whose projection weights go through their gates.
+
+    ``WavLMAttention`` reads ``q_proj.weight``, ``k_proj.weight``,
+    ``v_proj.weight`` and ``out_proj.weight`` directly, which would bypass
+    ``GatedLinear.forward``; ``install_gates`` switches WavLM attention
+    modules to this class, which computes the same attention with the
+    effective (gated or masked) weights.
+
+    Example
+    -------
+    >>> from speechbrain_spg.architectures import (
+    ...     TINY_OVERRIDES, build_config, build_model)
+    >>> model = build_model(build_config("wavlm", **TINY_OVERRIDES))
+    >>> _ = install_gates(model, SPGOptions())
+    >>> type(model.encoder.layers[0].attention).__name__
+    'GatedWavLMAttention'
+    """
+
+    def torch_multi_head_self_attention(self, *args, **kwargs):
+        """WavLM's attention with the gated projection weights.
+
+        Arguments
+        ---------
+        *args, **kwargs
+            As ``WavLMAttention.torch_multi_head_self_attention``.
+
+        Returns
+        -------
+        tuple
+            As ``WavLMAttention.torch_multi_head_self_attention``.
+        """
+        with effective_weights(
+            self.q_proj, self.k_proj, self.v_proj, self.out_proj
+        ):
+            return super().torch_multi_head_self_attention(*args, **kwargs)
 
 
 class SPGLobeMixin:
@@ -217,6 +298,7 @@ class SPGLobeMixin:
             gradient.
         """
         training = self.training and torch.is_grad_enabled()
+        self.gate.soft_zeros.clear()
         if training:
             self.gate.step += 1
         out = super().forward(wav, wav_lens)
@@ -233,11 +315,15 @@ class SPGLobeMixin:
         torch.Tensor
             Scalar in [0, 1].
         """
-        counts = soft_zero_counts(
-            [layer.weight for layer in self.gated_layers()],
-            self.gate.thresholds(),
-            self.gate.taus(),
-        )
+        counts = self.gate.recorded_soft_zeros(len(self.gated_names))
+        if counts is None:
+            counts = soft_zero_counts(
+                [layer.weight for layer in self.gated_layers()],
+                self.gate.thresholds(),
+                self.gate.taus(),
+            )
+        elif not torch.is_grad_enabled():
+            counts = counts.detach()
         return counts.sum() / self.gated_params
 
     def hard_zero_counts(self):

@@ -21,6 +21,7 @@ DEFAULT_PRUNE_MODULES = (
 )
 TIE_MODES = ("linear", "block", "global")
 TARGET_SCOPES = ("gated", "model")
+GATE_IMPLS = ("fused", "compiled", "reference")
 SUPPORTED_MODEL_TYPES = ("wav2vec2", "hubert", "wavlm")
 
 
@@ -54,6 +55,10 @@ class SPGOptions:
     gate_lr_scale : float
         Thresholds and multipliers move this many times faster than the
         optimiser's learning rate (> 0).
+    gate_impl : str
+        ``"fused"`` (default: gate and soft sparsity in one pass),
+        ``"compiled"`` (the same through ``torch.compile``; fastest where a
+        compiler is available) or ``"reference"`` (plain autograd, for tests).
 
     Example
     -------
@@ -75,11 +80,13 @@ class SPGOptions:
     warmup_steps: int = 0
     ramp_steps: int = 0
     gate_lr_scale: float = 1.0
+    gate_impl: str = "fused"
 
     def __post_init__(self):
         validate_target(self.target_sparsity, "target_sparsity")
         _check_choice("tie", self.tie, TIE_MODES)
         _check_choice("target_scope", self.target_scope, TARGET_SCOPES)
+        _check_choice("gate_impl", self.gate_impl, GATE_IMPLS)
         if not isinstance(self.prune_modules, str) or not self.prune_modules:
             raise ValueError(
                 "prune_modules: must be a non-empty regular expression string,"

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Step-time and memory cost of the self-pinching gates vs a dense model.
+
+Builds wav2vec2-base and HuBERT-large from their configurations (random
+weights, no download) and measures, side by side in one run, a CTC
+fine-tuning step (forward, CTC loss + sparsity loss, backward, Adam step) of
+
+- the plain SpeechBrain lobe (dense),
+- the SPG lobe with the reference gate (``gate_impl: reference``),
+- the SPG lobe with the fused gate (``gate_impl: fused``; eager on CPU),
+- the SPG lobe with the compiled fused gate (``gate_impl: compiled``),
+
+plus evaluation-mode inference (cached gated weights) and peak memory. The
+CNN front end is frozen, as in the recipes. CPU mode uses short audio so it
+finishes in minutes on a laptop; CUDA mode uses batch 8 x 15 s under bf16
+autocast. The last line reads
+``step-time ratio spg/dense: reference R, fast F`` where F is the best of the
+fused variants.
+
+Usage:
+    python benchmarks/gate_overhead.py --device cpu
+    python benchmarks/gate_overhead.py --device cuda
+
+Authors
+ * speechbrain-spg developers 2026
+"""
+
+import argparse
+import contextlib
+import gc
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
+
+from speechbrain_spg.architectures import hub_config, save_random_model
+from speechbrain_spg.lobes import SPGWav2Vec2
+
+MODELS = ("facebook/wav2vec2-base", "facebook/hubert-large-ll60k")
+VARIANTS = ("dense", "reference", "fused", "compiled")
+
+
+def build(variant, source, device):
+    """The lobe under test and a linear CTC head."""
+    if variant == "dense":
+        lobe = Wav2Vec2(source, save_path="", freeze_feature_extractor=True)
+    else:
+        lobe = SPGWav2Vec2(
+            source,
+            save_path="",
+            freeze_feature_extractor=True,
+            target_sparsity=0.65,
+            gate_impl=variant,
+        )
+    head = torch.nn.Linear(lobe.model.config.hidden_size, 32)
+    return lobe.to(device), head.to(device)
+
+
+def step_fn(lobe, head, optimizer, wav, targets, autocast):
+    """One training step; returns nothing (timed from outside)."""
+    with autocast():
+        feats = lobe(wav)
+        logits = head(feats).float().log_softmax(-1).transpose(0, 1)
+        lengths = torch.full((wav.shape[0],), logits.shape[0])
+        loss = F.ctc_loss(
+            logits,
+            targets,
+            lengths,
+            torch.full((wav.shape[0],), targets.shape[1]),
+            zero_infinity=True,
+        )
+        if hasattr(lobe, "sparsity_loss"):
+            loss = loss + lobe.sparsity_loss()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def synchronize(device):
+    """Waits for the device."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(variant, source, args):
+    """Median step time, eval time and peak memory of one variant."""
+    device = args.device
+    torch.manual_seed(0)
+    lobe, head = build(variant, source, device)
+    params = [p for p in lobe.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params + list(head.parameters()), lr=1e-5)
+    wav = torch.randn(args.batch, int(args.seconds * 16000), device=device)
+    targets = torch.randint(1, 32, (args.batch, 10), device=device)
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if device == "cuda"
+        else contextlib.nullcontext
+    )
+    lobe.train()
+    for _ in range(args.warmup):
+        step_fn(lobe, head, optimizer, wav, targets, autocast)
+    synchronize(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step_fn(lobe, head, optimizer, wav, targets, autocast)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    lobe.eval()
+    eval_times = []
+    with torch.no_grad(), autocast():
+        lobe(wav)
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            lobe(wav)
+            synchronize(device)
+            eval_times.append(time.perf_counter() - start)
+    del lobe, head, optimizer
+    gc.collect()
+    return {
+        "step": statistics.median(times),
+        "eval": statistics.median(eval_times),
+        "peak": peak,
+    }
+
+
+def main(argv=None):
+    """Runs every model x variant and prints ratios to dense."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+    gpu = args.device == "cuda"
+    args.batch, args.seconds = (8, 15.0) if gpu else (2, 1.0)
+    args.steps = args.steps or (20 if gpu else 5)
+    print(
+        f"device {args.device}, batch {args.batch} x {args.seconds} s, "
+        f"{args.steps} timed steps after {args.warmup} warm-up, median"
+    )
+    ratios = {v: [] for v in args.variants if v != "dense"}
+    with tempfile.TemporaryDirectory() as work:
+        for hub_id in args.models:
+            source = save_random_model(hub_config(hub_id), f"{work}/{hub_id}")
+            results = {v: measure(v, source, args) for v in args.variants}
+            dense = results["dense"]
+            print(f"\n{hub_id} (random weights)")
+            print(f"{'variant':>10} {'step s':>8} {'ratio':>6} {'eval s':>8}"
+                  f" {'ratio':>6} {'peak mem ratio':>14}")
+            for variant, r in results.items():
+                mem = (
+                    f"{r['peak'] / dense['peak']:>14.3f}"
+                    if r["peak"]
+                    else f"{'n/a (cpu)':>14}"
+                )
+                print(
+                    f"{variant:>10} {r['step']:>8.3f} "
+                    f"{r['step'] / dense['step']:>6.3f} {r['eval']:>8.3f} "
+                    f"{r['eval'] / dense['eval']:>6.3f} {mem}"
+                )
+                if variant != "dense":
+                    ratios[variant].append(r["step"] / dense["step"])
+    worst = {v: max(r) for v, r in ratios.items()}
+    fast = min(worst[v] for v in worst if v != "reference")
+    print(
+        f"step-time ratio spg/dense: reference {worst['reference']:.3f}, "
+        f"fast {fast:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
