@@ -24,6 +24,13 @@ from torch import nn
 
 from speechbrain_spg.fused_gate import FusedPinchFunction
 
+#: Smallest weight standard deviation a gate uses as a matrix's ``scale``.
+#: A matrix of (almost) only zeros, such as a layer pruned entirely in an
+#: earlier compression, would otherwise give ``tau = tau_scale * scale^2 = 0``
+#: in float32 and a gate of ``0 / 0``. With this floor its weights are all
+#: pinched and every output and gradient stays finite.
+MIN_SCALE = 1e-6
+
 
 def soft_mask(weight, threshold, tau):
     """Returns the self-pinching soft mask ``sigmoid((W^2 - t^2) / (2 tau))``.
@@ -282,7 +289,8 @@ class SelfPinchingGate(nn.Module):
     Arguments
     ---------
     scales : torch.Tensor
-        Standard deviation of each gated matrix (1-D, one per matrix).
+        Standard deviation of each gated matrix (1-D, one per matrix);
+        values below ``MIN_SCALE`` are raised to it.
     groups : list of int
         Tie group of each matrix (see ``group_indices``).
     tau_scale : float
@@ -328,7 +336,9 @@ class SelfPinchingGate(nn.Module):
         self.threshold_param = nn.Parameter(
             torch.full((num_groups,), threshold_init / self.lr_scale)
         )
-        self.register_buffer("scale", scales.detach().float().clone())
+        self.register_buffer(
+            "scale", scales.detach().float().clamp_min(MIN_SCALE)
+        )
         self.register_buffer("group", torch.tensor(groups, dtype=torch.long))
         self.register_buffer("pruned", torch.tensor(False))
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))

@@ -220,6 +220,8 @@ class LagrangianSparsityRegularizer(nn.Module):
     tensor([1., 1.])
     >>> round(reg(torch.tensor(0.3), step=10).item(), 4)
     -0.16
+    >>> LagrangianSparsityRegularizer(0.5, warmup_steps=100)(torch.tensor(0.3), 10)
+    tensor(0., grad_fn=<AddBackward0>)
     """
 
     def __init__(self, target, warmup_steps=0, ramp_steps=0, lr_scale=1.0):
@@ -267,6 +269,10 @@ class LagrangianSparsityRegularizer(nn.Module):
             Scalar loss: minimise it; the multipliers ascend through a
             gradient reversal.
         """
+        if step < self.warmup_steps:
+            # No constraint yet: a zero target cannot be met (soft sparsity is
+            # never exactly 0), and the multipliers would wind up meanwhile.
+            return (self.multiplier_param * 0).sum() + soft_sparsity * 0
         gap = soft_sparsity - self.target_at(step)
         lam = GradientReversal.apply(self.multiplier_param) * self.lr_scale
         return lam[0] * gap + lam[1] * gap * gap

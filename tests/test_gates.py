@@ -1,0 +1,247 @@
+"""Tests of the self-pinching gate: gradients, masks, mixed precision, cache."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speechbrain_spg.gates import (
+    GatedLinear,
+    PinchFunction,
+    SelfPinchingGate,
+    SoftZerosFunction,
+    group_indices,
+    hard_mask,
+    pinch_reference,
+    soft_mask,
+)
+
+
+def _weight_and_threshold(seed=0, shape=(7, 5)):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(shape, dtype=torch.float64, generator=generator)
+    threshold = torch.tensor(0.6, dtype=torch.float64)
+    return weight, threshold
+
+
+def _gated_linear(seed=0, in_features=8, out_features=4, threshold=0.5):
+    torch.manual_seed(seed)
+    layer = nn.Linear(in_features, out_features)
+    gate = SelfPinchingGate(
+        layer.weight.detach().std().reshape(1), [0], 0.05, threshold
+    )
+    return GatedLinear(layer, gate, 0), gate
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.3])
+def test_pinch_function_gradcheck_weight_and_threshold(tau):
+    weight, threshold = _weight_and_threshold()
+    weight.requires_grad_(True)
+    threshold.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        PinchFunction.apply, (weight, threshold, tau), eps=1e-6, atol=1e-8
+    )
+
+
+def test_pinch_function_gradcheck_threshold_only():
+    weight, threshold = _weight_and_threshold(seed=1)
+    threshold.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        PinchFunction.apply, (weight, threshold, 0.1), eps=1e-6, atol=1e-8
+    )
+
+
+def test_soft_zeros_function_gradcheck_threshold():
+    weight, threshold = _weight_and_threshold(seed=2)
+    threshold.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        SoftZerosFunction.apply, (weight, threshold, 0.1), eps=1e-6, atol=1e-8
+    )
+
+
+def test_pinch_function_matches_plain_autograd_reference():
+    weight, threshold = _weight_and_threshold(seed=3, shape=(32, 16))
+    tau = 0.08
+    upstream = torch.randn(32, 16, dtype=torch.float64)
+
+    w1 = weight.clone().requires_grad_(True)
+    t1 = threshold.clone().requires_grad_(True)
+    out_custom = PinchFunction.apply(w1, t1, tau)
+    out_custom.backward(upstream)
+
+    w2 = weight.clone().requires_grad_(True)
+    t2 = threshold.clone().requires_grad_(True)
+    out_reference = pinch_reference(w2, t2, tau)
+    out_reference.backward(upstream)
+
+    assert (out_custom - out_reference).abs().max().item() <= 1e-12
+    assert (w1.grad - w2.grad).abs().max().item() <= 1e-12
+    assert abs(t1.grad.item() - t2.grad.item()) <= 1e-12
+    # The threshold gradient is not trivially zero.
+    assert abs(t2.grad.item()) > 1e-3
+
+
+def test_soft_zeros_function_matches_plain_autograd_reference():
+    weight, threshold = _weight_and_threshold(seed=4, shape=(20, 10))
+    tau = 0.08
+    t1 = threshold.clone().requires_grad_(True)
+    count = SoftZerosFunction.apply(weight, t1, tau)
+    count.backward()
+    t2 = threshold.clone().requires_grad_(True)
+    reference = (1 - soft_mask(weight, t2, tau)).sum()
+    reference.backward()
+    assert abs(count.item() - reference.item()) <= 1e-12
+    assert abs(t1.grad.item() - t2.grad.item()) <= 1e-12
+    assert t2.grad.item() > 0  # a larger threshold pinches more weights
+
+
+def test_threshold_sign_does_not_matter():
+    weight, threshold = _weight_and_threshold(seed=5)
+    assert torch.equal(
+        PinchFunction.apply(weight, threshold, 0.1),
+        PinchFunction.apply(weight, -threshold, 0.1),
+    )
+    assert torch.equal(
+        hard_mask(weight, threshold), hard_mask(weight, -threshold)
+    )
+
+
+def test_hard_and_soft_masks_agree_away_from_threshold():
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(64, 64, dtype=torch.float64, generator=generator)
+    threshold = torch.tensor(0.7, dtype=torch.float64)
+    tau = 0.005
+    far = (weight * weight - threshold * threshold).abs() > 20 * tau
+    assert far.sum().item() > 0.8 * weight.numel()
+    soft = soft_mask(weight, threshold, tau)
+    hard = hard_mask(weight, threshold)
+    # (W^2 - t^2) / (2 tau) is beyond +-10 there: sigmoid(-10) < 4.6e-5.
+    assert torch.equal((soft > 0.5)[far], hard[far])
+    bound = 1 / (1 + math.exp(10))
+    assert (soft - hard.double()).abs()[far].max().item() <= bound
+    # Near the threshold the soft mask is genuinely soft.
+    near = (weight.abs() - threshold).abs() < 1e-2
+    assert ((soft[near] > 0.05) & (soft[near] < 0.95)).all()
+
+
+def test_gated_linear_under_bfloat16_autocast():
+    gated, gate = _gated_linear(seed=7, in_features=16, out_features=8)
+    x = torch.randn(5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = gated(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.isfinite(y).all()
+    y.float().pow(2).sum().backward()
+    grad = gate.threshold_param.grad
+    assert grad is not None and grad.dtype == torch.float32
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert torch.isfinite(gated.weight.grad).all()
+    # Close to the float32 result (bfloat16 keeps about 3 significant digits).
+    with torch.no_grad():
+        reference = F.linear(x, gated.effective_weight(), gated.bias)
+    assert torch.allclose(y.float(), reference, atol=0.05, rtol=0.05)
+
+
+def test_gate_groups_and_thresholds():
+    scales = torch.tensor([1.0, 2.0, 4.0])
+    gate = SelfPinchingGate(scales, [0, 0, 1], 0.05, 0.5, lr_scale=10.0)
+    assert gate.num_groups == 2
+    assert torch.allclose(gate.threshold_param, torch.tensor([0.05, 0.05]))
+    assert torch.allclose(gate.thresholds(), torch.tensor([0.5, 1.0, 2.0]))
+    assert torch.allclose(gate.taus(), torch.tensor([0.05, 0.2, 0.8]))
+    # One Adam step (of size lr) moves the threshold by lr * lr_scale.
+    optimizer = torch.optim.Adam([gate.threshold_param], lr=0.01)
+    gate.group_thresholds().sum().backward()
+    optimizer.step()
+    assert torch.allclose(
+        gate.group_thresholds().detach(), torch.tensor([0.4, 0.4])
+    )
+
+
+def test_group_indices_modes_and_errors():
+    names = [
+        "encoder.layers.0.attention.q_proj",
+        "encoder.layers.0.feed_forward.output_dense",
+        "encoder.layers.1.attention.q_proj",
+        "encoder.layers.10.attention.q_proj",
+    ]
+    assert group_indices(names, "linear") == [0, 1, 2, 3]
+    assert group_indices(names, "block") == [0, 0, 1, 2]
+    assert group_indices(names, "global") == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match=r"^tie: unknown tie mode 'layer'"):
+        group_indices(names, "layer")
+    with pytest.raises(
+        ValueError, match=r"cannot find the transformer block of module 'proj'"
+    ):
+        group_indices(["proj"], "block")
+
+
+def test_gated_linear_shares_parameters_and_state_dict_keys():
+    torch.manual_seed(8)
+    layer = nn.Linear(6, 3)
+    keys = set(layer.state_dict())
+    gate = SelfPinchingGate(
+        layer.weight.detach().std().reshape(1), [0], 0.05, 0.5
+    )
+    gated = GatedLinear(layer, gate, 0)
+    assert gated.weight is layer.weight and gated.bias is layer.bias
+    assert set(gated.state_dict()) == keys
+    assert "gate_index=0" in repr(gated)
+
+
+def _fresh_output(gated, x):
+    """Output computed from scratch, bypassing the eval cache."""
+    with torch.no_grad():
+        return F.linear(x, gated.effective_weight(), gated.bias)
+
+
+def test_eval_cache_invalidated_when_weight_or_threshold_changes():
+    gated, gate = _gated_linear(seed=9, in_features=12, out_features=6)
+    x = torch.randn(4, 12)
+    gated.eval()
+    with torch.no_grad():
+        first = gated(x)
+        assert gated._cache is not None
+        cached = gated._cache[1]
+        again = gated(x)
+    assert gated._cache[1] is cached  # served from the cache
+    assert torch.equal(first, again)
+
+    # In-place weight change (what an optimiser step does).
+    with torch.no_grad():
+        gated.weight.mul_(1.5)
+        after_weight = gated(x)
+    assert not torch.equal(after_weight, first)
+    assert torch.allclose(after_weight, _fresh_output(gated, x), atol=1e-6)
+
+    # Threshold change through an optimiser step.
+    optimizer = torch.optim.SGD([gate.threshold_param], lr=0.5)
+    gate.threshold_param.grad = torch.ones_like(gate.threshold_param)
+    optimizer.step()
+    with torch.no_grad():
+        after_threshold = gated(x)
+    assert not torch.equal(after_threshold, after_weight)
+    assert torch.allclose(after_threshold, _fresh_output(gated, x), atol=1e-6)
+
+    # Weight replaced through load_state_dict.
+    state = {k: v.clone() for k, v in gated.state_dict().items()}
+    state["weight"] = torch.randn_like(state["weight"])
+    gated.load_state_dict(state)
+    with torch.no_grad():
+        after_load = gated(x)
+    assert torch.allclose(after_load, _fresh_output(gated, x), atol=1e-6)
+    assert not torch.allclose(after_load, after_threshold, atol=1e-3)
+
+
+def test_no_cache_in_training_or_with_gradients():
+    gated, _ = _gated_linear(seed=10)
+    x = torch.randn(3, 8)
+    gated.train()
+    with torch.no_grad():
+        gated(x)
+    assert gated._cache is None
+    gated.eval()
+    y = gated(x)
+    assert gated._cache is None and y.requires_grad
