@@ -153,8 +153,10 @@ def main(argv=None):
             results = {v: measure(v, source, args) for v in args.variants}
             dense = results["dense"]
             print(f"\n{hub_id} (random weights)")
-            print(f"{'variant':>10} {'step s':>8} {'ratio':>6} {'eval s':>8}"
-                  f" {'ratio':>6} {'peak mem ratio':>14}")
+            print(
+                f"{'variant':>10} {'step s':>8} {'ratio':>6} {'eval s':>8}"
+                f" {'ratio':>6} {'peak mem ratio':>14}"
+            )
             for variant, r in results.items():
                 mem = (
                     f"{r['peak'] / dense['peak']:>14.3f}"

@@ -108,7 +108,10 @@ def main(argv=None):
         "--runs", default=os.path.join(RECIPE, "results", "synthetic_study")
     )
     args = parser.parse_args(argv)
-    common = [f"--number_of_epochs={args.epochs}", "--evaluate_initial_model=False"]
+    common = [
+        f"--number_of_epochs={args.epochs}",
+        "--evaluate_initial_model=False",
+    ]
     runs = [run("tiny_dense.yaml", f"{args.runs}/dense", common)]
     for target in args.targets:
         for method in ("ump", "spg"):
