@@ -10,6 +10,7 @@ Authors
  * speechbrain-spg developers 2026
 """
 
+import functools
 import json
 import random
 
@@ -20,13 +21,27 @@ from speechbrain.utils.checkpoints import (
     mark_as_saver,
     register_checkpoint_hooks,
 )
+from speechbrain.utils.distributed import if_main_process
 
 
-@register_checkpoint_hooks
+def _rank_and_world_size():
+    """``(rank, world size)`` of this process; ``(0, 1)`` without DDP."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@functools.partial(register_checkpoint_hooks, save_on_main_only=False)
 class RandomState:
     """Saves and restores the torch, CUDA, numpy and Python RNG states.
 
-    Add it to a ``Checkpointer``'s recoverables (``!new:`` in YAML).
+    Add it to a ``Checkpointer``'s recoverables (``!new:`` in YAML). Under
+    DDP every process calls ``save`` (registered with
+    ``save_on_main_only=False``, so the gather below runs on every rank): the states of all processes are
+    gathered and the main process writes them, and each process restores
+    its own (rank ``r`` takes state ``r``, or the main one's if the run was
+    saved with fewer processes).
 
     Example
     -------
@@ -56,7 +71,13 @@ class RandomState:
         }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(state, path)
+        states = [state]
+        _, world_size = _rank_and_world_size()
+        if world_size > 1:
+            states = [None] * world_size
+            torch.distributed.all_gather_object(states, state)
+        if if_main_process():
+            torch.save({"ranks": states}, path)
 
     @mark_as_loader
     def load(self, path, end_of_epoch=False):
@@ -69,7 +90,10 @@ class RandomState:
         end_of_epoch : bool
             Unused (SpeechBrain passes it).
         """
-        state = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=False)
+        states = saved["ranks"] if "ranks" in saved else [saved]
+        rank, _ = _rank_and_world_size()
+        state = states[rank] if rank < len(states) else states[0]
         torch.set_rng_state(state["torch"])
         np.random.set_state(state["numpy"])
         random.setstate(state["python"])
@@ -80,6 +104,9 @@ class RandomState:
 @register_checkpoint_hooks
 class TrainingTrace:
     """A list of JSON-serialisable records that survives restarts.
+
+    Under DDP only the main process writes the file (its records are the
+    ones the recipe reports); every process reads it back.
 
     Example
     -------
@@ -116,8 +143,9 @@ class TrainingTrace:
         path : str
             Checkpoint file.
         """
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.records, f)
+        if if_main_process():
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(self.records, f)
 
     @mark_as_loader
     def load(self, path, end_of_epoch=False):

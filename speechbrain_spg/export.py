@@ -43,6 +43,11 @@ COMPACT_FILE = "compact.safetensors"
 HF_FOLDER = "hf"
 FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
+#: Manifest keys that loading needs.
+_MANIFEST_KEYS = ("model_type", "config", "files", "sparse_shapes")
+#: Files the loaders read (with every file under ``hf/``): the manifest must
+#: hold their checksums.
+_VERIFIED_FILES = (COMPACT_FILE, f"{HF_FOLDER}/config.json")
 
 
 class CompactExportError(RuntimeError):
@@ -406,13 +411,20 @@ def _write_export(lobe, folder, dtype):
 
 def _checksums(folder):
     """sha256 of every file below ``folder`` (relative POSIX paths)."""
-    sums = {}
+    return {
+        rel: sha256_of(os.path.join(folder, rel))
+        for rel in _relative_files(folder)
+    }
+
+
+def _relative_files(folder):
+    """Sorted relative POSIX paths of every file below ``folder``."""
+    found = []
     for root, _, files in os.walk(folder):
-        for name in sorted(files):
+        for name in files:
             full = os.path.join(root, name)
-            rel = os.path.relpath(full, folder).replace(os.sep, "/")
-            sums[rel] = sha256_of(full)
-    return dict(sorted(sums.items()))
+            found.append(os.path.relpath(full, folder).replace(os.sep, "/"))
+    return sorted(found)
 
 
 def _replace_folder(tmp, path):
@@ -447,7 +459,8 @@ def read_manifest(path, verify=True):
     Raises
     ------
     CompactExportError
-        Missing manifest or file, checksum mismatch, unsupported model.
+        Missing manifest, manifest key or file, checksum mismatch, a loaded
+        file without a checksum, unsupported model.
     """
     path = os.fspath(path)
     manifest_path = os.path.join(path, MANIFEST)
@@ -469,7 +482,24 @@ def read_manifest(path, verify=True):
             f"{manifest.get('format_version')!r} is not supported (expected "
             f"{FORMAT_VERSION})."
         )
+    missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise CompactExportError(
+            f"{manifest_path}: the keys {missing} are missing; the manifest "
+            "was edited or truncated. Export again."
+        )
     if verify:
+        loaded = list(_VERIFIED_FILES) + [
+            f"{HF_FOLDER}/{rel}"
+            for rel in _relative_files(os.path.join(path, HF_FOLDER))
+        ]
+        unlisted = sorted(set(loaded) - set(manifest["files"]))
+        if unlisted:
+            raise CompactExportError(
+                f"{manifest_path}: {unlisted} not listed under 'files', so "
+                "their checksums cannot be verified; the manifest was edited "
+                "or files were added. Export again."
+            )
         try:
             check_model_type(manifest["model_type"], path)
         except ValueError as err:

@@ -17,6 +17,7 @@ Authors
 """
 
 import contextlib
+import difflib
 import re
 
 import torch
@@ -172,6 +173,43 @@ def effective_weights(*layers):
             layer._parameters["weight"] = weight
 
 
+def refuse_misspelled_options(kwargs, option_names):
+    """Refuses keyword arguments that look like misspelled SPG options.
+
+    The lobes pass unknown keywords on to SpeechBrain and HuggingFace, which
+    would otherwise reject a typo only after loading the model, with a
+    message about ``Wav2Vec2Model.__init__``.
+
+    Arguments
+    ---------
+    kwargs : dict
+        Keyword arguments given to the lobe.
+    option_names : iterable of str
+        The SPG option names.
+
+    Raises
+    ------
+    ValueError
+        For a keyword close to, but not equal to, an option name.
+
+    Example
+    -------
+    >>> refuse_misspelled_options({"output_norm": True}, ["tie", "tau_scale"])
+    >>> refuse_misspelled_options({"tau_scal": 0.1}, ["tie", "tau_scale"])
+    Traceback (most recent call last):
+      ...
+    ValueError: tau_scal: unknown option; did you mean 'tau_scale'? SPG options: tau_scale, tie.
+    """
+    names = sorted(option_names)
+    for key in kwargs:
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+        if key not in names and close:
+            raise ValueError(
+                f"{key}: unknown option; did you mean {close[0]!r}? SPG "
+                f"options: {', '.join(names)}."
+            )
+
+
 class GatedWavLMAttention(WavLMAttention):
     """WavLM attention whose projection weights go through their gates.
 
@@ -232,6 +270,7 @@ class SPGLobeMixin:
 
     def __init__(self, source, save_path="", **kwargs):
         spg_keys = {f.name for f in SPGOptions.__dataclass_fields__.values()}
+        refuse_misspelled_options(kwargs, spg_keys)
         options = SPGOptions(
             **{k: kwargs.pop(k) for k in list(kwargs) if k in spg_keys}
         )

@@ -10,6 +10,7 @@ Authors
 
 import dataclasses
 import re
+import warnings
 
 from speechbrain_spg.sparsity import validate_target
 
@@ -42,7 +43,9 @@ class SPGOptions:
     tau_scale : float
         Temperature relative to each matrix's weight variance (> 0).
     threshold_init : float
-        Initial threshold in units of each matrix's weight std (>= 0).
+        Initial threshold in units of each matrix's weight std (>= 0). Every
+        gradient of a threshold is proportional to it: thresholds that start
+        at exactly 0 never move (no pruning), which is warned about.
     target_scope : str
         ``"gated"``: the target is the fraction of gated weights removed;
         ``"model"``: the fraction of ALL parameters of the wrapped model.
@@ -101,6 +104,13 @@ class SPGOptions:
             ) from None
         _check_number("tau_scale", self.tau_scale, minimum=0, strict=True)
         _check_number("threshold_init", self.threshold_init, minimum=0)
+        if self.threshold_init == 0:
+            warnings.warn(
+                "threshold_init: 0 is a fixed point (the thresholds get zero "
+                "gradient and never move, so nothing is pruned in training); "
+                "use a small positive value such as 0.05 to train.",
+                stacklevel=3,
+            )
         _check_number("gate_lr_scale", self.gate_lr_scale, 0, strict=True)
         _check_int("warmup_steps", self.warmup_steps)
         _check_int("ramp_steps", self.ramp_steps)

@@ -54,6 +54,9 @@ SKIP_REASONS = (
     "too_long",
 )
 
+#: Samples decoded at the end of every audio file to detect truncated files.
+TAIL_CHECK_FRAMES = 1024
+
 #: A progress bar is shown for splits with at least this many audio files.
 PROGRESS_BAR_MIN_FILES = 1000
 
@@ -562,11 +565,26 @@ def _pair_utterances(audio_paths, transcripts):
 
 
 def _audio_info(path):
-    """Returns ``(frames, sample rate)`` of an audio file without decoding
-    it, or the error message if it cannot be read."""
+    """Returns ``(frames, sample rate)`` of an audio file, or the error
+    message if it cannot be read.
+
+    Besides the header, only the last ``TAIL_CHECK_FRAMES`` samples (and
+    what seeking to them reads) are decoded: a truncated or damaged FLAC (an interrupted download or
+    extraction) has a valid header and would otherwise only fail when
+    training reads it, in the middle of an epoch."""
     try:
-        info = soundfile.info(path)
-        return (int(info.frames), int(info.samplerate)), None
+        with soundfile.SoundFile(path) as audio:
+            frames, rate = int(audio.frames), int(audio.samplerate)
+            expected = min(frames, TAIL_CHECK_FRAMES)
+            if expected:
+                audio.seek(frames - expected)
+                decoded = len(audio.read(expected))
+                if decoded != expected:
+                    raise RuntimeError(
+                        f"the header announces {frames} samples but only "
+                        f"{frames - expected + decoded} can be decoded"
+                    )
+        return (frames, rate), None
     except Exception as error:  # any failure means an unusable file
         return None, f"{type(error).__name__}: {error}"
 

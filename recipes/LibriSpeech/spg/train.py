@@ -31,10 +31,12 @@ import time
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
+from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process, run_on_main
 from speechbrain.utils.logger import get_logger
 
 from speechbrain_spg.baselines import uniform_magnitude_prune
+from speechbrain_spg.checkpointing import RandomState, TrainingTrace
 from speechbrain_spg.export import CompactWav2Vec2, export_compact
 from speechbrain_spg.lobes import SPGLobeMixin
 
@@ -43,6 +45,35 @@ logger = get_logger(__name__)
 METHODS = ("spg", "ump", "dense")
 DECODERS = ("ctc", "ctc_attention")
 TOKEN_TYPES = ("char", "bpe")
+#: Recoverable saved last into every checkpoint (see ``CheckpointComplete``).
+COMPLETE_KEY = "complete"
+
+
+@sb.utils.checkpoints.register_checkpoint_hooks
+class CheckpointComplete:
+    """Saved last into every checkpoint: its file proves the others whole.
+
+    SpeechBrain writes ``CKPT.yaml`` first and the parameter files after it,
+    so a run killed while saving leaves a folder that looks like a checkpoint
+    but cannot be loaded. The recipe resumes only from checkpoints that
+    hold this marker (see ``is_complete``).
+    """
+
+    @sb.utils.checkpoints.mark_as_saver
+    def save(self, path):
+        """Writes the marker file."""
+        if if_main_process():
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("complete\n")
+
+    @sb.utils.checkpoints.mark_as_loader
+    def load(self, path, end_of_epoch):
+        """Nothing to restore."""
+
+
+def is_complete(checkpoint):
+    """Whether a checkpoint was saved to the end (``CheckpointComplete``)."""
+    return COMPLETE_KEY in checkpoint.paramfiles
 
 
 def unwrap(module):
@@ -250,6 +281,7 @@ class ASR(sb.Brain):
                 "dev_CER": stats["CER"],
             }
         )
+        load_history(self, self.hparams.save_folder)
         self.checkpointer.save_and_keep_only(
             meta={"WER": stats["WER"], "epoch": epoch}, num_to_keep=2
         )
@@ -266,8 +298,12 @@ class ASR(sb.Brain):
         gate_params = []
         if self.is_gated:
             gate_params = [
-                self.ssl.gate.threshold_param,
-                self.ssl.regularizer.multiplier_param,
+                p
+                for p in (
+                    self.ssl.gate.threshold_param,
+                    self.ssl.regularizer.multiplier_param,
+                )
+                if p.requires_grad
             ]
         gate_ids = {id(p) for p in gate_params}
         ssl_params = [
@@ -290,6 +326,33 @@ class ASR(sb.Brain):
         if self.checkpointer is not None:
             for name, opt in self.optimizers_dict.items():
                 self.checkpointer.add_recoverable(f"{name}_opt", opt)
+            # RNG state and trace: a restarted run draws the same dropout
+            # masks and keeps the whole trace. Optional, so checkpoints
+            # written before they were added still load.
+            self.checkpointer.add_recoverable(
+                "rng", RandomState(), optional_load=True
+            )
+            self.checkpointer.add_recoverable(
+                "trace", self.trace, optional_load=True
+            )
+            self.checkpointer.add_recoverable(
+                COMPLETE_KEY, CheckpointComplete()
+            )
+
+    def on_fit_start(self):
+        """As SpeechBrain's, but resumes from complete checkpoints only."""
+        self._compile()
+        self._wrap_distributed()
+        self.init_optimizers()
+        if self.checkpointer is None:
+            return
+        for ckpt in self.checkpointer.list_checkpoints():
+            if not is_complete(ckpt):
+                logger.warning(
+                    "Ignoring %s: the run was stopped while saving it.",
+                    ckpt.path,
+                )
+        self.checkpointer.recover_if_possible(ckpt_predicate=is_complete)
 
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Evaluation uses the modules as they are (see ``run_recipe``)."""
@@ -325,6 +388,7 @@ def check_hparams(hparams, path):
         "decoder": DECODERS,
         "token_type": TOKEN_TYPES,
         "test_search": ("greedy", "beam"),
+        "sorting": ("ascending", "descending", "random"),
     }
     for key, allowed in choices.items():
         if hparams.get(key) not in allowed:
@@ -332,6 +396,16 @@ def check_hparams(hparams, path):
                 f"{path}: {key} must be one of {', '.join(allowed)}; got "
                 f"{hparams.get(key)!r}."
             )
+    interval = hparams.get("log_interval")
+    if (
+        isinstance(interval, bool)
+        or not isinstance(interval, int)
+        or interval < 1
+    ):
+        raise ValueError(
+            f"{path}: log_interval must be a positive integer (training steps "
+            f"between two points of the trace); got {interval!r}."
+        )
     gated = isinstance(hparams["ssl"], SPGLobeMixin)
     if hparams["method"] in ("spg", "ump") and not gated:
         raise ValueError(
@@ -342,6 +416,41 @@ def check_hparams(hparams, path):
         raise ValueError(
             f"{path}: method 'dense' expects a plain SpeechBrain lobe as `ssl`."
         )
+
+
+def freeze_unused_parameters(lobe):
+    """Freezes SSL parameters that would get no gradient (DDP needs this).
+
+    ``masked_spec_embed`` is only used when the lobe applies SpecAugment, and
+    the thresholds and multipliers of a pruned lobe (UMP) no longer take
+    part; DistributedDataParallel would wait for their gradients and stop
+    with "Expected to have finished reduction".
+    """
+    model = lobe.model
+    embed = getattr(model, "masked_spec_embed", None)
+    if embed is not None and not model.config.apply_spec_augment:
+        embed.requires_grad_(False)
+    if isinstance(lobe, SPGLobeMixin) and lobe.is_pruned:
+        lobe.gate.threshold_param.requires_grad_(False)
+        lobe.regularizer.multiplier_param.requires_grad_(False)
+
+
+def disable_layerdrop_under_ddp(lobe):
+    """Turns LayerDrop off when several processes train together.
+
+    A layer skipped by LayerDrop leaves its parameters (and its thresholds)
+    without gradients on one rank but not on the others, which
+    DistributedDataParallel cannot reduce. Single-process runs keep it.
+    """
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized()
+    config = lobe.model.config
+    if distributed and dist.get_world_size() > 1 and config.layerdrop > 0:
+        logger.warning(
+            "LayerDrop %.2f disabled: not supported with several processes.",
+            config.layerdrop,
+        )
+        config.layerdrop = 0.0
 
 
 def dataio_prepare(hparams, tokenizer):
@@ -418,7 +527,7 @@ def build_tokenizer(hparams, init_dir):
                 shutil.copy,
                 args=[os.path.join(init_dir, "tokenizer.model"), model_file],
             )
-        tokenizer = sb.tokenizers.SentencePiece.SentencePiece(
+        tokenizer = SentencePiece(
             model_dir=save,
             vocab_size=hparams["output_neurons"],
             annotation_train=os.path.join(save, "train.csv"),
@@ -503,6 +612,22 @@ def params_summary(module):
     }
 
 
+def gather_from_ranks(value):
+    """``value`` from every process, in rank order ([value] without DDP).
+
+    The recipe records the hard sparsity of every rank: they must agree,
+    since DDP keeps weights and thresholds identical.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        logger.warning("The processes disagree on a value: %s", values)
+    return values
+
+
 def write_summary(path, summary):
     """Writes ``summary.json`` on the main process."""
     if if_main_process():
@@ -572,7 +697,7 @@ def run_recipe(hparams_file, run_opts, overrides):
 
     from librispeech_prepare import prepare_librispeech
 
-    run_on_main(
+    prepared = run_on_main(
         prepare_librispeech,
         kwargs={
             "data_folder": hparams["data_folder"],
@@ -599,7 +724,8 @@ def run_recipe(hparams_file, run_opts, overrides):
         checkpointer=hparams["checkpointer"],
     )
     brain.tokenizer = tokenizer
-    brain.history, brain.trace, brain.skipped_nonfinite = [], [], 0
+    brain.history, brain.trace = [], TrainingTrace()
+    brain.skipped_nonfinite = 0
     if hparams["decoder"] == "ctc" and hparams["test_search"] == "beam":
         vocab = token_strings(tokenizer, hparams)
         brain.ctc_beam_searcher = sb.decoders.ctc.CTCBeamSearcher(
@@ -617,16 +743,18 @@ def run_recipe(hparams_file, run_opts, overrides):
     if hparams["method"] == "ump" and not brain.ssl.is_pruned:
         report = uniform_magnitude_prune(brain.ssl)
         logger.info("UMP: pruned %.4f of the gated weights", report.hard)
+    freeze_unused_parameters(brain.ssl)
+    disable_layerdrop_under_ddp(brain.ssl)
 
     start = time.time()
     brain.fit(
         hparams["epoch_counter"],
         train,
         valid,
-        train_loader_kwargs=hparams["train_dataloader_opts"],
+        train_loader_kwargs=train_loader_options(hparams),
         valid_loader_kwargs=hparams["valid_dataloader_opts"],
     )
-    brain.checkpointer.recover_if_possible()
+    brain.checkpointer.recover_if_possible(ckpt_predicate=is_complete)
     summary = {
         "method": hparams["method"],
         "system": hparams.get("system_name", hparams["method"]),
@@ -634,9 +762,11 @@ def run_recipe(hparams_file, run_opts, overrides):
         "decoder": hparams["decoder"],
         "token_type": hparams["token_type"],
         "epochs": hparams["number_of_epochs"],
-        "history": load_history(brain, hparams),
-        "trace": brain.trace,
+        "history": load_history(brain, hparams["save_folder"]),
+        "trace": brain.trace.records,
         "skipped_nonfinite_batches": brain.skipped_nonfinite,
+        # Utterances kept and skipped (with the reasons) per split.
+        "data_preparation": (prepared or {}).get("report", {}),
     }
     if brain.is_gated:
         report = brain.ssl.hard_prune(calibrate=hparams.get("calibrate", False))
@@ -650,6 +780,7 @@ def run_recipe(hparams_file, run_opts, overrides):
             "target_scope": brain.ssl.spg_options.target_scope,
             "gated_target": brain.ssl.gated_target,
             "hard_sparsity": report.hard,
+            "hard_sparsity_per_rank": gather_from_ranks(report.hard),
             "model_sparsity": report.model_sparsity,
             "calibration_factor": getattr(
                 brain.ssl, "calibration_factor", None
@@ -697,18 +828,42 @@ def run_recipe(hparams_file, run_opts, overrides):
     return summary
 
 
-def load_history(brain, hparams):
-    """Per-epoch history, kept across restarts in the save folder."""
-    path = os.path.join(hparams["save_folder"], "history.json")
+def train_loader_options(hparams):
+    """The training loader's options, with a random generator of its own.
+
+    Each pass over a DataLoader draws one number from its ``generator`` (the
+    base seed of its workers), or from the global torch RNG without one.
+    The global RNG drives dropout and is restored from checkpoints
+    (``RandomState``); a run restarted in the middle of an epoch starts its
+    pass after the restore, so with the global RNG it would draw one number
+    more than an uninterrupted run and every later dropout mask would
+    differ.
+    """
+    options = dict(hparams["train_dataloader_opts"])
+    if options.get("generator") is None:
+        seed = hparams.get("seed", 0)
+        options["generator"] = torch.Generator().manual_seed(seed)
+    return options
+
+
+def load_history(brain, save_folder):
+    """Per-epoch history, kept across restarts in the save folder.
+
+    Called after every epoch, so that a killed run keeps the rows of the
+    epochs it finished. Only the main process reads and writes the file
+    (the others return their own rows).
+    """
+    if not if_main_process():
+        return brain.history
+    path = os.path.join(save_folder, "history.json")
     previous = []
     if os.path.isfile(path):
         with open(path) as f:
             previous = json.load(f)
     seen = {row["epoch"] for row in brain.history}
     merged = [r for r in previous if r["epoch"] not in seen] + brain.history
-    if if_main_process():
-        with open(path, "w") as f:
-            json.dump(merged, f, indent=2)
+    with open(path, "w") as f:
+        json.dump(merged, f, indent=2)
     return merged
 
 
@@ -737,3 +892,8 @@ if __name__ == "__main__":
     sb.utils.distributed.ddp_init_group(run_opts)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     run_recipe(hparams_file, run_opts, overrides)
+    if torch.distributed.is_initialized():
+        # Every rank waits for the main one's files, then the group is shut
+        # down cleanly (without this, gloo may abort a rank at exit).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

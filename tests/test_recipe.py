@@ -1,0 +1,783 @@
+"""End-to-end tests of the LibriSpeech SPG recipe and of every shipped YAML.
+
+Nothing is downloaded: the full-size YAMLs are instantiated on local folders
+that hold their architectures with random weights (``save_random_model`` of
+``hub_config``), and ``train.py`` runs on a tiny synthetic corpus in the
+LibriSpeech layout with a tiny random wav2vec2. Recipe runs go through a
+subprocess, as a user would start them (``python train.py <yaml> ...``,
+``torchrun ...``), with one epoch of a few utterances each.
+
+The tiny SSL model of the runs is ``TINY_OVERRIDES`` with a 160-sample hop
+(100 frames per second instead of 800: ten times cheaper, and closer to the
+320-sample hop of the real models) and no LayerDrop (as the shipped tiny
+model, see ``tiny_w2v2_dense.yaml``).
+"""
+
+import csv
+import glob
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ruamel.yaml
+import torch
+import yaml
+from hyperpyyaml import load_hyperpyyaml, resolve_references
+from speechbrain.integrations.huggingface.hubert import HuBERT
+from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
+from speechbrain.utils.checkpoints import Checkpointer
+
+from speechbrain_spg.architectures import (
+    TINY_OVERRIDES,
+    build_config,
+    hub_config,
+    save_random_model,
+)
+from speechbrain_spg.export import read_manifest
+from speechbrain_spg.lobes import SPGHuBERT, SPGWav2Vec2, SPGWavLM
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE_DIR = REPO / "recipes" / "LibriSpeech" / "spg"
+FRAGMENT_DIR = REPO / "hparams"
+
+WAV2VEC2_BASE = "facebook/wav2vec2-base"
+HUBERT_LARGE = "facebook/hubert-large-ll60k"
+WAVLM_BASE_PLUS = "microsoft/wavlm-base-plus"
+
+#: All parameters of the three architectures (HF ``*Model`` classes).
+TOTAL_PARAMS = {
+    WAV2VEC2_BASE: 94_371_712,
+    HUBERT_LARGE: 315_438_720,
+    WAVLM_BASE_PLUS: 94_381_936,
+}
+
+#: YAML -> (architecture, lobe class, target_sparsity, target_scope).
+FULL_SIZE_YAMLS = {
+    "wav2vec2_base_spg.yaml": (WAV2VEC2_BASE, SPGWav2Vec2, 0.65, "model"),
+    "wav2vec2_base_spg_4x.yaml": (WAV2VEC2_BASE, SPGWav2Vec2, 0.765, "model"),
+    "wav2vec2_base_ump.yaml": (WAV2VEC2_BASE, SPGWav2Vec2, 0.65, "model"),
+    "wav2vec2_base_dense.yaml": (WAV2VEC2_BASE, Wav2Vec2, None, None),
+    "hubert_large_spg.yaml": (HUBERT_LARGE, SPGHuBERT, 0.60, "model"),
+    "hubert_large_ump.yaml": (HUBERT_LARGE, SPGHuBERT, 0.60, "model"),
+    "hubert_large_dense.yaml": (HUBERT_LARGE, HuBERT, None, None),
+}
+
+#: Gated targets the full-size YAMLs must end up with (model scope converted).
+EXPECTED_GATED_TARGETS = {
+    "wav2vec2_base_spg.yaml": 0.72222,
+    "wav2vec2_base_spg_4x.yaml": 0.85000,
+    "wav2vec2_base_ump.yaml": 0.72222,
+    "hubert_large_spg.yaml": 0.62672,
+    "hubert_large_ump.yaml": 0.62672,
+}
+
+#: Tiny YAML -> (method, lobe class).
+TINY_YAMLS = {
+    "tiny_spg.yaml": ("spg", SPGWav2Vec2),
+    "tiny_spg_ctc_att.yaml": ("spg", SPGWav2Vec2),
+    "tiny_ump.yaml": ("ump", SPGWav2Vec2),
+    "tiny_w2v2_dense.yaml": ("dense", Wav2Vec2),
+    "tiny_dense.yaml": ("dense", Wav2Vec2),
+}
+
+#: Drop-in fragment -> (architecture, lobe class, target_sparsity).
+FRAGMENTS = {
+    "spg_wav2vec2_base.yaml": (WAV2VEC2_BASE, SPGWav2Vec2, 0.65),
+    "spg_hubert_large.yaml": (HUBERT_LARGE, SPGHuBERT, 0.60),
+    "spg_wavlm_base_plus.yaml": (WAVLM_BASE_PLUS, SPGWavLM, 0.65),
+}
+
+#: SentencePiece vocabulary small enough for the few training sentences.
+BPE_VOCAB = 30
+TINY_SSL_DIM = 32
+#: Size of the synthetic corpus, and its training utterances at that size.
+CORPUS_HOURS = 0.003
+TRAIN_UTTERANCES = 5
+RUN_TIMEOUT_S = 300
+
+
+def gated_params_of(config):
+    """Weights of the q/k/v/out and feed-forward matrices of every block."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    per_block = 4 * hidden * hidden + 2 * hidden * inner
+    return config.num_hidden_layers * per_block
+
+
+def load_yaml(path, overrides):
+    """Loads (and instantiates) a YAML file with HyperPyYAML."""
+    with open(path, encoding="utf-8") as fin:
+        return load_hyperpyyaml(fin, overrides)
+
+
+def load_train_module():
+    """Imports the recipe's train.py under a private module name."""
+    spec = importlib.util.spec_from_file_location(
+        "spg_recipe_train", RECIPE_DIR / "train.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------
+# Session fixtures: random full-size architectures, tiny model, tiny corpus
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def full_size_dir(tmp_path_factory):
+    """Yields a function: hub id -> folder of that architecture (random).
+
+    Each folder is written once per session (HuBERT-large is ~1.3 GB) and
+    deleted at the end of the session.
+    """
+    root = tmp_path_factory.mktemp("full_size_models")
+    folders = {}
+
+    def folder(hub_id):
+        if hub_id not in folders:
+            path = root / hub_id.replace("/", "__")
+            folders[hub_id] = save_random_model(hub_config(hub_id), path)
+        return folders[hub_id]
+
+    yield folder
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def recipe_ssl_source(tmp_path_factory):
+    """Tiny random wav2vec2 for recipe runs (100 frames/s, no LayerDrop)."""
+    config = build_config(
+        "wav2vec2",
+        **{
+            **TINY_OVERRIDES,
+            "conv_kernel": (10, 16),
+            "conv_stride": (10, 16),
+            "layerdrop": 0.0,
+        },
+    )
+    return save_random_model(config, tmp_path_factory.mktemp("recipe_ssl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """LibriSpeech-layout tree of short eSpeak NG utterances."""
+    from speechbrain_spg.synthetic import generate_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    summary = generate_corpus(out, hours=CORPUS_HOURS, seed=11, progress=False)
+    assert (
+        summary["splits"]["train-clean-100"]["utterances"] == TRAIN_UTTERANCES
+    )
+    return str(out / "LibriSpeech")
+
+
+@pytest.fixture(scope="module")
+def train_module():
+    """The recipe's train.py as a module."""
+    return load_train_module()
+
+
+# --------------------------------------------------------------------------
+# 1. YAML files
+# --------------------------------------------------------------------------
+
+
+def test_every_shipped_yaml_is_covered():
+    recipe = {p.name for p in (RECIPE_DIR / "hparams").glob("*.yaml")}
+    fragments = {p.name for p in FRAGMENT_DIR.glob("*.yaml")}
+    assert recipe == set(FULL_SIZE_YAMLS) | set(TINY_YAMLS)
+    assert fragments == set(FRAGMENTS)
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SIZE_YAMLS))
+def test_full_size_yaml_needs_data_folder(name):
+    path = RECIPE_DIR / "hparams" / name
+    with open(path, encoding="utf-8") as fin:
+        with pytest.raises(ValueError, match="'data_folder' is a !PLACEHOLDER"):
+            resolve_references(fin, {"ssl_source": "unused"})
+    with open(path, encoding="utf-8") as fin:
+        raw = ruamel.yaml.YAML().load(fin)
+    assert raw["ssl_source"] == FULL_SIZE_YAMLS[name][0]
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SIZE_YAMLS))
+def test_full_size_yaml_instantiates(
+    name, full_size_dir, tmp_path, train_module
+):
+    hub_id, lobe_class, target, scope = FULL_SIZE_YAMLS[name]
+    source = full_size_dir(hub_id)
+    path = RECIPE_DIR / "hparams" / name
+    hparams = load_yaml(
+        path,
+        {
+            "ssl_source": source,
+            "data_folder": "unused",
+            "output_folder": str(tmp_path / "out"),
+        },
+    )
+    train_module.check_hparams(hparams, str(path))
+    lobe = hparams["ssl"]
+    assert type(lobe) is lobe_class
+    assert set(hparams["modules"]) == {"ssl", "enc", "ctc_lin"}
+    assert hparams["ssl_dim"] == hub_config(hub_id).hidden_size
+    assert hparams["decoder"] == "ctc" and hparams["token_type"] == "char"
+    total = sum(p.numel() for p in lobe.model.parameters())
+    assert total == TOTAL_PARAMS[hub_id]
+    if lobe_class in (Wav2Vec2, HuBERT):
+        assert hparams["method"] == "dense"
+        assert all(p.requires_grad for p in lobe.model.encoder.parameters()), (
+            "dense fine-tuning must train the encoder (freeze: False)"
+        )
+        return
+    gated = gated_params_of(hub_config(hub_id))
+    assert lobe.gated_params == gated
+    assert lobe.spg_options.target_sparsity == target
+    assert lobe.spg_options.target_scope == scope
+    assert lobe.spg_options.inject_sparsity_loss is False
+    assert lobe.gated_target == pytest.approx(
+        target * TOTAL_PARAMS[hub_id] / gated, rel=1e-12
+    )
+    assert lobe.gated_target == pytest.approx(
+        EXPECTED_GATED_TARGETS[name], abs=1e-5
+    )
+
+
+@pytest.mark.parametrize("name", sorted(TINY_YAMLS))
+def test_tiny_yaml_instantiates(
+    name, recipe_ssl_source, tmp_path, train_module
+):
+    method, lobe_class = TINY_YAMLS[name]
+    path = RECIPE_DIR / "hparams" / name
+    overrides = {
+        "ssl_source": recipe_ssl_source,
+        "ssl_dim": TINY_SSL_DIM,
+        "synthetic_corpus": None,
+        "init_from": None,
+        "output_folder": str(tmp_path / "out"),
+    }
+    hparams = load_yaml(path, overrides)
+    train_module.check_hparams(hparams, str(path))
+    assert hparams["method"] == method
+    assert type(hparams["ssl"]) is lobe_class
+    assert hparams["ssl"].model.config.hidden_size == TINY_SSL_DIM
+    if hparams["decoder"] == "ctc_attention":
+        assert {"emb", "dec", "seq_lin"} <= set(hparams["modules"])
+
+
+def test_tiny_dense_yaml_creates_its_random_model(tmp_path):
+    """As shipped, tiny_w2v2_dense.yaml writes its own random wav2vec2."""
+    out = tmp_path / "dense"
+    hparams = load_yaml(
+        RECIPE_DIR / "hparams" / "tiny_w2v2_dense.yaml",
+        {"output_folder": str(out)},
+    )
+    init = out / "save" / "random_init"
+    assert hparams["ssl_source"] == str(init)
+    assert sorted(os.listdir(init)) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
+    with open(init / "config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    assert config["hidden_size"] == hparams["ssl_dim"] == 192
+    assert config["layerdrop"] == 0.0
+    assert type(hparams["ssl"]) is Wav2Vec2
+
+
+@pytest.mark.parametrize("name", sorted(FRAGMENTS))
+def test_dropin_fragment_instantiates(name, full_size_dir, tmp_path):
+    hub_id, lobe_class, target = FRAGMENTS[name]
+    hparams = load_yaml(
+        FRAGMENT_DIR / name,
+        {"source": full_size_dir(hub_id), "save_path": str(tmp_path)},
+    )
+    lobe = hparams["lobe"]
+    assert type(lobe) is lobe_class
+    assert lobe.spg_options.inject_sparsity_loss is True
+    assert lobe.spg_options.target_sparsity == target
+    assert lobe.spg_options.target_scope == "model"
+    gated = gated_params_of(hub_config(hub_id))
+    assert lobe.gated_params == gated
+    assert lobe.gated_target == pytest.approx(
+        target * TOTAL_PARAMS[hub_id] / gated, rel=1e-12
+    )
+    assert all(p.requires_grad for p in lobe.model.encoder.parameters())
+
+
+def test_dropin_fragment_through_include(full_size_dir, tmp_path):
+    """The usage the fragment's header documents, in a recipe's YAML.
+
+    HyperPyYAML joins an ``!include:`` path to the folder of the including
+    file (or to the working directory for a YAML string), so an absolute
+    path works from anywhere.
+    """
+    fragment = FRAGMENT_DIR / "spg_wav2vec2_base.yaml"
+    recipe_yaml = f"""
+wav2vec2_hub: {full_size_dir(WAV2VEC2_BASE)}
+wav2vec2_folder: {tmp_path / "wav2vec2_checkpoint"}
+spg: !include:{fragment}
+    source: !ref <wav2vec2_hub>
+    save_path: !ref <wav2vec2_folder>
+    target_sparsity: 0.5
+wav2vec2: !ref <spg[lobe]>
+model_opt_class: !name:torch.optim.Adam
+    lr: 0.0001
+"""
+    hparams = load_hyperpyyaml(recipe_yaml)
+    lobe = hparams["wav2vec2"]
+    assert lobe is hparams["spg"]["lobe"]
+    assert type(lobe) is SPGWav2Vec2
+    assert lobe.source == str(full_size_dir(WAV2VEC2_BASE))
+    assert lobe.spg_options.inject_sparsity_loss is True
+    assert lobe.spg_options.target_sparsity == 0.5
+    assert lobe.gated_target == pytest.approx(
+        0.5 * TOTAL_PARAMS[WAV2VEC2_BASE] / gated_params_of(lobe.model.config)
+    )
+    # The recipe's single optimiser also moves thresholds and multipliers.
+    optimizer = hparams["model_opt_class"](lobe.parameters())
+    optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert id(lobe.gate.threshold_param) in optimized
+    assert id(lobe.regularizer.multiplier_param) in optimized
+
+
+# --------------------------------------------------------------------------
+# Helpers of the recipe runs
+# --------------------------------------------------------------------------
+
+
+def recipe_env():
+    """Environment of a recipe subprocess: offline, one thread per process."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+
+
+def tiny_overrides(source, corpus, out, epochs=1, batch_size=4):
+    """Command-line overrides of a tiny YAML for the test corpus and model."""
+    return [
+        f"--output_folder={out}",
+        "--init_from=null",
+        f"--ssl_source={source}",
+        "--synthetic_corpus=null",
+        f"--data_folder={corpus}",
+        "--evaluate_initial_model=False",
+        f"--ssl_dim={TINY_SSL_DIM}",
+        f"--number_of_epochs={epochs}",
+        f"--batch_size={batch_size}",
+    ]
+
+
+def run_command(args):
+    """Runs a command in the recipe folder; returns its combined output.
+
+    The command gets a process group of its own, killed as a whole on
+    timeout (torchrun's workers would otherwise outlive it).
+    """
+    process = subprocess.Popen(
+        args,
+        cwd=RECIPE_DIR,
+        env=recipe_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(
+            f"{' '.join(map(str, args))} still ran after {RUN_TIMEOUT_S} s:"
+            f"\n{output[-6000:]}"
+        )
+    assert process.returncode == 0, (
+        f"{' '.join(map(str, args))} failed:\n{output[-6000:]}"
+    )
+    return output
+
+
+def read_json(path):
+    """Contents of a JSON file."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_csv_column(path, column):
+    """ID -> value of one column of a SpeechBrain CSV file."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return {row["ID"]: row[column] for row in csv.DictReader(f)}
+
+
+def parse_wer_file(path):
+    """(WER %, errors, reference words, sentences) from ``wer_<split>.txt``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    wer = re.search(r"%WER ([\d.]+) \[ (\d+) / (\d+),", text)
+    scored = re.search(r"Scored (\d+) sentences", text)
+    assert wer and scored, f"unexpected format of {path}:\n{text[:500]}"
+    return (
+        float(wer.group(1)),
+        int(wer.group(2)),
+        int(wer.group(3)),
+        int(scored.group(1)),
+    )
+
+
+def check_test_outputs(out, splits):
+    """Checks wer/hyps files of every split against summary.json."""
+    summary = read_json(out / "summary.json")
+    assert set(summary["wer"]) == set(summary["cer"]) == set(splits)
+    for split in splits:
+        refs = read_csv_column(out / "save" / f"{split}.csv", "wrd")
+        with open(out / f"hyps_{split}.jsonl", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        assert [row["id"] for row in rows] == sorted(refs)
+        assert all(row["ref"] == refs[row["id"]] for row in rows)
+        assert all(set(row) == {"id", "ref", "hyp"} for row in rows)
+        wer, errors, words, sentences = parse_wer_file(out / f"wer_{split}.txt")
+        assert sentences == len(rows)
+        assert words == sum(len(row["ref"].split()) for row in rows)
+        assert wer == pytest.approx(100 * errors / words, abs=0.005)
+        assert summary["wer"][split] == pytest.approx(wer, abs=0.005)
+    return summary
+
+
+SUMMARY_KEYS = {
+    "method",
+    "system",
+    "source",
+    "decoder",
+    "token_type",
+    "epochs",
+    "history",
+    "trace",
+    "skipped_nonfinite_batches",
+    "wall_time_s",
+    "params",
+    "compression_ratio",
+    "wer",
+    "cer",
+}
+
+
+def check_gated_outputs(out, summary):
+    """compact/ export and the sparsity part of summary.json."""
+    sparsity = summary["sparsity"]
+    assert set(sparsity) == {
+        "target_sparsity",
+        "target_scope",
+        "gated_target",
+        "hard_sparsity",
+        "hard_sparsity_per_rank",
+        "model_sparsity",
+        "calibration_factor",
+        "layers",
+    }
+    # 2 blocks x (q, k, v, out, intermediate, output) of the tiny model.
+    assert len(sparsity["layers"]) == 12
+    manifest = read_manifest(out / "compact")  # verifies the checksums
+    assert manifest["sparsity"]["gated"] == pytest.approx(
+        sparsity["hard_sparsity"], abs=1e-12
+    )
+    assert sparsity["hard_sparsity_per_rank"] == [sparsity["hard_sparsity"]]
+    assert (out / "compact" / "hf" / "config.json").is_file()
+    assert not (out / "hf").exists()
+    return sparsity
+
+
+#: Run name -> (YAML, token type, extra overrides, test splits).
+RUNS = {
+    "spg_ctc_char": ("tiny_spg.yaml", "char", [], ["test-clean", "test-other"]),
+    "spg_ctc_attention_bpe": (
+        "tiny_spg_ctc_att.yaml",
+        "bpe",
+        [
+            "--token_type=bpe",
+            f"--output_neurons={BPE_VOCAB}",
+            "--beam_size=2",
+            # An untrained decoder never emits <eos>: stop it early.
+            "--test_searcher={max_decode_ratio: 0.05}",
+        ],
+        ["test-clean"],
+    ),
+    "ump_ctc_beam_char": (
+        "tiny_ump.yaml",
+        "char",
+        ["--test_search=beam", "--test_beam_search={beam_size: 2}"],
+        ["test-clean"],
+    ),
+    "dense_ctc_bpe": (
+        "tiny_w2v2_dense.yaml",
+        "bpe",
+        ["--token_type=bpe", f"--output_neurons={BPE_VOCAB}"],
+        ["test-clean"],
+    ),
+}
+
+
+# --------------------------------------------------------------------------
+# 2. train.py end to end
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_recipe_runs_end_to_end(run, recipe_ssl_source, tiny_corpus, tmp_path):
+    yaml_name, token_type, extra, splits = RUNS[run]
+    out = tmp_path / run
+    source_file = Path(recipe_ssl_source) / "model.safetensors"
+    source_mtime = source_file.stat().st_mtime_ns
+    splits_override = "[" + ", ".join(splits) + "]"
+    run_command(
+        [
+            sys.executable,
+            "train.py",
+            f"hparams/{yaml_name}",
+            *tiny_overrides(recipe_ssl_source, tiny_corpus, out),
+            f"--test_splits={splits_override}",
+            *extra,
+        ]
+    )
+    summary = check_test_outputs(out, splits)
+    method = TINY_YAMLS[yaml_name][0]
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["method"] == method
+    assert summary["source"] == recipe_ssl_source
+    assert summary["skipped_nonfinite_batches"] == 0
+    assert [row["epoch"] for row in summary["history"]] == [1]
+    assert summary["compression_ratio"] == pytest.approx(
+        summary["params"]["total"] / summary["params"]["nonzero"]
+    )
+    assert summary["token_type"] == token_type
+    assert summary["decoder"] == (
+        "ctc_attention" if yaml_name == "tiny_spg_ctc_att.yaml" else "ctc"
+    )
+    tokenizer_file = {"bpe": "tokenizer.model", "char": "label_encoder.txt"}
+    assert (out / tokenizer_file[token_type]).is_file()
+    assert (out / "head.ckpt").is_file()
+    assert source_file.stat().st_mtime_ns == source_mtime
+    if method == "dense":
+        assert "sparsity" not in summary and not (out / "compact").exists()
+        assert (out / "hf" / "model.safetensors").is_file()
+        return
+    sparsity = check_gated_outputs(out, summary)
+    assert sparsity["target_scope"] == "gated"
+    assert sparsity["gated_target"] == sparsity["target_sparsity"] == 0.65
+    if method == "ump":
+        # Every gated matrix loses the same fraction, before training.
+        assert {
+            round(layer["sparsity"], 2) for layer in sparsity["layers"]
+        } == {0.65}
+        assert sparsity["hard_sparsity"] == pytest.approx(0.65, abs=1e-3)
+    else:
+        assert 0 <= sparsity["hard_sparsity"] < 0.65
+
+
+# --------------------------------------------------------------------------
+# 3. Distributed data parallel on CPU
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("yaml_name", ["tiny_spg.yaml", "tiny_ump.yaml"])
+def test_torchrun_two_processes_agree_on_sparsity(
+    yaml_name, recipe_ssl_source, tiny_corpus, tmp_path
+):
+    out = tmp_path / "ddp"
+    output = run_command(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "train.py",
+            f"hparams/{yaml_name}",
+            "--distributed_backend=gloo",
+            *tiny_overrides(recipe_ssl_source, tiny_corpus, out, batch_size=2),
+            "--test_splits=[test-clean]",
+        ]
+    )
+    assert "disagree" not in output
+    summary = check_test_outputs(out, ["test-clean"])
+    sparsity = summary["sparsity"]
+    per_rank = sparsity["hard_sparsity_per_rank"]
+    assert len(per_rank) == 2
+    assert per_rank[0] == per_rank[1] == sparsity["hard_sparsity"]
+    if yaml_name == "tiny_ump.yaml":
+        assert sparsity["hard_sparsity"] == pytest.approx(0.65, abs=1e-3)
+
+
+# --------------------------------------------------------------------------
+# 4. Kill and resume
+# --------------------------------------------------------------------------
+
+
+def list_checkpoints(save_folder):
+    """SpeechBrain checkpoints of a save folder, oldest first."""
+    checkpoints = Checkpointer(save_folder).list_checkpoints()
+    return sorted(checkpoints, key=lambda ckpt: ckpt.meta["unixtime"])
+
+
+def is_complete(checkpoint):
+    """Whether train.py finished writing the checkpoint."""
+    return "complete" in checkpoint.paramfiles
+
+
+def read_checkpoint_state(checkpoint):
+    """Epoch counter, optimiser steps and SPG gate state of a checkpoint."""
+    with open(checkpoint.paramfiles["brain"], encoding="utf-8") as f:
+        brain = yaml.safe_load(f)
+    with open(checkpoint.paramfiles["counter"], encoding="utf-8") as f:
+        epoch = int(f.read())
+    ssl = torch.load(checkpoint.paramfiles["ssl"], map_location="cpu")
+    return {
+        "epoch": epoch,
+        "optimizer_step": brain["optimizer_step"],
+        "gate_step": int(ssl["gate.step"]),
+        "threshold_param": ssl["gate.threshold_param"],
+        "ssl_state": ssl,
+    }
+
+
+def fake_interrupted_checkpoint(save_folder, after):
+    """A checkpoint folder as a run killed while saving leaves it."""
+    path = Path(save_folder) / "CKPT+9999-12-31+23-59-59+00"
+    path.mkdir()
+    meta = {**after.meta, "unixtime": after.meta["unixtime"] + 0.5}
+    with open(path / "CKPT.yaml", "w", encoding="utf-8") as f:
+        yaml.safe_dump(meta, f)
+    return path
+
+
+def thresholds_of(ssl_state, source):
+    """Per-matrix thresholds of an SPG lobe holding a saved state."""
+    lobe = SPGWav2Vec2(source, save_path="", target_sparsity=0.65)
+    lobe.load_state_dict(ssl_state)
+    return [layer.threshold for layer in lobe.sparsity_report().layers]
+
+
+def wait_for_checkpoint(process, save_folder, log_file, predicate):
+    """Waits until a complete checkpoint satisfying ``predicate`` exists.
+
+    The run deletes old checkpoints meanwhile: a folder that vanishes while
+    it is read is skipped.
+    """
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:
+        assert process.poll() is None, (
+            "the run ended before the checkpoint to kill it at:\n"
+            + log_file.read_text()[-4000:]
+        )
+        assert time.monotonic() < deadline, "no such checkpoint was written"
+        if glob.glob(str(Path(save_folder) / "CKPT+*" / "complete.ckpt")):
+            try:
+                found = [
+                    c
+                    for c in list_checkpoints(save_folder)
+                    if is_complete(c) and predicate(c)
+                ]
+            except (FileNotFoundError, KeyError, TypeError):
+                found = []
+            if found:
+                return found[-1]
+        time.sleep(0.02)
+
+
+def in_epoch_two(checkpoint):
+    """An intra-epoch checkpoint of the second epoch."""
+    with open(checkpoint.paramfiles["counter"], encoding="utf-8") as f:
+        return int(f.read()) == 2 and not checkpoint.meta["end-of-epoch"]
+
+
+def test_sigkill_then_restart_resumes(recipe_ssl_source, tiny_corpus, tmp_path):
+    out = tmp_path / "resume"
+    save = out / "save"
+    epochs = 3
+    steps = epochs * TRAIN_UTTERANCES  # batch size 1
+    command = [
+        sys.executable,
+        "train.py",
+        "hparams/tiny_spg.yaml",
+        *tiny_overrides(
+            recipe_ssl_source, tiny_corpus, out, epochs=epochs, batch_size=1
+        ),
+        "--ckpt_interval_steps=1",
+        "--log_interval=1",
+        "--test_splits=[test-clean]",
+    ]
+    # First run: SIGKILL once epoch 2 has an intra-epoch checkpoint.
+    log_file = tmp_path / "killed_run.txt"
+    with open(log_file, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=RECIPE_DIR,
+            env=recipe_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_for_checkpoint(process, save, log_file, in_epoch_two)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+    saved_ckpt = [c for c in list_checkpoints(save) if is_complete(c)][-1]
+    saved = read_checkpoint_state(saved_ckpt)
+    assert saved["epoch"] == 2
+    first_epoch = TRAIN_UTTERANCES
+    assert first_epoch < saved["optimizer_step"] <= 2 * first_epoch
+    assert saved["gate_step"] == saved["optimizer_step"]
+    # A newer folder with only CKPT.yaml: what a kill while saving leaves.
+    interrupted = fake_interrupted_checkpoint(save, saved_ckpt)
+
+    # Restart with the same command: resumes from the saved checkpoint.
+    output = run_command(command)
+    assert f"Ignoring {interrupted}" in output
+    loads = re.findall(r"Loading a checkpoint from (\S+)", output)
+    assert loads[0] == str(saved_ckpt.path)
+    summary = read_json(out / "summary.json")
+    # No step is done twice and none is skipped after the restart (steps
+    # before it are in the trace only if the trace itself is checkpointed).
+    trace_steps = [point["step"] for point in summary["trace"]]
+    resumed = list(range(saved["optimizer_step"] + 1, steps + 1))
+    assert trace_steps[-len(resumed) :] == resumed
+    assert trace_steps == sorted(set(trace_steps))
+    assert [row["epoch"] for row in summary["history"]] == [1, 2, 3]
+    final_ckpt = [c for c in list_checkpoints(save) if is_complete(c)][-1]
+    final = read_checkpoint_state(final_ckpt)
+    assert final["epoch"] == epochs
+    assert final["optimizer_step"] == final["gate_step"] == steps
+
+    # Same command once more: nothing left to train; the thresholds it
+    # evaluates with are those of the last checkpoint's ssl.ckpt.
+    output = run_command(command)
+    assert re.findall(r"Loading a checkpoint from (\S+)", output)[0] == str(
+        final_ckpt.path
+    )
+    assert "Going into epoch" not in output
+    rerun = read_json(out / "summary.json")
+    assert all(point["step"] <= steps for point in rerun["trace"])
+    expected = thresholds_of(final["ssl_state"], recipe_ssl_source)
+    reported = [layer["threshold"] for layer in rerun["sparsity"]["layers"]]
+    assert reported == pytest.approx(expected, rel=1e-6)
+    assert reported == pytest.approx(
+        [layer["threshold"] for layer in summary["sparsity"]["layers"]],
+        rel=1e-6,
+    )
