@@ -38,10 +38,10 @@ class RandomState:
 
     Add it to a ``Checkpointer``'s recoverables (``!new:`` in YAML). Under
     DDP every process calls ``save`` (registered with
-    ``save_on_main_only=False``, so the gather below runs on every rank): the states of all processes are
-    gathered and the main process writes them, and each process restores
-    its own (rank ``r`` takes state ``r``, or the main one's if the run was
-    saved with fewer processes).
+    ``save_on_main_only=False``, so the gather in it runs on every rank):
+    the states of all processes are gathered and the main process writes
+    them, and each process restores its own (rank ``r`` takes state ``r``,
+    or the main one's if the run was saved with fewer processes).
 
     Example
     -------
