@@ -104,7 +104,9 @@ def main():
         f"{gated_target(0.765, 'model', total, gated):.4f}"
     )
     print("\n## Regulariser only, tiny wav2vec2 (1000 Adam steps, lr 0.02)")
-    print("| target | tie | hard sparsity | soft sparsity | abs(hard - target) |")
+    print(
+        "| target | tie | hard sparsity | soft sparsity | abs(hard - target) |"
+    )
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
         source = save_random_model(

@@ -34,7 +34,9 @@ def read_split(split_dir):
                 with open(os.path.join(root, name)) as f:
                     for line in f:
                         uid, text = line.strip().split(" ", 1)
-                        rows.append((uid, os.path.join(root, uid + ".flac"), text))
+                        rows.append(
+                            (uid, os.path.join(root, uid + ".flac"), text)
+                        )
     return sorted(rows)
 
 
@@ -48,7 +50,10 @@ def shipped_model(tmp_path_factory):
         freeze=True,
     )
     head = torch.nn.ModuleList(
-        [Linear(input_size=192, n_neurons=192), Linear(input_size=192, n_neurons=31)]
+        [
+            Linear(input_size=192, n_neurons=192),
+            Linear(input_size=192, n_neurons=31),
+        ]
     )
     head.load_state_dict(torch.load(os.path.join(PRETRAINED, "head.ckpt")))
     encoder = CTCTextEncoder()
