@@ -26,10 +26,14 @@ Authors
 """
 
 import argparse
+import concurrent.futures
 import contextlib
 import gc
+import multiprocessing
+import os
 import statistics
 import tempfile
+import threading
 import time
 
 import torch
@@ -79,6 +83,43 @@ def step_fn(lobe, head, optimizer, wav, targets, autocast):
     optimizer.step()
 
 
+class PeakRSS:
+    """Largest resident set size of this process while the block runs.
+
+    CPU counterpart of ``torch.cuda.max_memory_allocated``: a thread reads
+    ``/proc/self/statm`` every millisecond. It counts everything resident
+    (weights, Adam states, activations, Python), so ratios between variants
+    are what it is for. None where ``/proc`` does not exist.
+    """
+
+    def __init__(self):
+        self.peak = None
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak or 0, self._rss())
+            time.sleep(0.001)
+
+    def __enter__(self):
+        if os.path.exists("/proc/self/statm"):
+            gc.collect()
+            self.peak = self._rss()
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.peak is not None:
+            self._stop.set()
+            self._thread.join()
+
+
 def synchronize(device):
     """Waits for the device."""
     if device == "cuda":
@@ -106,12 +147,13 @@ def measure(variant, source, args):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step_fn(lobe, head, optimizer, wav, targets, autocast)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    with PeakRSS() as rss:
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            step_fn(lobe, head, optimizer, wav, targets, autocast)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak
     lobe.eval()
     eval_times = []
     with torch.no_grad(), autocast():
@@ -130,6 +172,18 @@ def measure(variant, source, args):
     }
 
 
+def measure_in_fresh_process(variant, source, args):
+    """``measure`` in a new Python process.
+
+    Each variant starts from the same state: no allocator pages kept from
+    the variant before (which would skew the CPU resident-memory peak), no
+    compiled kernels cached in memory.
+    """
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(measure, variant, source, args).result()
+
+
 def main(argv=None):
     """Runs every model x variant and prints ratios to dense."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -138,19 +192,36 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--batch", type=int, default=None, help="default: 8 (cuda), 2 (cpu)"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="audio per utterance; default: 15 (cuda), 1 (cpu)",
+    )
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
-    args.batch, args.seconds = (8, 15.0) if gpu else (2, 1.0)
+    args.batch = args.batch or (8 if gpu else 2)
+    args.seconds = args.seconds or (15.0 if gpu else 1.0)
     args.steps = args.steps or (20 if gpu else 5)
+    memory = "max allocated" if gpu else "max resident set"
     print(
         f"device {args.device}, batch {args.batch} x {args.seconds} s, "
-        f"{args.steps} timed steps after {args.warmup} warm-up, median"
+        f"{args.steps} timed steps after {args.warmup} warm-up, median; "
+        f"peak memory = {memory} during the timed steps; "
+        f"{torch.get_num_threads()} CPU threads; each variant in a fresh "
+        "process"
     )
     ratios = {v: [] for v in args.variants if v != "dense"}
     with tempfile.TemporaryDirectory() as work:
         for hub_id in args.models:
             source = save_random_model(hub_config(hub_id), f"{work}/{hub_id}")
-            results = {v: measure(v, source, args) for v in args.variants}
+            results = {
+                v: measure_in_fresh_process(v, source, args)
+                for v in args.variants
+            }
             dense = results["dense"]
             print(f"\n{hub_id} (random weights)")
             print(
@@ -160,8 +231,8 @@ def main(argv=None):
             for variant, r in results.items():
                 mem = (
                     f"{r['peak'] / dense['peak']:>14.3f}"
-                    if r["peak"]
-                    else f"{'n/a (cpu)':>14}"
+                    if r["peak"] and dense["peak"]
+                    else f"{'n/a':>14}"
                 )
                 print(
                     f"{variant:>10} {r['step']:>8.3f} "
@@ -171,10 +242,11 @@ def main(argv=None):
                 if variant != "dense":
                     ratios[variant].append(r["step"] / dense["step"])
     worst = {v: max(r) for v, r in ratios.items()}
-    fast = min(worst[v] for v in worst if v != "reference")
+    fast = [worst[v] for v in worst if v != "reference"]
+    reference = worst.get("reference", float("nan"))
+    fast = min(fast) if fast else float("nan")
     print(
-        f"step-time ratio spg/dense: reference {worst['reference']:.3f}, "
-        f"fast {fast:.3f}"
+        f"step-time ratio spg/dense: reference {reference:.3f}, fast {fast:.3f}"
     )
 
 

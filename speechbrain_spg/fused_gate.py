@@ -5,45 +5,141 @@ plus ``gates.SoftZerosFunction`` for the sparsity regulariser) reads the
 gated weights about a dozen times per training step, and the soft-sparsity
 term recomputes the mask in a separate pass. ``FusedPinchFunction`` computes
 the gated weight AND the expected number of pinched weights from the same
-mask in one forward pass, saves only ``W`` and ``t``, and produces the
-gradients of both outputs (weights and threshold) from one recomputation of
-the mask in backward.
+mask in one forward pass, and produces the gradients of both outputs
+(weights and threshold) in one backward pass that writes the weight
+gradient into the buffer autograd hands it (no new weight-sized tensor).
+
+What the backward starts from depends on the device:
+
+- CUDA (``save_mask=False``): only ``W`` and ``t`` are saved and the mask is
+  recomputed; on a GPU the element-wise work is nearly free and memory is
+  what runs out, so nothing weight-sized is kept between the passes.
+- CPU (``save_mask=True``): the forward pass also writes the mask, and the
+  backward pass reads it instead of recomputing the sigmoid; on a CPU the
+  exponentials cost more than the memory traffic (about 2.8 ns per weight
+  less, see ``benchmarks/RESULTS.md``) and RAM is rarely the limit.
 
 Where ``torch.compile`` works (a C++ compiler on CPU, Triton on CUDA) the
 element-wise math is compiled into single kernels; otherwise the same math
-runs as eager in-place PyTorch operations. Both give the reference numbers
-within float32 rounding.
+runs as eager PyTorch operations. Both give the reference numbers within
+float32 rounding.
 
 Authors
  * speechbrain-spg developers 2026
 """
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 
+def _mask(weight, threshold, tau):
+    """The soft mask ``sigmoid((W^2 - t^2) / (2 tau))``."""
+    return torch.sigmoid((weight * weight - threshold * threshold) / (2 * tau))
+
+
 def _forward_math(weight, threshold, tau):
     """Gated weight and sum of the mask, from one mask computation."""
-    mask = torch.sigmoid((weight * weight - threshold * threshold) / (2 * tau))
+    mask = _mask(weight, threshold, tau)
     return weight * mask, mask.sum()
 
 
-def _backward_math(weight, threshold, tau, grad_out, grad_zeros):
-    """Gradients of the gated weight and of the soft-zero count."""
-    mask = torch.sigmoid((weight * weight - threshold * threshold) / (2 * tau))
+def _forward_keep_mask_math(weight, threshold, tau):
+    """As ``_forward_math``, also returning the mask for the backward."""
+    mask = _mask(weight, threshold, tau)
+    return weight * mask, mask.sum(), mask
+
+
+def _soft_zeros_math(weight, threshold, tau):
+    """``sum(M)`` and ``sum(M (1 - M)) / tau`` (its threshold slope)."""
+    mask = _mask(weight, threshold, tau)
+    return mask.sum(), (mask * (1 - mask)).sum() / tau
+
+
+def _gradients_inplace(weight, mask, threshold, tau, grad_out, grad_zeros):
+    """Threshold gradient; the weight gradient overwrites ``grad_out``.
+
+    With ``slope = dM/d(W^2) * 2 = M (1 - M) / tau``:
+    ``d(W M)/dW = M + W^2 slope``, ``d(W M)/dt = -t W slope`` and
+    ``d sum(1 - M)/dt = t sum(slope)``.
+    """
     slope = mask * (1 - mask) / tau
-    grad_weight = grad_out * (mask + weight * weight * slope)
-    # d(W*M)/dt = -t W slope ; d(sum(1 - M))/dt = t * slope (summed)
     grad_threshold = threshold * (
         grad_zeros * slope.sum() - (grad_out * weight * slope).sum()
     )
-    return grad_weight, grad_threshold
+    grad_out.mul_(mask + weight * weight * slope)
+    return grad_threshold
+
+
+def _backward_math_inplace(weight, threshold, tau, grad_out, grad_zeros):
+    """Backward that recomputes the mask (saves memory)."""
+    mask = _mask(weight, threshold, tau)
+    return _gradients_inplace(
+        weight, mask, threshold, tau, grad_out, grad_zeros
+    )
+
+
+def _backward_from_mask_inplace(
+    weight, mask, threshold, tau, grad_out, grad_zeros
+):
+    """Backward that reads the saved mask (saves the exponentials)."""
+    return _gradients_inplace(
+        weight, mask, threshold, tau, grad_out, grad_zeros
+    )
+
+
+@dataclass(frozen=True)
+class GateKernels:
+    """The element-wise math of the fused gate, compiled or eager.
+
+    Arguments
+    ---------
+    forward : callable
+        ``(W, t, tau) -> (W * M, sum(M))``.
+    forward_keep_mask : callable
+        ``(W, t, tau) -> (W * M, sum(M), M)``.
+    backward : callable
+        ``(W, t, tau, grad, grad_zeros) -> grad_t``; ``grad`` becomes the
+        weight gradient.
+    backward_from_mask : callable
+        ``(W, M, t, tau, grad, grad_zeros) -> grad_t``, same contract.
+    soft_zeros : callable
+        ``(W, t, tau) -> (sum(M), sum(M (1 - M)) / tau)``.
+    compiled : bool
+        Whether ``torch.compile`` produced these kernels.
+
+    Example
+    -------
+    >>> kernels = GateKernels(
+    ...     _forward_math, _forward_keep_mask_math, _backward_math_inplace,
+    ...     _backward_from_mask_inplace, _soft_zeros_math, compiled=False,
+    ... )
+    >>> kernels.compiled
+    False
+    """
+
+    forward: object
+    forward_keep_mask: object
+    backward: object
+    backward_from_mask: object
+    soft_zeros: object
+    compiled: bool
+
+
+EAGER_KERNELS = GateKernels(
+    _forward_math,
+    _forward_keep_mask_math,
+    _backward_math_inplace,
+    _backward_from_mask_inplace,
+    _soft_zeros_math,
+    compiled=False,
+)
 
 
 @functools.cache
 def compiled_kernels(device_type):
-    """Compiled forward/backward math for a device type, or eager fallbacks.
+    """Compiled gate kernels for a device type, or the eager ones.
 
     Arguments
     ---------
@@ -52,27 +148,82 @@ def compiled_kernels(device_type):
 
     Returns
     -------
-    tuple
-        ``(forward, backward, compiled)``; ``compiled`` says whether
-        ``torch.compile`` succeeded on a probe.
+    GateKernels
+        ``compiled`` says whether ``torch.compile`` succeeded on a probe;
+        if it did not (no C++ compiler, no Triton), the eager kernels.
 
     Example
     -------
-    >>> forward, backward, compiled = compiled_kernels("cpu")
-    >>> out, total = forward(torch.ones(2), torch.tensor(0.0), torch.tensor(1.0))
+    >>> kernels = compiled_kernels("cpu")
+    >>> out, total = kernels.forward(
+    ...     torch.ones(2), torch.tensor(0.0), torch.tensor(1.0)
+    ... )
     >>> round(float(total), 4)
     1.2449
     """
+    eager = (
+        EAGER_KERNELS.forward,
+        EAGER_KERNELS.forward_keep_mask,
+        EAGER_KERNELS.backward,
+        EAGER_KERNELS.backward_from_mask,
+        EAGER_KERNELS.soft_zeros,
+    )
     try:
-        forward = torch.compile(_forward_math, dynamic=True, fullgraph=True)
-        backward = torch.compile(_backward_math, dynamic=True, fullgraph=True)
+        kernels = GateKernels(
+            *(torch.compile(f, dynamic=True, fullgraph=True) for f in eager),
+            compiled=True,
+        )
         probe = torch.ones(4, device=device_type)
         scalar = torch.tensor(0.5, device=device_type)
-        forward(probe, scalar, scalar)
-        backward(probe, scalar, scalar, probe, scalar)
-        return forward, backward, True
+        kernels.forward(probe, scalar, scalar)
+        _, _, mask = kernels.forward_keep_mask(probe, scalar, scalar)
+        kernels.backward(probe, scalar, scalar, probe.clone(), scalar)
+        kernels.backward_from_mask(
+            probe, mask, scalar, scalar, probe.clone(), scalar
+        )
+        kernels.soft_zeros(probe, scalar, scalar)
+        return kernels
     except Exception:  # noqa: BLE001 - any compiler problem: stay eager
-        return _forward_math, _backward_math, False
+        return EAGER_KERNELS
+
+
+def default_save_mask(device):
+    """Whether the fused gate keeps the mask for the backward on a device.
+
+    Arguments
+    ---------
+    device : torch.device
+        Where the weights live.
+
+    Returns
+    -------
+    bool
+        True on CPU (exponentials are the cost), False elsewhere (memory
+        is the cost).
+
+    Example
+    -------
+    >>> default_save_mask(torch.device("cpu"))
+    True
+    """
+    return device.type == "cpu"
+
+
+def _can_overwrite(grad, weight):
+    """Whether the backward may write the weight gradient into ``grad``.
+
+    Autograd hands a custom function's backward the gradient of its output,
+    a buffer no one else reads once the backward has it (the weight
+    gradient of the linear layer). Not when a graph of the backward is
+    being built (double backward) or the buffer is an odd view.
+    """
+    return (
+        not torch.is_grad_enabled()
+        and not grad.requires_grad
+        and grad.is_contiguous()
+        and grad.dtype == weight.dtype
+        and grad.shape == weight.shape
+    )
 
 
 class FusedPinchFunction(torch.autograd.Function):
@@ -87,16 +238,18 @@ class FusedPinchFunction(torch.autograd.Function):
     >>> w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     >>> t = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
     >>> tau = torch.tensor(0.05, dtype=torch.float64)
-    >>> gated = lambda w, t: FusedPinchFunction.apply(w, t, tau, False)[0]
-    >>> torch.autograd.gradcheck(gated, (w, t))
-    True
-    >>> zeros = lambda t: FusedPinchFunction.apply(w.detach(), t, tau, False)[1]
+    >>> for save_mask in (False, True):
+    ...     gated = lambda w, t: FusedPinchFunction.apply(
+    ...         w, t, tau, False, save_mask
+    ...     )[0]
+    ...     assert torch.autograd.gradcheck(gated, (w, t))
+    >>> zeros = lambda t: FusedPinchFunction.apply(w.detach(), t, tau)[1]
     >>> torch.autograd.gradcheck(zeros, (t,))
     True
     """
 
     @staticmethod
-    def forward(ctx, weight, threshold, tau, compiled=False):
+    def forward(ctx, weight, threshold, tau, compiled=False, save_mask=None):
         """Gated weight and expected number of pinched weights.
 
         Arguments
@@ -111,6 +264,9 @@ class FusedPinchFunction(torch.autograd.Function):
             Scalar temperature.
         compiled : bool
             Use the ``torch.compile`` kernels when they are available.
+        save_mask : bool, optional
+            Keep the mask for the backward instead of recomputing it
+            (default: ``default_save_mask`` of the weight's device).
 
         Returns
         -------
@@ -119,19 +275,25 @@ class FusedPinchFunction(torch.autograd.Function):
         soft_zeros : torch.Tensor
             Scalar ``sum(1 - M)``.
         """
-        forward, backward, _ = (
-            compiled_kernels(weight.device.type)
-            if compiled
-            else (_forward_math, _backward_math, False)
+        kernels = (
+            compiled_kernels(weight.device.type) if compiled else EAGER_KERNELS
         )
-        ctx.save_for_backward(weight, threshold, tau)
-        ctx.backward_math = backward
-        gated, mask_sum = forward(weight, threshold, tau)
+        if save_mask is None:
+            save_mask = default_save_mask(weight.device)
+        ctx.kernels, ctx.save_mask = kernels, save_mask
+        if save_mask:
+            gated, mask_sum, mask = kernels.forward_keep_mask(
+                weight, threshold, tau
+            )
+            ctx.save_for_backward(weight, threshold, tau, mask)
+        else:
+            gated, mask_sum = kernels.forward(weight, threshold, tau)
+            ctx.save_for_backward(weight, threshold, tau)
         return gated, weight.numel() - mask_sum
 
     @staticmethod
     def backward(ctx, grad_gated, grad_zeros):
-        """Gradients of weight and threshold from one mask recomputation.
+        """Gradients of weight and threshold in one pass.
 
         Arguments
         ---------
@@ -147,16 +309,92 @@ class FusedPinchFunction(torch.autograd.Function):
         tuple
             Gradients of ``weight`` and ``threshold``; ``None`` for the rest.
         """
-        weight, threshold, tau = ctx.saved_tensors
+        weight, threshold, tau, *mask = ctx.saved_tensors
         if grad_gated is None:
             grad_gated = torch.zeros_like(weight)
+        elif not _can_overwrite(grad_gated, weight):
+            grad_gated = grad_gated.to(weight.dtype).contiguous().clone()
         if grad_zeros is None:
             grad_zeros = torch.zeros(
                 (), dtype=weight.dtype, device=weight.device
             )
-        grad_weight, grad_threshold = ctx.backward_math(
-            weight, threshold, tau, grad_gated, grad_zeros
+        if ctx.save_mask:
+            grad_threshold = ctx.kernels.backward_from_mask(
+                weight, mask[0], threshold, tau, grad_gated, grad_zeros
+            )
+        else:
+            grad_threshold = ctx.kernels.backward(
+                weight, threshold, tau, grad_gated, grad_zeros
+            )
+        grad_weight = grad_gated if ctx.needs_input_grad[0] else None
+        return grad_weight, grad_threshold.to(threshold.dtype), None, None, None
+
+
+class FusedSoftZerosFunction(torch.autograd.Function):
+    """``sum(1 - M)`` of a matrix, differentiable in ``t``, in one pass.
+
+    For matrices the forward pass did not gate (a block skipped by
+    LayerDrop): the forward pass also sums the threshold slope, so the
+    backward pass is a scalar product and touches no weight.
+
+    Example
+    -------
+    >>> w = torch.tensor([0.0, 0.1, 3.0], dtype=torch.float64)
+    >>> t = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    >>> tau = torch.tensor(0.05, dtype=torch.float64)
+    >>> round(float(FusedSoftZerosFunction.apply(w, t, tau)), 3)
+    2.0
+    >>> torch.autograd.gradcheck(
+    ...     lambda t: FusedSoftZerosFunction.apply(w, t, tau), (t,)
+    ... )
+    True
+    """
+
+    @staticmethod
+    def forward(ctx, weight, threshold, tau, compiled=False):
+        """Expected number of pinched weights.
+
+        Arguments
+        ---------
+        ctx : context
+            Autograd context.
+        weight : torch.Tensor
+            The weight matrix (not differentiated).
+        threshold : torch.Tensor
+            Scalar absolute threshold.
+        tau : torch.Tensor
+            Scalar temperature.
+        compiled : bool
+            Use the ``torch.compile`` kernel when it is available.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar ``sum(1 - M)``.
+        """
+        kernels = (
+            compiled_kernels(weight.device.type) if compiled else EAGER_KERNELS
         )
-        if not ctx.needs_input_grad[0]:
-            grad_weight = None
-        return grad_weight, grad_threshold.to(threshold.dtype), None, None
+        mask_sum, slope_sum = kernels.soft_zeros(weight, threshold, tau)
+        ctx.save_for_backward(threshold, slope_sum)
+        return weight.numel() - mask_sum
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        """Gradient with respect to the threshold only.
+
+        Arguments
+        ---------
+        ctx : context
+            Autograd context.
+        grad_output : torch.Tensor
+            Scalar upstream gradient.
+
+        Returns
+        -------
+        tuple
+            ``None``, gradient of the threshold, ``None``, ``None``.
+        """
+        threshold, slope_sum = ctx.saved_tensors
+        grad = grad_output * slope_sum * threshold
+        return None, grad.to(threshold.dtype), None, None

@@ -397,13 +397,15 @@ class SelfPinchingGate(nn.Module):
 
         Returns
         -------
-        torch.Tensor or None
-            1-D counts (differentiable in the thresholds), or ``None`` if
-            the last forward pass did not record all of them.
+        dict
+            Index -> count (differentiable in the thresholds) of the matrices
+            the last forward pass gated on the fused path; matrices it did
+            not use (a block skipped by LayerDrop, the reference path, no
+            gradients) are missing.
         """
-        if len(self.soft_zeros) != count:
-            return None
-        return torch.stack([self.soft_zeros[i] for i in range(count)])
+        return {
+            i: self.soft_zeros[i] for i in range(count) if i in self.soft_zeros
+        }
 
 
 class GatedLinear(nn.Linear):

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.models.wavlm.modeling_wavlm import WavLMAttention
 
+from speechbrain_spg.fused_gate import FusedSoftZerosFunction
 from speechbrain_spg.gates import (
     GatedLinear,
     SelfPinchingGate,
@@ -354,14 +355,28 @@ class SPGLobeMixin:
         torch.Tensor
             Scalar in [0, 1].
         """
-        counts = self.gate.recorded_soft_zeros(len(self.gated_names))
-        if counts is None:
-            counts = soft_zero_counts(
-                [layer.weight for layer in self.gated_layers()],
-                self.gate.thresholds(),
-                self.gate.taus(),
-            )
-        elif not torch.is_grad_enabled():
+        count = len(self.gated_names)
+        recorded = self.gate.recorded_soft_zeros(count)
+        missing = [i for i in range(count) if i not in recorded]
+        if missing:
+            # Only the matrices the forward pass did not gate (LayerDrop,
+            # reference path, no forward pass yet) cost an extra pass.
+            layers = self.gated_layers()
+            index = torch.tensor(missing, device=self.gate.scale.device)
+            weights = [layers[i].weight.detach() for i in missing]
+            thresholds = self.gate.thresholds()[index]
+            taus = self.gate.taus()[index]
+            if self.gate.impl == "reference":
+                computed = soft_zero_counts(weights, thresholds, taus).unbind()
+            else:
+                compiled = self.gate.impl == "compiled"
+                computed = [
+                    FusedSoftZerosFunction.apply(w, t, tau, compiled)
+                    for w, t, tau in zip(weights, thresholds, taus)
+                ]
+            recorded.update(zip(missing, computed))
+        counts = torch.stack([recorded[i] for i in range(count)])
+        if not torch.is_grad_enabled():
             counts = counts.detach()
         return counts.sum() / self.gated_params
 

@@ -14,8 +14,9 @@ from speechbrain_spg.gates import PinchFunction, SoftZerosFunction
 from speechbrain_spg.lobes import SPGWav2Vec2
 
 
+@pytest.mark.parametrize("save_mask", [False, True])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_fused_function_matches_reference_functions(compiled):
+def test_fused_function_matches_reference_functions(compiled, save_mask):
     torch.manual_seed(0)
     weight = torch.randn(64, 48) * 0.05
     threshold = torch.tensor(0.04)
@@ -26,7 +27,9 @@ def test_fused_function_matches_reference_functions(compiled):
         w = weight.clone().requires_grad_()
         t = threshold.clone().requires_grad_()
         if fused:
-            gated, zeros = FusedPinchFunction.apply(w, t, tau, compiled)
+            gated, zeros = FusedPinchFunction.apply(
+                w, t, tau, compiled, save_mask
+            )
         else:
             gated = PinchFunction.apply(w, t, tau)
             zeros = SoftZerosFunction.apply(w.detach(), t, tau)
@@ -37,8 +40,46 @@ def test_fused_function_matches_reference_functions(compiled):
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
 
 
-def lobe_step(source, impl):
-    """One training step of a tiny lobe; returns outputs and gradients."""
+@pytest.mark.parametrize("save_mask", [False, True])
+def test_weight_gradient_reuses_the_incoming_buffer(save_mask):
+    """The backward writes the weight gradient into the gradient autograd
+    hands it (no new weight-sized tensor), except while building a graph
+    of the backward, where the incoming gradient is left untouched."""
+    torch.manual_seed(0)
+    w = (torch.randn(16, 8) * 0.05).requires_grad_()
+    t = torch.tensor(0.04, requires_grad=True)
+    tau = torch.tensor(0.02 * 0.05**2)
+    gated, _ = FusedPinchFunction.apply(w, t, tau, False, save_mask)
+    upstream = torch.randn(16, 8)
+    (grad_w,) = torch.autograd.grad(gated, w, upstream.clone())
+    ref = PinchFunction.apply(w, t, tau)
+    (expected,) = torch.autograd.grad(ref, w, upstream)
+    torch.testing.assert_close(grad_w, expected, rtol=1e-5, atol=1e-7)
+
+    seen = {}
+
+    def keep(grad):
+        seen["incoming"] = grad
+        return grad
+
+    gated, _ = FusedPinchFunction.apply(w, t, tau, False, save_mask)
+    gated.register_hook(keep)
+    (grad_w,) = torch.autograd.grad(gated, w, upstream.clone())
+    assert grad_w.data_ptr() == seen["incoming"].data_ptr()
+
+    gated, _ = FusedPinchFunction.apply(w, t, tau, False, save_mask)
+    incoming = upstream.clone().requires_grad_()
+    (grad_w,) = torch.autograd.grad(gated, w, incoming, create_graph=True)
+    torch.testing.assert_close(incoming.detach(), upstream)
+    torch.testing.assert_close(grad_w.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def lobe_step(source, impl, layerdrop=0.0, seed=1, dtype=None):
+    """One training step of a tiny lobe; returns outputs and gradients.
+
+    Also returns how many matrices the forward pass gated on the fused
+    path (all 12 unless LayerDrop skipped a block).
+    """
     torch.manual_seed(0)
     lobe = SPGWav2Vec2(
         source,
@@ -47,36 +88,84 @@ def lobe_step(source, impl):
         threshold_init=0.6,
         gate_impl=impl,
     )
-    lobe.model.config.layerdrop = 0.0
+    lobe.model.config.layerdrop = layerdrop
     lobe.train()
     lobe.gate.step += 5
     lobe.regularizer.multiplier_param.data.fill_(0.3)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     wav = torch.randn(2, 4000)
     for module in lobe.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    out = lobe(wav)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        out = lobe(wav)
+    recorded = len(lobe.gate.soft_zeros)
     sparsity_loss = lobe.sparsity_loss()
-    (out.pow(2).mean() + sparsity_loss).backward()
+    (out.float().pow(2).mean() + sparsity_loss).backward()
     grads = {
         name: p.grad.clone()
         for name, p in lobe.named_parameters()
         if p.grad is not None
     }
-    return out.detach(), sparsity_loss.detach(), grads
+    return out.detach(), sparsity_loss.detach(), grads, recorded
 
 
 @pytest.mark.parametrize("impl", ["fused", "compiled"])
 def test_lobe_step_matches_reference(wav2vec2_source, impl):
-    ref_out, ref_loss, ref_grads = lobe_step(wav2vec2_source, "reference")
-    out, loss, grads = lobe_step(wav2vec2_source, impl)
+    ref_out, ref_loss, ref_grads, _ = lobe_step(wav2vec2_source, "reference")
+    out, loss, grads, recorded = lobe_step(wav2vec2_source, impl)
+    assert recorded == 12
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
     assert set(grads) == set(ref_grads)
     assert "gate.threshold_param" in grads
     assert "regularizer.multiplier_param" in grads
     for name in ref_grads:
+        torch.testing.assert_close(
+            grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name
+        )
+
+
+@pytest.mark.parametrize("impl", ["fused", "compiled"])
+def test_layerdrop_skipped_block_still_counts_in_the_sparsity_loss(
+    wav2vec2_source, impl
+):
+    """A block skipped by LayerDrop records no soft zeros on the fused path;
+    its matrices are counted separately, so the loss and the threshold
+    gradients equal the reference path's (which counts all matrices)."""
+    for seed in range(20):  # a seed where LayerDrop skips one of 2 blocks
+        out, loss, grads, recorded = lobe_step(
+            wav2vec2_source, impl, layerdrop=0.5, seed=seed
+        )
+        if recorded == 6:
+            break
+    assert recorded == 6, "no seed in 0..19 skipped exactly one block"
+    ref_out, ref_loss, ref_grads, _ = lobe_step(
+        wav2vec2_source, "reference", layerdrop=0.5, seed=seed
+    )
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+    for name in ("gate.threshold_param", "regularizer.multiplier_param"):
+        torch.testing.assert_close(
+            grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name
+        )
+
+
+@pytest.mark.parametrize("impl", ["fused", "compiled"])
+def test_bfloat16_autocast_step_matches_reference(wav2vec2_source, impl):
+    """Under bf16 autocast the gate still runs in float32 (the cast to
+    bf16 happens in the matmul), so both paths agree as in float32."""
+    dtype = torch.bfloat16
+    ref_out, ref_loss, ref_grads, _ = lobe_step(
+        wav2vec2_source, "reference", dtype=dtype
+    )
+    out, loss, grads, recorded = lobe_step(wav2vec2_source, impl, dtype=dtype)
+    assert out.dtype == dtype and recorded == 12
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+    assert set(grads) == set(ref_grads)
+    for name in ref_grads:
+        assert grads[name].dtype == torch.float32, name
         torch.testing.assert_close(
             grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name
         )
