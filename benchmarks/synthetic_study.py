@@ -32,6 +32,8 @@ import sys
 import torch
 
 from speechbrain_spg import compare
+from speechbrain_spg.compare import final_dev_wer, load_run, time_to_reach
+from speechbrain_spg.significance import compare_hypothesis_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "LibriSpeech", "spg")
@@ -58,6 +60,78 @@ def run(yaml, output, extra):
     return output
 
 
+def yes_no(flag):
+    """``yes`` / ``NO`` for a goal table."""
+    return "yes" if flag else "NO"
+
+
+def spg_vs_ump_rows(runs, targets, split):
+    """One Markdown row per target: SPG against UMP on accuracy and time.
+
+    The time goal compares SPG's clock at the first epoch whose dev WER
+    is at most UMP's final dev WER (with the hard sparsity at the target,
+    within 0.005) with UMP's whole wall time (pruning, fine-tuning,
+    validation, export).
+    """
+    rows = []
+    for target in targets:
+        ump, spg = runs[f"ump_{target}"], runs[f"spg_{target}"]
+        test = compare_hypothesis_files(
+            compare.hypotheses_file(spg.path, split),
+            compare.hypotheses_file(ump.path, split),
+        )
+        ump_dev = final_dev_wer(ump)
+        reached = time_to_reach(spg, ump_dev, min_sparsity=target - 0.005)
+        ump_time = ump.summary["wall_time_s"]
+        if reached is None:
+            when, ratio, time_goal = "never", "-", False
+        else:
+            epoch, seconds = reached
+            when = f"epoch {epoch}, {seconds:.1f} s"
+            ratio = f"{seconds / ump_time:.2f}"
+            time_goal = seconds / ump_time <= 0.75
+        rows.append(
+            f"| {target} | {spg.summary['wer'][split]:.2f} "
+            f"| {ump.summary['wer'][split]:.2f} "
+            f"| {test.mapsswe.p_value:.3g} "
+            f"| {yes_no(spg.summary['wer'][split] < ump.summary['wer'][split])} "
+            f"| {ump_dev:.2f} | {ump_time:.1f} | {when} | {ratio} "
+            f"| {yes_no(time_goal)} |"
+        )
+    return rows
+
+
+def goals_markdown(runs, targets, split="test-clean"):
+    """The issue's three goals, checked on the finished runs."""
+    lines = ["### Goals, checked on these runs", ""]
+    if "spg_0.65" in runs:
+        spg = runs["spg_0.65"]
+        test = compare_hypothesis_files(
+            compare.hypotheses_file(spg.path, split),
+            compare.hypotheses_file(runs["dense"].path, split),
+        )
+        lines += [
+            f"- SPG at 0.65 vs dense on {split}: WER "
+            f"{spg.summary['wer'][split]:.2f} vs "
+            f"{runs['dense'].summary['wer'][split]:.2f}, MAPSSWE p = "
+            f"{test.mapsswe.p_value:.3g}; not significantly worse "
+            f"(p > 0.05 or better): "
+            f"**{yes_no(test.mapsswe.p_value > 0.05 or test.bootstrap.delta < 0)}**",
+            "",
+        ]
+    lines += [
+        f"SPG against UMP at each target ({split} WER; p: MAPSSWE SPG vs "
+        "UMP; time: SPG's clock when its dev WER first reached UMP's final "
+        "dev WER, over UMP's whole wall time, resolution one epoch):",
+        "",
+        "| Target | SPG WER | UMP WER | p | SPG better | UMP final dev WER "
+        "| UMP wall time (s) | SPG reaches it | Time ratio | <= 0.75 |",
+        "| ---: | ---: | ---: | ---: | :---: | ---: | ---: | --- | ---: | :---: |",
+        *spg_vs_ump_rows(runs, targets, split),
+    ]
+    return "\n".join(lines)
+
+
 def machine():
     """One line describing where the study ran."""
     device = (
@@ -68,7 +142,7 @@ def machine():
     return f"{platform.platform()}, {device}, torch {torch.__version__}"
 
 
-def write_results_section(markdown, argv):
+def write_results_section(markdown, argv, goals):
     """Replaces the study's section of benchmarks/RESULTS.md."""
     section = "\n".join(
         [
@@ -80,6 +154,8 @@ def write_results_section(markdown, argv):
             f"Date: {datetime.date.today().isoformat()}",
             "",
             markdown.strip(),
+            "",
+            goals,
             END,
         ]
     )
@@ -126,7 +202,10 @@ def main(argv=None):
     with open(os.path.join(OUT, "comparison.md"), encoding="utf-8") as f:
         markdown = f.read()
     markdown = markdown.replace("](", "](synthetic_study/")
-    write_results_section(markdown, argv)
+    loaded = {os.path.basename(path): load_run(path) for path in runs}
+    goals = goals_markdown(loaded, args.targets)
+    print(goals)
+    write_results_section(markdown, argv, goals)
     return written
 
 

@@ -178,6 +178,87 @@ def load_run(run_dir):
     return Run(path=run_dir, summary=summary, hypotheses=hypotheses)
 
 
+def final_dev_wer(run, key="dev_WER"):
+    """The validation WER of a run's last finished epoch.
+
+    Arguments
+    ---------
+    run : Run
+        A loaded run.
+    key : str
+        The history column to read (default ``"dev_WER"``).
+
+    Returns
+    -------
+    float or None
+        The last epoch's value, or None without such a column.
+
+    Example
+    -------
+    >>> run = Run("r", {"history": [{"dev_WER": 30.0}, {"dev_WER": 25.0}]}, {})
+    >>> final_dev_wer(run)
+    25.0
+    """
+    values = [
+        row[key] for row in run.summary.get("history") or [] if key in row
+    ]
+    return values[-1] if values else None
+
+
+def time_to_reach(run, wer, min_sparsity=None, key="dev_WER"):
+    """Compression seconds a run needed to first reach a validation WER.
+
+    Reads the per-epoch history of ``summary.json``: the first epoch whose
+    validation WER is at most ``wer`` (and whose hard sparsity is at least
+    ``min_sparsity``, so that a gated run counts only once it is compressed)
+    gives its ``elapsed_s``, the run's clock at the end of that epoch
+    (training, validation and, for UMP, pruning; time lost to a restart is
+    not counted). The resolution is one epoch.
+
+    Arguments
+    ---------
+    run : Run
+        A loaded run.
+    wer : float
+        The WER to reach, in percent (e.g. another run's final dev WER).
+    min_sparsity : float, optional
+        Epochs with a lower ``hard_sparsity`` do not count.
+    key : str
+        The history column compared with ``wer`` (default ``"dev_WER"``).
+
+    Returns
+    -------
+    tuple or None
+        ``(epoch, elapsed_s)`` of the first epoch that qualifies, or None
+        if no epoch does (or the history has no ``elapsed_s``).
+
+    Example
+    -------
+    >>> history = [
+    ...     {"epoch": 1, "elapsed_s": 100.0, "dev_WER": 30.0, "hard_sparsity": 0.6},
+    ...     {"epoch": 2, "elapsed_s": 200.0, "dev_WER": 24.0, "hard_sparsity": 0.65},
+    ... ]
+    >>> run = Run("r", {"history": history}, {})
+    >>> time_to_reach(run, 30.0)
+    (1, 100.0)
+    >>> time_to_reach(run, 30.0, min_sparsity=0.645)
+    (2, 200.0)
+    >>> time_to_reach(run, 20.0) is None
+    True
+    """
+    for row in run.summary.get("history") or []:
+        if key not in row or "elapsed_s" not in row:
+            continue
+        if (
+            min_sparsity is not None
+            and row.get("hard_sparsity", 0.0) < min_sparsity
+        ):
+            continue
+        if row[key] <= wer:
+            return row["epoch"], row["elapsed_s"]
+    return None
+
+
 def _read_summary(path):
     """Loads and checks one ``summary.json``."""
     if not os.path.isfile(path):

@@ -4,7 +4,10 @@ Every model the tests load is a local folder written by
 ``speechbrain_spg.architectures.save_random_model``; nothing is downloaded.
 """
 
+import importlib.util
 import os
+import struct
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +21,39 @@ from speechbrain_spg.architectures import (  # noqa: E402
 )
 
 MODEL_TYPES = ("wav2vec2", "hubert", "wavlm")
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes/LibriSpeech/spg"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def parse_markdown_table(text):
+    """Rows of the first Markdown table in ``text`` as header -> cell."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    header, separator, *body = cells
+    assert all(set(cell) <= set("-:") for cell in separator)
+    return [dict(zip(header, row, strict=True)) for row in body]
+
+
+def assert_png(path):
+    """Checks that ``path`` is a PNG image of a real plot (not a stub)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == PNG_MAGIC, path
+    width, height = struct.unpack(">II", data[16:24])
+    assert data[12:16] == b"IHDR"
+    assert width > 200 and height > 200
+    assert len(data) > 5000
+
+
+@pytest.fixture(scope="session")
+def train_module():
+    """The recipe's train.py, imported under a private module name."""
+    spec = importlib.util.spec_from_file_location(
+        "spg_recipe_train", RECIPE_DIR / "train.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,11 @@
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
 
 import pytest
+from conftest import assert_png, parse_markdown_table
 
 from speechbrain_spg.compare import (
     choose_baseline,
@@ -28,7 +28,6 @@ SPLITS = ("test-clean", "test-other")
 NUM_UTTERANCES = 40
 WORDS_PER_UTTERANCE = 10
 TOTAL_PARAMS = 94_371_712
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Utterances (by index) that each system gets wrong, per split. Against
 # dense, spg differs on 4 segments (+1, +1, +1, -1): z = 1 exactly, so
@@ -168,25 +167,6 @@ def runs(run_dirs):
     return {method: load_run(path) for method, path in run_dirs.items()}
 
 
-def _parse_table(text):
-    """Rows of the first Markdown table in ``text`` as header -> cell."""
-    lines = [line for line in text.splitlines() if line.startswith("|")]
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
-    header, separator, *body = cells
-    assert all(set(cell) <= set("-:") for cell in separator)
-    return [dict(zip(header, row, strict=True)) for row in body]
-
-
-def _assert_png(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    assert data[:8] == PNG_MAGIC, path
-    width, height = struct.unpack(">II", data[16:24])
-    assert data[12:16] == b"IHDR"
-    assert width > 200 and height > 200
-    assert len(data) > 5000
-
-
 def test_load_run(runs, run_dirs):
     spg = runs["spg"]
     assert spg.path == str(run_dirs["spg"])
@@ -205,7 +185,7 @@ def test_table_numbers_equal_summaries(runs):
         [runs["spg"], runs["ump"], runs["dense"]], baseline=runs["dense"]
     )
     assert [row.system for row in rows] == ["dense", "spg-0.65", "ump-0.65"]
-    table = _parse_table(markdown_table(rows, list(SPLITS)))
+    table = parse_markdown_table(markdown_table(rows, list(SPLITS)))
     assert len(table) == 3
     dense_wer = runs["dense"].summary["wer"]
     for cells, method in zip(table, ("dense", "spg", "ump")):
@@ -265,7 +245,7 @@ def test_significance_of_each_system(runs):
     )
     assert ump.p_value[split] == pytest.approx(direct.p_value, rel=1e-12)
     assert direct.n_segments == 24  # 3 shared errors, 21 differing
-    cells = _parse_table(markdown_table(rows, [split]))
+    cells = parse_markdown_table(markdown_table(rows, [split]))
     assert cells[1][f"p {split}"] == "0.317"
     assert cells[1][f"Significant {split}"] == "no"
     assert cells[2][f"p {split}"] == f"{direct.p_value:.3g}"
@@ -307,7 +287,7 @@ def test_split_missing_from_a_run_is_a_dash(tmp_path, run_dirs):
         json.dump(summary, f)
     runs = [load_run(run_dirs["dense"]), load_run(partial)]
     rows = compare_runs(runs, runs[0])
-    cells = _parse_table(markdown_table(rows, list(SPLITS)))
+    cells = parse_markdown_table(markdown_table(rows, list(SPLITS)))
     assert cells[1]["WER test-other"] == "-"
     assert cells[1]["p test-other"] == "-"
     assert cells[1]["Significant test-clean"] == "yes"
@@ -324,7 +304,7 @@ def test_plots_are_valid_pngs(tmp_path, runs):
         plot_training(runs["dense"], tmp_path / "sub" / "dense.png"),
     ]
     for path in paths:
-        _assert_png(path)
+        assert_png(path)
 
 
 def test_plots_reject_missing_data(tmp_path, runs, run_dirs):
@@ -360,13 +340,13 @@ def test_main_writes_report_and_plots(tmp_path, run_dirs, capsys):
     )
     assert sorted(os.listdir(out)) == names
     for path in written[1:]:
-        _assert_png(path)
+        assert_png(path)
     document = (out / "comparison.md").read_text(encoding="utf-8")
     assert "python -m speechbrain_spg.compare " in document
     assert f"--out {out} --alpha 0.01" in document
     assert "alpha = 0.01" in document
     assert "Baseline: dense" in document
-    table = _parse_table(document)
+    table = parse_markdown_table(document)
     assert [row["System"] for row in table] == ["dense", "spg-0.65", "ump-0.65"]
     assert table[2]["Significant test-other"] == "yes"
     printed = capsys.readouterr().out
@@ -411,7 +391,9 @@ def test_command_line_in_a_subprocess(tmp_path, run_dirs):
     )
     assert result.returncode == 0, result.stderr
     default_out = tmp_path / "comparison"
-    table = _parse_table((default_out / "comparison.md").read_text("utf-8"))
+    table = parse_markdown_table(
+        (default_out / "comparison.md").read_text("utf-8")
+    )
     assert [row["System"] for row in table] == ["spg-0.65", "dense"]
     assert table[1]["ΔWER test-clean"] == "-0.50"
     assert table[1]["p test-clean"] == "0.317"

@@ -15,7 +15,6 @@ model, see ``tiny_w2v2_dense.yaml``).
 
 import csv
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -30,11 +29,13 @@ import pytest
 import ruamel.yaml
 import torch
 import yaml
+from conftest import assert_png, parse_markdown_table
 from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.integrations.huggingface.hubert import HuBERT
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 from speechbrain.utils.checkpoints import Checkpointer
 
+from speechbrain_spg import compare
 from speechbrain_spg.architectures import (
     TINY_OVERRIDES,
     build_config,
@@ -117,16 +118,6 @@ def load_yaml(path, overrides):
         return load_hyperpyyaml(fin, overrides)
 
 
-def load_train_module():
-    """Imports the recipe's train.py under a private module name."""
-    spec = importlib.util.spec_from_file_location(
-        "spg_recipe_train", RECIPE_DIR / "train.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # --------------------------------------------------------------------------
 # Session fixtures: random full-size architectures, tiny model, tiny corpus
 # --------------------------------------------------------------------------
@@ -178,12 +169,6 @@ def tiny_corpus(tmp_path_factory):
         summary["splits"]["train-clean-100"]["utterances"] == TRAIN_UTTERANCES
     )
     return str(out / "LibriSpeech")
-
-
-@pytest.fixture(scope="module")
-def train_module():
-    """The recipe's train.py as a module."""
-    return load_train_module()
 
 
 # --------------------------------------------------------------------------
@@ -243,6 +228,9 @@ def test_full_size_yaml_instantiates(
     assert lobe.spg_options.target_sparsity == target
     assert lobe.spg_options.target_scope == scope
     assert lobe.spg_options.inject_sparsity_loss is False
+    # Long GPU runs take the compiled gate kernels (UMP never gates).
+    expected_impl = "compiled" if hparams["method"] == "spg" else "fused"
+    assert lobe.spg_options.gate_impl == expected_impl
     assert lobe.gated_target == pytest.approx(
         target * TOTAL_PARAMS[hub_id] / gated, rel=1e-12
     )
@@ -306,6 +294,7 @@ def test_dropin_fragment_instantiates(name, full_size_dir, tmp_path):
     assert lobe.spg_options.inject_sparsity_loss is True
     assert lobe.spg_options.target_sparsity == target
     assert lobe.spg_options.target_scope == "model"
+    assert lobe.spg_options.gate_impl == "compiled"
     gated = gated_params_of(hub_config(hub_id))
     assert lobe.gated_params == gated
     assert lobe.gated_target == pytest.approx(
@@ -537,23 +526,39 @@ RUNS = {
 # --------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="session")
+def recipe_runs(recipe_ssl_source, tiny_corpus, tmp_path_factory):
+    """Run name (a key of ``RUNS``) -> its output folder, run once."""
+    root = tmp_path_factory.mktemp("recipe_runs")
+    finished = {}
+
+    def get(run):
+        if run not in finished:
+            yaml_name, _, extra, splits = RUNS[run]
+            out = root / run
+            splits_override = "[" + ", ".join(splits) + "]"
+            run_command(
+                [
+                    sys.executable,
+                    "train.py",
+                    f"hparams/{yaml_name}",
+                    *tiny_overrides(recipe_ssl_source, tiny_corpus, out),
+                    f"--test_splits={splits_override}",
+                    *extra,
+                ]
+            )
+            finished[run] = out
+        return finished[run]
+
+    return get
+
+
 @pytest.mark.parametrize("run", sorted(RUNS))
-def test_recipe_runs_end_to_end(run, recipe_ssl_source, tiny_corpus, tmp_path):
+def test_recipe_runs_end_to_end(run, recipe_ssl_source, recipe_runs):
     yaml_name, token_type, extra, splits = RUNS[run]
-    out = tmp_path / run
     source_file = Path(recipe_ssl_source) / "model.safetensors"
     source_mtime = source_file.stat().st_mtime_ns
-    splits_override = "[" + ", ".join(splits) + "]"
-    run_command(
-        [
-            sys.executable,
-            "train.py",
-            f"hparams/{yaml_name}",
-            *tiny_overrides(recipe_ssl_source, tiny_corpus, out),
-            f"--test_splits={splits_override}",
-            *extra,
-        ]
-    )
+    out = recipe_runs(run)
     summary = check_test_outputs(out, splits)
     method = TINY_YAMLS[yaml_name][0]
     assert SUMMARY_KEYS <= set(summary)
@@ -561,6 +566,9 @@ def test_recipe_runs_end_to_end(run, recipe_ssl_source, tiny_corpus, tmp_path):
     assert summary["source"] == recipe_ssl_source
     assert summary["skipped_nonfinite_batches"] == 0
     assert [row["epoch"] for row in summary["history"]] == [1]
+    # The compression clock of the epoch, within the run's wall time.
+    elapsed = summary["history"][0]["elapsed_s"]
+    assert 0 < elapsed <= summary["wall_time_s"]
     assert summary["compression_ratio"] == pytest.approx(
         summary["params"]["total"] / summary["params"]["nonzero"]
     )
@@ -587,6 +595,48 @@ def test_recipe_runs_end_to_end(run, recipe_ssl_source, tiny_corpus, tmp_path):
         assert sparsity["hard_sparsity"] == pytest.approx(0.65, abs=1e-3)
     else:
         assert 0 <= sparsity["hard_sparsity"] < 0.65
+
+
+def test_compare_over_recipe_runs(recipe_runs, tmp_path):
+    """``compare`` on real recipe outputs: table = summary.json, PNGs."""
+    names = ["dense_ctc_bpe", "ump_ctc_beam_char", "spg_ctc_char"]
+    folders = [recipe_runs(name) for name in names]
+    out = tmp_path / "report"
+    written = compare.main(
+        [*map(str, folders), "--baseline", str(folders[0]), "--out", str(out)]
+    )
+    table = parse_markdown_table((out / "comparison.md").read_text("utf-8"))
+    summaries = [read_json(folder / "summary.json") for folder in folders]
+    assert [row["Method"] for row in table] == ["dense", "ump", "spg"]
+    baseline_wer = summaries[0]["wer"]["test-clean"]
+    for row, summary in zip(table, summaries, strict=True):
+        assert row["System"] == summary["system"]
+        assert row["Params"] == f"{summary['params']['total']:,}"
+        assert row["Nonzero"] == f"{summary['params']['nonzero']:,}"
+        assert row["Ratio"] == f"{summary['compression_ratio']:.2f}x"
+        assert row["Wall time (s)"] == f"{summary['wall_time_s']:.1f}"
+        for split in ("test-clean", "test-other"):
+            wer = summary["wer"].get(split)
+            assert row[f"WER {split}"] == ("-" if wer is None else f"{wer:.2f}")
+        if summary["method"] != "dense":
+            delta = summary["wer"]["test-clean"] - baseline_wer
+            assert row["ΔWER test-clean"] == f"{delta:+.2f}"
+            assert row["p test-clean"] != "-"
+            assert row["Significant test-clean"] in {"yes", "no"}
+        # Only the SPG run was tested on test-other; the baseline was not.
+        assert row["p test-other"] == "-"
+    images = sorted(os.path.basename(path) for path in written[1:])
+    assert images == sorted(
+        [
+            "wer_vs_ratio_test-clean.png",
+            "wer_vs_ratio_test-other.png",
+            f"layer_sparsity_{summaries[1]['system']}.png",
+            f"layer_sparsity_{summaries[2]['system']}.png",
+            *(f"training_{s['system']}.png" for s in summaries),
+        ]
+    )
+    for path in written[1:]:
+        assert_png(path)
 
 
 # --------------------------------------------------------------------------

@@ -195,6 +195,9 @@ class ASR(sb.Brain):
                     "weights are left unchanged."
                 )
                 self.zero_grad(set_to_none=True)
+                if self.is_gated:
+                    # The schedule follows the steps that trained.
+                    self.ssl.gate.step -= 1
                 return torch.tensor(0.0)
             scaled = self.scaler.scale(loss / self.grad_accumulation_factor)
             scaled.backward()
@@ -275,6 +278,7 @@ class ASR(sb.Brain):
         self.history.append(
             {
                 **meta,
+                "elapsed_s": round(self.elapsed(), 2),
                 "train_loss": float(self.train_stats["loss"]),
                 "dev_loss": float(stats["loss"]),
                 "dev_WER": stats["WER"],
@@ -285,6 +289,15 @@ class ASR(sb.Brain):
         self.checkpointer.save_and_keep_only(
             meta={"WER": stats["WER"], "epoch": epoch}, num_to_keep=2
         )
+
+    def elapsed(self):
+        """Seconds of compression so far, over all restarts of this run.
+
+        Time spent before a restart counts up to the end of the last epoch
+        that finished (``elapsed_s`` of the history rows already saved);
+        work lost to the interruption is not counted.
+        """
+        return self.time_offset + time.time() - self.start_time
 
     def annealed(self):
         """Learning-rate schedulers and the optimisers they drive."""
@@ -740,13 +753,16 @@ def run_recipe(hparams_file, run_opts, overrides):
     ):
         dense_reference = evaluate_initial(brain, hparams, tests)
 
+    # The compression clock: UMP's pruning counts, as does time spent
+    # before a restart (up to the last finished epoch).
+    brain.start_time = time.time()
+    brain.time_offset = previous_elapsed(hparams["save_folder"])
     if hparams["method"] == "ump" and not brain.ssl.is_pruned:
         report = uniform_magnitude_prune(brain.ssl)
         logger.info("UMP: pruned %.4f of the gated weights", report.hard)
     freeze_unused_parameters(brain.ssl)
     disable_layerdrop_under_ddp(brain.ssl)
 
-    start = time.time()
     brain.fit(
         hparams["epoch_counter"],
         train,
@@ -805,7 +821,7 @@ def run_recipe(hparams_file, run_opts, overrides):
         if if_main_process():
             brain.ssl.model.save_pretrained(os.path.join(out, "hf"))
             brain.ssl.feature_extractor.save_pretrained(os.path.join(out, "hf"))
-    summary["wall_time_s"] = time.time() - start
+    summary["wall_time_s"] = brain.elapsed()
     save_model_files(brain, hparams, out)
 
     ssl_model = unwrap(brain.modules.ssl).model
@@ -844,6 +860,28 @@ def train_loader_options(hparams):
         seed = hparams.get("seed", 0)
         options["generator"] = torch.Generator().manual_seed(seed)
     return options
+
+
+def previous_elapsed(save_folder):
+    """Compression seconds recorded before this process started.
+
+    Arguments
+    ---------
+    save_folder : str
+        The run's save folder, holding ``history.json`` when an earlier
+        process finished at least one epoch.
+
+    Returns
+    -------
+    float
+        The largest ``elapsed_s`` of the saved history (0 for a new run).
+    """
+    path = os.path.join(save_folder, "history.json")
+    if not os.path.isfile(path):
+        return 0.0
+    with open(path) as f:
+        rows = json.load(f)
+    return max((row.get("elapsed_s", 0.0) for row in rows), default=0.0)
 
 
 def load_history(brain, save_folder):
