@@ -160,3 +160,56 @@ class TrainingTrace:
         """
         with open(path, encoding="utf-8") as f:
             self.records = json.load(f)
+
+
+@register_checkpoint_hooks
+class Counter:
+    """An integer that survives restarts (e.g. batches skipped so far).
+
+    Arguments
+    ---------
+    value : int
+        The starting value.
+
+    Example
+    -------
+    >>> import tempfile, os
+    >>> skipped = Counter()
+    >>> skipped.value += 2
+    >>> path = os.path.join(tempfile.mkdtemp(), "skipped.ckpt")
+    >>> skipped.save(path)
+    >>> restored = Counter()
+    >>> restored.load(path)
+    >>> restored.value
+    2
+    """
+
+    def __init__(self, value=0):
+        self.value = value
+
+    @mark_as_saver
+    def save(self, path):
+        """Writes the value as JSON.
+
+        Arguments
+        ---------
+        path : str
+            Checkpoint file.
+        """
+        if if_main_process():
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"value": self.value}, f)
+
+    @mark_as_loader
+    def load(self, path, end_of_epoch=False):
+        """Reads the value back.
+
+        Arguments
+        ---------
+        path : str
+            Checkpoint file.
+        end_of_epoch : bool
+            Unused (SpeechBrain passes it).
+        """
+        with open(path, encoding="utf-8") as f:
+            self.value = int(json.load(f)["value"])

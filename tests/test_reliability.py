@@ -39,7 +39,7 @@ from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.batch import PaddedBatch
 from transformers import BertConfig
 
-from speechbrain_spg.checkpointing import RandomState, TrainingTrace
+from speechbrain_spg.checkpointing import Counter, RandomState, TrainingTrace
 from speechbrain_spg.export import (
     COMPACT_FILE,
     MANIFEST,
@@ -714,7 +714,8 @@ def asr_brain(wav2vec2_source, tmp_path, train_module):
         run_opts={"device": "cpu"},
         checkpointer=hparams["checkpointer"],
     )
-    brain.history, brain.trace, brain.skipped_nonfinite = [], TrainingTrace(), 0
+    brain.history, brain.trace = [], TrainingTrace()
+    brain.skipped_nonfinite = Counter()
     brain.on_fit_start()
     brain.modules.train()
     return brain
@@ -753,7 +754,7 @@ def test_non_finite_loss_batch_is_skipped_and_counted(asr_brain):
     brain.compute_objectives = nan_objectives
     loss = brain.fit_batch(batch)
     assert float(loss) == 0.0
-    assert brain.skipped_nonfinite == 1
+    assert brain.skipped_nonfinite.value == 1
     assert brain.optimizer_step == 0
     # Everything is left unchanged, the gate's schedule step included.
     for name, value in brain.modules.state_dict().items():
@@ -763,9 +764,14 @@ def test_non_finite_loss_batch_is_skipped_and_counted(asr_brain):
     del brain.compute_objectives
     loss = brain.fit_batch(batch)
     assert torch.isfinite(loss)
-    assert brain.skipped_nonfinite == 1 and brain.optimizer_step == 1
+    assert brain.skipped_nonfinite.value == 1 and brain.optimizer_step == 1
     moved = brain.modules.state_dict()["ssl.gate.threshold_param"]
     assert not torch.equal(moved, state["ssl.gate.threshold_param"])
+    # The count is checkpointed: a restarted run reports every skip.
+    brain.checkpointer.save_checkpoint()
+    brain.skipped_nonfinite.value = 0
+    brain.checkpointer.recover_if_possible()
+    assert brain.skipped_nonfinite.value == 1
 
 
 # --------------------------------------------------------------------------

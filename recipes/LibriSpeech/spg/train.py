@@ -36,7 +36,7 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 from speechbrain.utils.logger import get_logger
 
 from speechbrain_spg.baselines import uniform_magnitude_prune
-from speechbrain_spg.checkpointing import RandomState, TrainingTrace
+from speechbrain_spg.checkpointing import Counter, RandomState, TrainingTrace
 from speechbrain_spg.export import CompactWav2Vec2, export_compact
 from speechbrain_spg.lobes import SPGLobeMixin
 
@@ -188,10 +188,10 @@ class ASR(sb.Brain):
                 outputs = self.compute_forward(batch, sb.Stage.TRAIN)
                 loss = self.compute_objectives(outputs, batch, sb.Stage.TRAIN)
             if not torch.isfinite(loss):
-                self.skipped_nonfinite += 1
+                self.skipped_nonfinite.value += 1
                 logger.warning(
                     f"Non-finite loss on batch {batch.id[:3]}...: skipped "
-                    f"({self.skipped_nonfinite} so far); thresholds and "
+                    f"({self.skipped_nonfinite.value} so far); thresholds and "
                     "weights are left unchanged."
                 )
                 self.zero_grad(set_to_none=True)
@@ -347,6 +347,9 @@ class ASR(sb.Brain):
             )
             self.checkpointer.add_recoverable(
                 "trace", self.trace, optional_load=True
+            )
+            self.checkpointer.add_recoverable(
+                "skipped_nonfinite", self.skipped_nonfinite, optional_load=True
             )
             self.checkpointer.add_recoverable(
                 COMPLETE_KEY, CheckpointComplete()
@@ -738,7 +741,7 @@ def run_recipe(hparams_file, run_opts, overrides):
     )
     brain.tokenizer = tokenizer
     brain.history, brain.trace = [], TrainingTrace()
-    brain.skipped_nonfinite = 0
+    brain.skipped_nonfinite = Counter()
     if hparams["decoder"] == "ctc" and hparams["test_search"] == "beam":
         vocab = token_strings(tokenizer, hparams)
         brain.ctc_beam_searcher = sb.decoders.ctc.CTCBeamSearcher(
@@ -780,7 +783,7 @@ def run_recipe(hparams_file, run_opts, overrides):
         "epochs": hparams["number_of_epochs"],
         "history": load_history(brain, hparams["save_folder"]),
         "trace": brain.trace.records,
-        "skipped_nonfinite_batches": brain.skipped_nonfinite,
+        "skipped_nonfinite_batches": brain.skipped_nonfinite.value,
         # Utterances kept and skipped (with the reasons) per split.
         "data_preparation": (prepared or {}).get("report", {}),
     }
