@@ -9,6 +9,9 @@ fine-tuning step (forward, CTC loss + sparsity loss, backward, Adam step) of
 - the SPG lobe with the reference gate (``gate_impl: reference``),
 - the SPG lobe with the fused gate (``gate_impl: fused``; eager on CPU),
 - the SPG lobe with the compiled fused gate (``gate_impl: compiled``),
+- optionally (``--variants ... compiled_recompute``) the compiled gate with
+  the other mask policy than the device's default (on CPU: recompute the
+  mask in backward instead of keeping it: less memory, more time),
 
 plus evaluation-mode inference (cached gated weights) and peak memory. The
 CNN front end is frozen, as in the recipes. CPU mode uses short audio so it
@@ -29,17 +32,21 @@ import argparse
 import concurrent.futures
 import contextlib
 import gc
+import logging
 import multiprocessing
 import os
 import statistics
 import tempfile
 import threading
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
+import transformers
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
+from speechbrain_spg import fused_gate
 from speechbrain_spg.architectures import hub_config, save_random_model
 from speechbrain_spg.lobes import SPGWav2Vec2
 
@@ -49,6 +56,11 @@ VARIANTS = ("dense", "reference", "fused", "compiled")
 
 def build(variant, source, device):
     """The lobe under test and a linear CTC head."""
+    if variant == "compiled_recompute":
+        # This process only (each variant runs in a fresh one).
+        default = fused_gate.default_save_mask
+        fused_gate.default_save_mask = lambda device: not default(device)
+        variant = "compiled"
     if variant == "dense":
         lobe = Wav2Vec2(source, save_path="", freeze_feature_extractor=True)
     else:
@@ -126,8 +138,16 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def quiet():
+    """No progress bars or deprecation warnings from the model loading."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("speechbrain").setLevel(logging.WARNING)
+
+
 def measure(variant, source, args):
     """Median step time, eval time and peak memory of one variant."""
+    quiet()
     device = args.device
     torch.manual_seed(0)
     lobe, head = build(variant, source, device)
@@ -202,6 +222,7 @@ def main(argv=None):
         help="audio per utterance; default: 15 (cuda), 1 (cpu)",
     )
     args = parser.parse_args(argv)
+    quiet()
     gpu = args.device == "cuda"
     args.batch = args.batch or (8 if gpu else 2)
     args.seconds = args.seconds or (15.0 if gpu else 1.0)
@@ -225,7 +246,7 @@ def main(argv=None):
             dense = results["dense"]
             print(f"\n{hub_id} (random weights)")
             print(
-                f"{'variant':>10} {'step s':>8} {'ratio':>6} {'eval s':>8}"
+                f"{'variant':>18} {'step s':>8} {'ratio':>6} {'eval s':>8}"
                 f" {'ratio':>6} {'peak mem ratio':>14}"
             )
             for variant, r in results.items():
@@ -235,7 +256,7 @@ def main(argv=None):
                     else f"{'n/a':>14}"
                 )
                 print(
-                    f"{variant:>10} {r['step']:>8.3f} "
+                    f"{variant:>18} {r['step']:>8.3f} "
                     f"{r['step'] / dense['step']:>6.3f} {r['eval']:>8.3f} "
                     f"{r['eval'] / dense['eval']:>6.3f} {mem}"
                 )

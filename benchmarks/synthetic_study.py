@@ -202,6 +202,8 @@ def main(argv=None):
     with open(os.path.join(OUT, "comparison.md"), encoding="utf-8") as f:
         markdown = f.read()
     markdown = markdown.replace("](", "](synthetic_study/")
+    if markdown.startswith("# "):  # the section has a heading of its own
+        markdown = markdown.split("\n", 1)[1]
     loaded = {os.path.basename(path): load_run(path) for path in runs}
     goals = goals_markdown(loaded, args.targets)
     print(goals)
