@@ -6,8 +6,12 @@ gated weights about a dozen times per training step, and the soft-sparsity
 term recomputes the mask in a separate pass. ``FusedPinchFunction`` computes
 the gated weight AND the expected number of pinched weights from the same
 mask in one forward pass, and produces the gradients of both outputs
-(weights and threshold) in one backward pass that writes the weight
-gradient into the buffer autograd hands it (no new weight-sized tensor).
+(weights and threshold) in one backward pass. Where the caller knows the
+gated weight feeds one matrix product and nothing else (``GatedLinear``),
+``overwrite_grad=True`` lets the backward write the weight gradient into the
+buffer autograd hands it (no new weight-sized tensor). The backward passes
+are not themselves differentiable (no double backward; the reference path
+is).
 
 What the backward starts from depends on the device:
 
@@ -29,9 +33,11 @@ Authors
 """
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def _mask(weight, threshold, tau):
@@ -137,6 +143,32 @@ EAGER_KERNELS = GateKernels(
 )
 
 
+def _with_eager_fallback(compiled, eager):
+    """``compiled``, falling back to ``eager`` (with a warning) if it fails.
+
+    The probe of ``compiled_kernels`` compiles for float32 only; another
+    dtype compiles on first use, and a compiler problem then must not stop
+    a training run.
+    """
+    state = {"failed": False}
+
+    def run(*args):
+        if not state["failed"]:
+            try:
+                return compiled(*args)
+            except Exception as error:  # noqa: BLE001 - any compiler problem
+                state["failed"] = True
+                warnings.warn(
+                    "torch.compile failed on the SPG gate kernel "
+                    f"{eager.__name__} ({type(error).__name__}: {error}); "
+                    "using the eager kernel from now on.",
+                    stacklevel=2,
+                )
+        return eager(*args)
+
+    return run
+
+
 @functools.cache
 def compiled_kernels(device_type):
     """Compiled gate kernels for a device type, or the eager ones.
@@ -169,20 +201,20 @@ def compiled_kernels(device_type):
         EAGER_KERNELS.soft_zeros,
     )
     try:
-        kernels = GateKernels(
-            *(torch.compile(f, dynamic=True, fullgraph=True) for f in eager),
-            compiled=True,
-        )
+        compiled = [
+            torch.compile(f, dynamic=True, fullgraph=True) for f in eager
+        ]
+        forward, keep_mask, backward, from_mask, soft_zeros = compiled
         probe = torch.ones(4, device=device_type)
         scalar = torch.tensor(0.5, device=device_type)
-        kernels.forward(probe, scalar, scalar)
-        _, _, mask = kernels.forward_keep_mask(probe, scalar, scalar)
-        kernels.backward(probe, scalar, scalar, probe.clone(), scalar)
-        kernels.backward_from_mask(
-            probe, mask, scalar, scalar, probe.clone(), scalar
+        forward(probe, scalar, scalar)
+        _, _, mask = keep_mask(probe, scalar, scalar)
+        backward(probe, scalar, scalar, probe.clone(), scalar)
+        from_mask(probe, mask, scalar, scalar, probe.clone(), scalar)
+        soft_zeros(probe, scalar, scalar)
+        return GateKernels(
+            *(map(_with_eager_fallback, compiled, eager)), compiled=True
         )
-        kernels.soft_zeros(probe, scalar, scalar)
-        return kernels
     except Exception:  # noqa: BLE001 - any compiler problem: stay eager
         return EAGER_KERNELS
 
@@ -210,12 +242,11 @@ def default_save_mask(device):
 
 
 def _can_overwrite(grad, weight):
-    """Whether the backward may write the weight gradient into ``grad``.
+    """Whether ``grad`` has the layout the in-place backward writes into.
 
-    Autograd hands a custom function's backward the gradient of its output,
-    a buffer no one else reads once the backward has it (the weight
-    gradient of the linear layer). Not when a graph of the backward is
-    being built (double backward) or the buffer is an odd view.
+    The caller vouches that no one else reads the buffer
+    (``overwrite_grad``); this checks what it cannot: no graph of the
+    backward is being built, and dtype, shape and memory layout match.
     """
     return (
         not torch.is_grad_enabled()
@@ -249,7 +280,15 @@ class FusedPinchFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, threshold, tau, compiled=False, save_mask=None):
+    def forward(
+        ctx,
+        weight,
+        threshold,
+        tau,
+        compiled=False,
+        save_mask=None,
+        overwrite_grad=False,
+    ):
         """Gated weight and expected number of pinched weights.
 
         Arguments
@@ -267,6 +306,12 @@ class FusedPinchFunction(torch.autograd.Function):
         save_mask : bool, optional
             Keep the mask for the backward instead of recomputing it
             (default: ``default_save_mask`` of the weight's device).
+        overwrite_grad : bool
+            The backward may write the weight gradient into the gradient
+            of ``W * M`` it receives. Only for a caller that feeds ``W * M``
+            to one operation and nothing else (the gradient buffer is then
+            autograd's alone); never when user code can see that gradient
+            (hooks, ``autograd.grad`` with given ``grad_outputs``).
 
         Returns
         -------
@@ -281,6 +326,7 @@ class FusedPinchFunction(torch.autograd.Function):
         if save_mask is None:
             save_mask = default_save_mask(weight.device)
         ctx.kernels, ctx.save_mask = kernels, save_mask
+        ctx.overwrite_grad = overwrite_grad
         if save_mask:
             gated, mask_sum, mask = kernels.forward_keep_mask(
                 weight, threshold, tau
@@ -292,6 +338,7 @@ class FusedPinchFunction(torch.autograd.Function):
         return gated, weight.numel() - mask_sum
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_gated, grad_zeros):
         """Gradients of weight and threshold in one pass.
 
@@ -312,8 +359,8 @@ class FusedPinchFunction(torch.autograd.Function):
         weight, threshold, tau, *mask = ctx.saved_tensors
         if grad_gated is None:
             grad_gated = torch.zeros_like(weight)
-        elif not _can_overwrite(grad_gated, weight):
-            grad_gated = grad_gated.to(weight.dtype).contiguous().clone()
+        elif not (ctx.overwrite_grad and _can_overwrite(grad_gated, weight)):
+            grad_gated = grad_gated.to(weight.dtype, copy=True).contiguous()
         if grad_zeros is None:
             grad_zeros = torch.zeros(
                 (), dtype=weight.dtype, device=weight.device
@@ -327,7 +374,8 @@ class FusedPinchFunction(torch.autograd.Function):
                 weight, threshold, tau, grad_gated, grad_zeros
             )
         grad_weight = grad_gated if ctx.needs_input_grad[0] else None
-        return grad_weight, grad_threshold.to(threshold.dtype), None, None, None
+        grad_threshold = grad_threshold.to(threshold.dtype)
+        return grad_weight, grad_threshold, None, None, None, None
 
 
 class FusedSoftZerosFunction(torch.autograd.Function):
@@ -380,6 +428,7 @@ class FusedSoftZerosFunction(torch.autograd.Function):
         return weight.numel() - mask_sum
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         """Gradient with respect to the threshold only.
 

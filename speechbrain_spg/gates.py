@@ -360,7 +360,7 @@ class SelfPinchingGate(nn.Module):
         """Temperature of each matrix (1-D)."""
         return self.tau_scale * self.scale * self.scale
 
-    def forward(self, index, weight):
+    def forward(self, index, weight, overwrite_grad=False):
         """Gates one weight matrix.
 
         Arguments
@@ -369,6 +369,10 @@ class SelfPinchingGate(nn.Module):
             Position of the matrix in the gate.
         weight : torch.Tensor
             Its weights.
+        overwrite_grad : bool
+            On the fused paths, let the backward reuse the gradient buffer
+            of the gated weight (see ``FusedPinchFunction``); only for a
+            caller that feeds the result to one operation and nothing else.
 
         Returns
         -------
@@ -382,7 +386,12 @@ class SelfPinchingGate(nn.Module):
         if self.impl == "reference" or not torch.is_grad_enabled():
             return PinchFunction.apply(weight, threshold, tau)
         gated, soft_zeros = FusedPinchFunction.apply(
-            weight, threshold, tau, self.impl == "compiled"
+            weight,
+            threshold,
+            tau,
+            self.impl == "compiled",
+            None,
+            overwrite_grad,
         )
         self.soft_zeros[index] = soft_zeros
         return gated
@@ -447,8 +456,13 @@ class GatedLinear(nn.Linear):
         self._cache = None
         self.register_state_dict_post_hook(_save_pruned_weights_as_zeros)
 
-    def effective_weight(self):
+    def effective_weight(self, overwrite_grad=False):
         """The weight the layer multiplies with: gated, or masked if pruned.
+
+        Arguments
+        ---------
+        overwrite_grad : bool
+            Passed to the gate: the result feeds one matrix product only.
 
         Returns
         -------
@@ -457,7 +471,7 @@ class GatedLinear(nn.Linear):
         """
         if self.mask is not None:
             return self.weight * self.mask
-        return self.gate(self.index, self.weight)
+        return self.gate(self.index, self.weight, overwrite_grad)
 
     def forward(self, x):
         """Linear transform with the effective weight.
@@ -474,7 +488,8 @@ class GatedLinear(nn.Linear):
         """
         if self.training or torch.is_grad_enabled():
             self._cache = None
-            return F.linear(x, self.effective_weight(), self.bias)
+            weight = self.effective_weight(overwrite_grad=True)
+            return F.linear(x, weight, self.bias)
         key = (
             self.weight._version,
             self.weight.data_ptr(),

@@ -40,38 +40,66 @@ def test_fused_function_matches_reference_functions(compiled, save_mask):
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("save_mask", [False, True])
-def test_weight_gradient_reuses_the_incoming_buffer(save_mask):
-    """The backward writes the weight gradient into the gradient autograd
-    hands it (no new weight-sized tensor), except while building a graph
-    of the backward, where the incoming gradient is left untouched."""
+def _gate_inputs():
     torch.manual_seed(0)
     w = (torch.randn(16, 8) * 0.05).requires_grad_()
     t = torch.tensor(0.04, requires_grad=True)
     tau = torch.tensor(0.02 * 0.05**2)
-    gated, _ = FusedPinchFunction.apply(w, t, tau, False, save_mask)
     upstream = torch.randn(16, 8)
-    (grad_w,) = torch.autograd.grad(gated, w, upstream.clone())
-    ref = PinchFunction.apply(w, t, tau)
-    (expected,) = torch.autograd.grad(ref, w, upstream)
-    torch.testing.assert_close(grad_w, expected, rtol=1e-5, atol=1e-7)
+    (expected,) = torch.autograd.grad(
+        PinchFunction.apply(w, t, tau), w, upstream
+    )
+    return w, t, tau, upstream, expected
 
+
+@pytest.mark.parametrize("save_mask", [False, True])
+def test_weight_gradient_reuses_the_incoming_buffer_on_request(save_mask):
+    """With overwrite_grad the backward writes the weight gradient into the
+    gradient autograd hands it (no new weight-sized tensor)."""
+    w, t, tau, upstream, expected = _gate_inputs()
     seen = {}
 
     def keep(grad):
         seen["incoming"] = grad
         return grad
 
-    gated, _ = FusedPinchFunction.apply(w, t, tau, False, save_mask)
+    gated, _ = FusedPinchFunction.apply(w, t, tau, False, save_mask, True)
     gated.register_hook(keep)
     (grad_w,) = torch.autograd.grad(gated, w, upstream.clone())
     assert grad_w.data_ptr() == seen["incoming"].data_ptr()
+    torch.testing.assert_close(grad_w, expected, rtol=1e-5, atol=1e-7)
 
+
+@pytest.mark.parametrize("save_mask", [False, True])
+def test_gradients_seen_by_user_code_are_left_alone(save_mask):
+    """Without overwrite_grad (the default), gradients the caller can see
+    stay intact: given grad_outputs, a second backward through a retained
+    graph, and a gradient shared with another branch of the graph."""
+    w, t, tau, upstream, expected = _gate_inputs()
     gated, _ = FusedPinchFunction.apply(w, t, tau, False, save_mask)
-    incoming = upstream.clone().requires_grad_()
-    (grad_w,) = torch.autograd.grad(gated, w, incoming, create_graph=True)
-    torch.testing.assert_close(incoming.detach(), upstream)
-    torch.testing.assert_close(grad_w.detach(), expected, rtol=1e-5, atol=1e-7)
+    given = upstream.clone()
+    for _ in range(2):
+        (grad_w,) = torch.autograd.grad(gated, w, given, retain_graph=True)
+        torch.testing.assert_close(given, upstream)
+        torch.testing.assert_close(grad_w, expected, rtol=1e-5, atol=1e-7)
+    # gated + h: the addition hands both branches the same gradient tensor.
+    h = torch.zeros(16, 8, requires_grad=True)
+    gated, _ = FusedPinchFunction.apply(w, t, tau, False, save_mask)
+    grad_w, grad_h = torch.autograd.grad(gated + h, (w, h), upstream)
+    torch.testing.assert_close(grad_h, upstream)
+    torch.testing.assert_close(grad_w, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_backward_refuses_double_backward():
+    """The fused backward is not differentiable: asking for a second-order
+    gradient fails loudly instead of returning wrong numbers."""
+    w, t, tau, upstream, _ = _gate_inputs()
+    gated, zeros = FusedPinchFunction.apply(w, t, tau)
+    (grad_t,) = torch.autograd.grad(
+        (gated * upstream).sum() + zeros, t, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="does not require grad|once_diff"):
+        grad_t.backward()
 
 
 def lobe_step(source, impl, layerdrop=0.0, seed=1, dtype=None):
