@@ -13,6 +13,7 @@ Authors
 import functools
 import json
 import random
+import time
 
 import numpy as np
 import torch
@@ -213,3 +214,66 @@ class Counter:
         """
         with open(path, encoding="utf-8") as f:
             self.value = int(json.load(f)["value"])
+
+
+@register_checkpoint_hooks
+class Stopwatch:
+    """Seconds of work that survive restarts.
+
+    Counts from its creation; a checkpoint stores the seconds counted so
+    far, and loading it continues from there (the time between that
+    checkpoint and an interruption is work lost, not counted).
+
+    Example
+    -------
+    >>> import tempfile, os
+    >>> watch = Stopwatch()
+    >>> path = os.path.join(tempfile.mkdtemp(), "clock.ckpt")
+    >>> watch.save(path)
+    >>> restarted = Stopwatch()
+    >>> restarted.load(path)
+    >>> restarted.elapsed() >= restarted.offset >= 0
+    True
+    """
+
+    def __init__(self):
+        self.offset = 0.0
+        self.start = time.monotonic()
+
+    def elapsed(self):
+        """Seconds counted so far (this process and those before it).
+
+        Returns
+        -------
+        float
+            The seconds.
+        """
+        return self.offset + time.monotonic() - self.start
+
+    @mark_as_saver
+    def save(self, path):
+        """Writes the seconds counted so far.
+
+        Arguments
+        ---------
+        path : str
+            Checkpoint file.
+        """
+        if if_main_process():
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"elapsed_s": self.elapsed()}, f)
+
+    @mark_as_loader
+    def load(self, path, end_of_epoch=False):
+        """Continues from the seconds of a checkpoint.
+
+        Arguments
+        ---------
+        path : str
+            Checkpoint file.
+        end_of_epoch : bool
+            Unused (SpeechBrain passes it).
+        """
+        with open(path, encoding="utf-8") as f:
+            self.offset = float(json.load(f)["elapsed_s"])
+        self.start = time.monotonic()

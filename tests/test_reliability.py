@@ -39,7 +39,12 @@ from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.batch import PaddedBatch
 from transformers import BertConfig
 
-from speechbrain_spg.checkpointing import Counter, RandomState, TrainingTrace
+from speechbrain_spg.checkpointing import (
+    Counter,
+    RandomState,
+    Stopwatch,
+    TrainingTrace,
+)
 from speechbrain_spg.export import (
     COMPACT_FILE,
     MANIFEST,
@@ -715,7 +720,7 @@ def asr_brain(wav2vec2_source, tmp_path, train_module):
         checkpointer=hparams["checkpointer"],
     )
     brain.history, brain.trace = [], TrainingTrace()
-    brain.skipped_nonfinite = Counter()
+    brain.skipped_nonfinite, brain.stopwatch = Counter(), Stopwatch()
     brain.on_fit_start()
     brain.modules.train()
     return brain

@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import sys
-import time
 
 import speechbrain as sb
 import torch
@@ -36,7 +35,12 @@ from speechbrain.utils.distributed import if_main_process, run_on_main
 from speechbrain.utils.logger import get_logger
 
 from speechbrain_spg.baselines import uniform_magnitude_prune
-from speechbrain_spg.checkpointing import Counter, RandomState, TrainingTrace
+from speechbrain_spg.checkpointing import (
+    Counter,
+    RandomState,
+    Stopwatch,
+    TrainingTrace,
+)
 from speechbrain_spg.export import CompactWav2Vec2, export_compact
 from speechbrain_spg.lobes import SPGLobeMixin
 
@@ -196,8 +200,10 @@ class ASR(sb.Brain):
                 )
                 self.zero_grad(set_to_none=True)
                 if self.is_gated:
-                    # The schedule follows the steps that trained.
+                    # The schedule follows the steps that trained; the
+                    # soft-zero counts of the dropped graph go with it.
                     self.ssl.gate.step -= 1
+                    self.ssl.gate.soft_zeros.clear()
                 return torch.tensor(0.0)
             scaled = self.scaler.scale(loss / self.grad_accumulation_factor)
             scaled.backward()
@@ -278,7 +284,7 @@ class ASR(sb.Brain):
         self.history.append(
             {
                 **meta,
-                "elapsed_s": round(self.elapsed(), 2),
+                "elapsed_s": round(self.stopwatch.elapsed(), 2),
                 "train_loss": float(self.train_stats["loss"]),
                 "dev_loss": float(stats["loss"]),
                 "dev_WER": stats["WER"],
@@ -289,15 +295,6 @@ class ASR(sb.Brain):
         self.checkpointer.save_and_keep_only(
             meta={"WER": stats["WER"], "epoch": epoch}, num_to_keep=2
         )
-
-    def elapsed(self):
-        """Seconds of compression so far, over all restarts of this run.
-
-        Time spent before a restart counts up to the end of the last epoch
-        that finished (``elapsed_s`` of the history rows already saved);
-        work lost to the interruption is not counted.
-        """
-        return self.time_offset + time.time() - self.start_time
 
     def annealed(self):
         """Learning-rate schedulers and the optimisers they drive."""
@@ -350,6 +347,9 @@ class ASR(sb.Brain):
             )
             self.checkpointer.add_recoverable(
                 "skipped_nonfinite", self.skipped_nonfinite, optional_load=True
+            )
+            self.checkpointer.add_recoverable(
+                "stopwatch", self.stopwatch, optional_load=True
             )
             self.checkpointer.add_recoverable(
                 COMPLETE_KEY, CheckpointComplete()
@@ -756,10 +756,9 @@ def run_recipe(hparams_file, run_opts, overrides):
     ):
         dense_reference = evaluate_initial(brain, hparams, tests)
 
-    # The compression clock: UMP's pruning counts, as does time spent
-    # before a restart (up to the last finished epoch).
-    brain.start_time = time.time()
-    brain.time_offset = previous_elapsed(hparams["save_folder"])
+    # The compression clock (checkpointed): UMP's pruning counts, as does
+    # the time before a restart, up to the checkpoint it resumes from.
+    brain.stopwatch = Stopwatch()
     if hparams["method"] == "ump" and not brain.ssl.is_pruned:
         report = uniform_magnitude_prune(brain.ssl)
         logger.info("UMP: pruned %.4f of the gated weights", report.hard)
@@ -824,7 +823,7 @@ def run_recipe(hparams_file, run_opts, overrides):
         if if_main_process():
             brain.ssl.model.save_pretrained(os.path.join(out, "hf"))
             brain.ssl.feature_extractor.save_pretrained(os.path.join(out, "hf"))
-    summary["wall_time_s"] = brain.elapsed()
+    summary["wall_time_s"] = brain.stopwatch.elapsed()
     save_model_files(brain, hparams, out)
 
     ssl_model = unwrap(brain.modules.ssl).model
@@ -863,28 +862,6 @@ def train_loader_options(hparams):
         seed = hparams.get("seed", 0)
         options["generator"] = torch.Generator().manual_seed(seed)
     return options
-
-
-def previous_elapsed(save_folder):
-    """Compression seconds recorded before this process started.
-
-    Arguments
-    ---------
-    save_folder : str
-        The run's save folder, holding ``history.json`` when an earlier
-        process finished at least one epoch.
-
-    Returns
-    -------
-    float
-        The largest ``elapsed_s`` of the saved history (0 for a new run).
-    """
-    path = os.path.join(save_folder, "history.json")
-    if not os.path.isfile(path):
-        return 0.0
-    with open(path) as f:
-        rows = json.load(f)
-    return max((row.get("elapsed_s", 0.0) for row in rows), default=0.0)
 
 
 def load_history(brain, save_folder):
