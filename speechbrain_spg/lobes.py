@@ -422,6 +422,9 @@ class SPGLobeMixin:
     def sparsity_report(self):
         """Sparsity overall and per gated matrix.
 
+        After hard pruning the masks are binary, so the soft sparsity equals
+        the hard one (the gate no longer applies).
+
         Returns
         -------
         SparsityReport
@@ -430,10 +433,15 @@ class SPGLobeMixin:
         layers = self.gated_layers()
         with torch.no_grad():
             thresholds = self.gate.thresholds()
-            soft = soft_zero_counts(
-                [layer.weight for layer in layers], thresholds, self.gate.taus()
-            )
             hard = self.hard_zero_counts()
+            if self.is_pruned:
+                soft = hard.double()
+            else:
+                soft = soft_zero_counts(
+                    [layer.weight for layer in layers],
+                    thresholds,
+                    self.gate.taus(),
+                )
         per_layer = tuple(
             LayerSparsity(
                 name=name,

@@ -342,7 +342,11 @@ def test_uniform_magnitude_prune_is_uniform_and_stays_pruned(wav2vec2_source):
         assert torch.equal(layer.mask, mask)
         assert (layer.weight[~mask] == 0).all()
         assert (layer.weight[mask] != 0).all()
-    assert lobe.sparsity_report().removed_params == report.removed_params
+    after = lobe.sparsity_report()
+    assert after.removed_params == report.removed_params
+    # Binary masks: the soft sparsity is the hard one, per layer too.
+    assert after.soft == after.hard
+    assert all(layer.soft == layer.hard for layer in after.layers)
 
 
 # ------------------------------------------------------------ checkpoints

@@ -787,6 +787,7 @@ def run_recipe(hparams_file, run_opts, overrides):
         "data_preparation": (prepared or {}).get("report", {}),
     }
     if brain.is_gated:
+        trained = brain.ssl.hard_sparsity()
         report = brain.ssl.hard_prune(calibrate=hparams.get("calibrate", False))
         run_on_main(
             export_compact,
@@ -798,6 +799,8 @@ def run_recipe(hparams_file, run_opts, overrides):
             "target_scope": brain.ssl.spg_options.target_scope,
             "gated_target": brain.ssl.gated_target,
             "hard_sparsity": report.hard,
+            # Where training left it, before any calibration.
+            "hard_sparsity_trained": trained,
             "hard_sparsity_per_rank": gather_from_ranks(report.hard),
             "model_sparsity": report.model_sparsity,
             "calibration_factor": getattr(
