@@ -844,3 +844,17 @@ def test_sigkill_then_restart_resumes(recipe_ssl_source, tiny_corpus, tmp_path):
         [layer["threshold"] for layer in summary["sparsity"]["layers"]],
         rel=1e-6,
     )
+
+
+def test_history_clock_resumes_old_checkpoints(tmp_path, train_module):
+    """A checkpoint without the stopwatch (written by an older train.py)
+    resumes the clock from the history of the epochs it covers."""
+    assert train_module.history_clock(str(tmp_path)) == 0.0
+    rows = [
+        {"epoch": 1, "elapsed_s": 100.0},
+        {"epoch": 2, "elapsed_s": 210.5},
+        {"epoch": 3},
+    ]
+    (tmp_path / "history.json").write_text(json.dumps(rows))
+    assert train_module.history_clock(str(tmp_path)) == 210.5
+    assert train_module.history_clock(str(tmp_path), up_to_epoch=1) == 100.0

@@ -368,7 +368,15 @@ class ASR(sb.Brain):
                     "Ignoring %s: the run was stopped while saving it.",
                     ckpt.path,
                 )
-        self.checkpointer.recover_if_possible(ckpt_predicate=is_complete)
+        checkpoint = self.checkpointer.recover_if_possible(
+            ckpt_predicate=is_complete
+        )
+        if checkpoint is not None and "stopwatch" not in checkpoint.paramfiles:
+            # Written before the clock was checkpointed: go on from the
+            # clock of the last epoch the history recorded.
+            self.stopwatch.offset = history_clock(
+                self.hparams.save_folder, checkpoint.meta.get("epoch")
+            )
 
     def on_evaluate_start(self, max_key=None, min_key=None):
         """Evaluation uses the modules as they are (see ``run_recipe``)."""
@@ -865,6 +873,31 @@ def train_loader_options(hparams):
         seed = hparams.get("seed", 0)
         options["generator"] = torch.Generator().manual_seed(seed)
     return options
+
+
+def history_clock(save_folder, up_to_epoch=None):
+    """The compression clock of the last epoch in ``history.json``.
+
+    Arguments
+    ---------
+    save_folder : str
+        The run's save folder.
+    up_to_epoch : int, optional
+        Only epochs up to this one count (the checkpoint's epoch).
+
+    Returns
+    -------
+    float
+        ``elapsed_s`` of that epoch; 0 without a history or a clock.
+    """
+    path = os.path.join(save_folder, "history.json")
+    if not os.path.isfile(path):
+        return 0.0
+    with open(path) as f:
+        rows = json.load(f)
+    last = up_to_epoch if up_to_epoch is not None else float("inf")
+    clocks = [r.get("elapsed_s", 0.0) for r in rows if r["epoch"] <= last]
+    return max(clocks, default=0.0)
 
 
 def load_history(brain, save_folder):
