@@ -205,6 +205,32 @@ def final_dev_wer(run, key="dev_WER"):
     return values[-1] if values else None
 
 
+def compression_time(run):
+    """A run's compression clock at the end of its last finished epoch.
+
+    Pruning (UMP), every training epoch and its validation; not the final
+    hard pruning, export and test decoding that follow training.
+
+    Arguments
+    ---------
+    run : Run
+        A loaded run.
+
+    Returns
+    -------
+    float or None
+        ``elapsed_s`` of the last history row, or None without one.
+
+    Example
+    -------
+    >>> run = Run("r", {"history": [{"elapsed_s": 10.0}, {"elapsed_s": 21.5}]}, {})
+    >>> compression_time(run)
+    21.5
+    """
+    history = run.summary.get("history") or []
+    return history[-1].get("elapsed_s") if history else None
+
+
 def time_to_reach(run, wer, min_sparsity=None, key="dev_WER"):
     """Compression seconds a run needed to first reach a validation WER.
 

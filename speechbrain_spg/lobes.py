@@ -18,6 +18,7 @@ Authors
 
 import contextlib
 import difflib
+import math
 import re
 
 import torch
@@ -480,10 +481,29 @@ class SPGLobeMixin:
         -------
         float
             The factor the thresholds were multiplied by.
+
+        Raises
+        ------
+        ValueError
+            If a threshold is zero or not finite: no common factor can
+            move it (e.g. ``threshold_init: 0``, which never trains).
         """
         target = self.gated_target if target is None else target
         weights = [layer.weight.detach() for layer in self.gated_layers()]
         base = self.gate.thresholds().detach()
+        bad = [
+            name
+            for name, value in zip(self.gated_names, base.tolist())
+            if value == 0 or not math.isfinite(value)
+        ]
+        if bad:
+            raise ValueError(
+                f"Cannot calibrate the thresholds to sparsity {target}: "
+                f"{len(bad)} of them are zero or not finite (first: "
+                f"{bad[0]}), and scaling cannot move those. Was "
+                "threshold_init 0? Train with a positive threshold_init, or "
+                "prune without calibrate."
+            )
 
         def sparsity(factor):
             return hard_zero_counts(weights, base * factor).sum().item() / (
@@ -492,7 +512,7 @@ class SPGLobeMixin:
 
         low, high = 0.0, 1.0
         while sparsity(high) < target:
-            high *= 2
+            high *= 2  # ends: |W| is finite, so some factor prunes them all
         for _ in range(iterations):
             mid = (low + high) / 2
             low, high = (mid, high) if sparsity(mid) < target else (low, mid)

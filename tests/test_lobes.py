@@ -304,6 +304,18 @@ def test_calibrated_pruning_hits_the_target(wav2vec2_source):
     assert lobe.calibration_factor > 1
 
 
+def test_calibration_refuses_zero_thresholds(wav2vec2_source):
+    """No common factor moves a zero threshold: a clear error, not a
+    factor of 1e38 that prunes everything."""
+    with pytest.warns(UserWarning, match="threshold_init: 0"):
+        lobe = SPGWav2Vec2(wav2vec2_source, save_path="", threshold_init=0.0)
+    with pytest.raises(
+        ValueError, match=r"zero or not finite .*threshold_init"
+    ):
+        lobe.hard_prune(calibrate=True)
+    assert not lobe.is_pruned
+
+
 def test_eval_cache_follows_threshold_and_weight_updates(wav2vec2_source):
     lobe = SPGWav2Vec2(wav2vec2_source, save_path="", threshold_init=0.5)
     wav = _wave(seed=3)

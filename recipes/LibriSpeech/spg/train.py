@@ -333,6 +333,12 @@ class ASR(sb.Brain):
         if gate_params:
             self.gate_optimizer = self.hparams.gate_opt_class(gate_params)
             self.optimizers_dict["gate"] = self.gate_optimizer
+        # Run-level state kept in checkpoints; run_recipe creates them
+        # earlier (the clock must count UMP's pruning).
+        if not hasattr(self, "stopwatch"):
+            self.stopwatch = Stopwatch()
+        if not hasattr(self, "skipped_nonfinite"):
+            self.skipped_nonfinite = Counter()
         if self.checkpointer is not None:
             for name, opt in self.optimizers_dict.items():
                 self.checkpointer.add_recoverable(f"{name}_opt", opt)
