@@ -102,6 +102,20 @@ class RandomState:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _save_json_on_main(path, value):
+    """Writes ``value`` as JSON, on the main process only (under DDP every
+    process holds the same value and reads the one file back)."""
+    if if_main_process():
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(value, f)
+
+
+def _load_json(path):
+    """Reads a JSON checkpoint file."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 @register_checkpoint_hooks
 class TrainingTrace:
     """A list of JSON-serialisable records that survives restarts.
@@ -144,9 +158,7 @@ class TrainingTrace:
         path : str
             Checkpoint file.
         """
-        if if_main_process():
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(self.records, f)
+        _save_json_on_main(path, self.records)
 
     @mark_as_loader
     def load(self, path, end_of_epoch=False):
@@ -159,8 +171,7 @@ class TrainingTrace:
         end_of_epoch : bool
             Unused (SpeechBrain passes it).
         """
-        with open(path, encoding="utf-8") as f:
-            self.records = json.load(f)
+        self.records = _load_json(path)
 
 
 @register_checkpoint_hooks
@@ -197,9 +208,7 @@ class Counter:
         path : str
             Checkpoint file.
         """
-        if if_main_process():
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump({"value": self.value}, f)
+        _save_json_on_main(path, {"value": self.value})
 
     @mark_as_loader
     def load(self, path, end_of_epoch=False):
@@ -212,8 +221,7 @@ class Counter:
         end_of_epoch : bool
             Unused (SpeechBrain passes it).
         """
-        with open(path, encoding="utf-8") as f:
-            self.value = int(json.load(f)["value"])
+        self.value = int(_load_json(path)["value"])
 
 
 @register_checkpoint_hooks
@@ -259,9 +267,7 @@ class Stopwatch:
         path : str
             Checkpoint file.
         """
-        if if_main_process():
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump({"elapsed_s": self.elapsed()}, f)
+        _save_json_on_main(path, {"elapsed_s": self.elapsed()})
 
     @mark_as_loader
     def load(self, path, end_of_epoch=False):
@@ -274,6 +280,5 @@ class Stopwatch:
         end_of_epoch : bool
             Unused (SpeechBrain passes it).
         """
-        with open(path, encoding="utf-8") as f:
-            self.offset = float(json.load(f)["elapsed_s"])
+        self.offset = float(_load_json(path)["elapsed_s"])
         self.start = time.monotonic()

@@ -64,7 +64,8 @@ def _soft_zeros_math(weight, threshold, tau):
 
 
 def _gradients_inplace(weight, mask, threshold, tau, grad_out, grad_zeros):
-    """Threshold gradient; the weight gradient overwrites ``grad_out``.
+    """Backward from a mask: threshold gradient returned, the weight
+    gradient written into ``grad_out``.
 
     With ``slope = dM/d(W^2) * 2 = M (1 - M) / tau``:
     ``d(W M)/dW = M + W^2 slope``, ``d(W M)/dt = -t W slope`` and
@@ -81,15 +82,6 @@ def _gradients_inplace(weight, mask, threshold, tau, grad_out, grad_zeros):
 def _backward_math_inplace(weight, threshold, tau, grad_out, grad_zeros):
     """Backward that recomputes the mask (saves memory)."""
     mask = _mask(weight, threshold, tau)
-    return _gradients_inplace(
-        weight, mask, threshold, tau, grad_out, grad_zeros
-    )
-
-
-def _backward_from_mask_inplace(
-    weight, mask, threshold, tau, grad_out, grad_zeros
-):
-    """Backward that reads the saved mask (saves the exponentials)."""
     return _gradients_inplace(
         weight, mask, threshold, tau, grad_out, grad_zeros
     )
@@ -119,7 +111,7 @@ class GateKernels:
     -------
     >>> kernels = GateKernels(
     ...     _forward_math, _forward_keep_mask_math, _backward_math_inplace,
-    ...     _backward_from_mask_inplace, _soft_zeros_math, compiled=False,
+    ...     _gradients_inplace, _soft_zeros_math, compiled=False,
     ... )
     >>> kernels.compiled
     False
@@ -137,7 +129,7 @@ EAGER_KERNELS = GateKernels(
     _forward_math,
     _forward_keep_mask_math,
     _backward_math_inplace,
-    _backward_from_mask_inplace,
+    _gradients_inplace,
     _soft_zeros_math,
     compiled=False,
 )

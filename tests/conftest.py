@@ -5,6 +5,7 @@ Every model the tests load is a local folder written by
 """
 
 import importlib.util
+import json
 import os
 import struct
 from pathlib import Path
@@ -21,8 +22,28 @@ from speechbrain_spg.architectures import (  # noqa: E402
 )
 
 MODEL_TYPES = ("wav2vec2", "hubert", "wavlm")
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes/LibriSpeech/spg"
+REPO = Path(__file__).resolve().parents[1]
+RECIPE_DIR = REPO / "recipes" / "LibriSpeech" / "spg"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def recipe_env():
+    """Environment of a recipe subprocess: offline, one thread per process."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+
+
+def read_json(path):
+    """Contents of a JSON file."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def parse_markdown_table(text):

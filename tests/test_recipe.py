@@ -29,7 +29,14 @@ import pytest
 import ruamel.yaml
 import torch
 import yaml
-from conftest import assert_png, parse_markdown_table
+from conftest import (
+    RECIPE_DIR,
+    REPO,
+    assert_png,
+    parse_markdown_table,
+    read_json,
+    recipe_env,
+)
 from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.integrations.huggingface.hubert import HuBERT
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
@@ -45,8 +52,6 @@ from speechbrain_spg.architectures import (
 from speechbrain_spg.export import read_manifest
 from speechbrain_spg.lobes import SPGHuBERT, SPGWav2Vec2, SPGWavLM
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE_DIR = REPO / "recipes" / "LibriSpeech" / "spg"
 FRAGMENT_DIR = REPO / "hparams"
 
 WAV2VEC2_BASE = "facebook/wav2vec2-base"
@@ -344,19 +349,6 @@ model_opt_class: !name:torch.optim.Adam
 # --------------------------------------------------------------------------
 
 
-def recipe_env():
-    """Environment of a recipe subprocess: offline, one thread per process."""
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join(
-            [str(REPO), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
-
-
 def tiny_overrides(source, corpus, out, epochs=1, batch_size=4):
     """Command-line overrides of a tiny YAML for the test corpus and model."""
     return [
@@ -400,12 +392,6 @@ def run_command(args):
         f"{' '.join(map(str, args))} failed:\n{output[-6000:]}"
     )
     return output
-
-
-def read_json(path):
-    """Contents of a JSON file."""
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def read_csv_column(path, column):

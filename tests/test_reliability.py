@@ -35,6 +35,7 @@ import soundfile
 import speechbrain as sb
 import torch
 import yaml
+from conftest import RECIPE_DIR, read_json, recipe_env
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.batch import PaddedBatch
 from transformers import BertConfig
@@ -60,8 +61,6 @@ from speechbrain_spg.lobes import SPGWav2Vec2
 from speechbrain_spg.options import SPGOptions
 from speechbrain_spg.sparsity import soft_zero_counts
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE_DIR = REPO / "recipes" / "LibriSpeech" / "spg"
 TINY_YAML = RECIPE_DIR / "hparams" / "tiny_spg.yaml"
 RUN_TIMEOUT_S = 600
 RATE = 16000
@@ -167,19 +166,6 @@ def build_corpus(root):
     return data
 
 
-def recipe_env():
-    """Environment of a recipe subprocess: offline, one thread."""
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join(
-            [str(REPO), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
-
-
 def recipe_command(source, data, out):
     """2 epochs of batch 2 with a checkpoint after every step."""
     return [
@@ -263,12 +249,6 @@ def kill_at_second_intra_epoch_checkpoint(process, save_folder, log_path):
     process.wait()
     process.log.close()
     return process.returncode
-
-
-def read_json(path):
-    """Contents of a JSON file."""
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 # --------------------------------------------------------------------------

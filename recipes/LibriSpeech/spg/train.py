@@ -44,6 +44,7 @@ from speechbrain_spg.checkpointing import (
 from speechbrain_spg.export import CompactWav2Vec2, export_compact
 from speechbrain_spg.lobes import SPGLobeMixin
 
+HISTORY_FILE = "history.json"
 logger = get_logger(__name__)
 
 METHODS = ("spg", "ump", "dense")
@@ -881,6 +882,15 @@ def train_loader_options(hparams):
     return options
 
 
+def read_saved_history(save_folder):
+    """Rows of ``history.json`` in the save folder ([] before any epoch)."""
+    path = os.path.join(save_folder, HISTORY_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
 def history_clock(save_folder, up_to_epoch=None):
     """The compression clock of the last epoch in ``history.json``.
 
@@ -896,11 +906,7 @@ def history_clock(save_folder, up_to_epoch=None):
     float
         ``elapsed_s`` of that epoch; 0 without a history or a clock.
     """
-    path = os.path.join(save_folder, "history.json")
-    if not os.path.isfile(path):
-        return 0.0
-    with open(path) as f:
-        rows = json.load(f)
+    rows = read_saved_history(save_folder)
     last = up_to_epoch if up_to_epoch is not None else float("inf")
     clocks = [r.get("elapsed_s", 0.0) for r in rows if r["epoch"] <= last]
     return max(clocks, default=0.0)
@@ -915,14 +921,10 @@ def load_history(brain, save_folder):
     """
     if not if_main_process():
         return brain.history
-    path = os.path.join(save_folder, "history.json")
-    previous = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            previous = json.load(f)
+    previous = read_saved_history(save_folder)
     seen = {row["epoch"] for row in brain.history}
     merged = [r for r in previous if r["epoch"] not in seen] + brain.history
-    with open(path, "w") as f:
+    with open(os.path.join(save_folder, HISTORY_FILE), "w") as f:
         json.dump(merged, f, indent=2)
     return merged
 
