@@ -20,7 +20,7 @@ What the backward starts from depends on the device:
   what runs out, so nothing weight-sized is kept between the passes.
 - CPU (``save_mask=True``): the forward pass also writes the mask, and the
   backward pass reads it instead of recomputing the sigmoid; on a CPU the
-  exponentials cost more than the memory traffic (about 2.8 ns per weight
+  exponentials cost more than the memory traffic (about 1.3 ns per weight
   less, see ``benchmarks/RESULTS.md``) and RAM is rarely the limit.
 
 Where ``torch.compile`` works (a C++ compiler on CPU, Triton on CUDA) the

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Cost per weight of the fused gate's kernels, on one weight matrix.
+
+Times, on one thread and one 3072 x 768 matrix (an FFN matrix of
+wav2vec2-base), the compiled kernels of ``speechbrain_spg.fused_gate``:
+the forward that keeps the mask, the forward that does not, the backward
+that recomputes the mask and the backward that reads it; next to an eager
+ATen sigmoid of the same matrix as a yardstick. Prints nanoseconds per
+weight (best of ``--repeats`` runs). The backward kernels write into the
+gradient buffer, as in training; repeated runs rewrite the same buffer
+(denormals are flushed so that shrinking values cost nothing extra).
+
+Usage:
+    python benchmarks/gate_kernels.py
+
+Authors
+ * speechbrain-spg developers 2026
+"""
+
+import argparse
+import time
+
+import torch
+
+from speechbrain_spg.fused_gate import compiled_kernels
+
+
+def best_ns_per_weight(fn, numel, repeats):
+    """Best wall time of ``fn()`` over ``repeats`` runs, per weight."""
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best / numel * 1e9
+
+
+def main(argv=None):
+    """Prints the per-weight cost of each kernel."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+    weight = torch.randn(3072, 768) * 0.05
+    grad = torch.randn_like(weight)
+    threshold, tau = torch.tensor(0.03), torch.tensor(0.02 * 0.05**2)
+    zeros_grad = torch.tensor(1.0)
+    kernels = compiled_kernels("cpu")
+    _, _, mask = kernels.forward_keep_mask(weight, threshold, tau)
+    cases = {
+        "forward (keeps the mask)": lambda: kernels.forward_keep_mask(
+            weight, threshold, tau
+        ),
+        "forward": lambda: kernels.forward(weight, threshold, tau),
+        "backward recomputing the mask": lambda: kernels.backward(
+            weight, threshold, tau, grad, zeros_grad
+        ),
+        "backward from the kept mask": lambda: kernels.backward_from_mask(
+            weight, mask, threshold, tau, grad, zeros_grad
+        ),
+        "eager torch.sigmoid (yardstick)": lambda: torch.sigmoid(weight),
+    }
+    print(
+        f"one thread, one {tuple(weight.shape)} matrix, compiled: "
+        f"{kernels.compiled}, best of {args.repeats}"
+    )
+    for name, fn in cases.items():
+        cost = best_ns_per_weight(fn, weight.numel(), args.repeats)
+        print(f"{name:>32}: {cost:5.2f} ns per weight")
+
+
+if __name__ == "__main__":
+    main()
