@@ -9,12 +9,18 @@ fine-tuning step (forward, CTC loss + sparsity loss, backward, Adam step) of
 - the SPG lobe with the reference gate (``gate_impl: reference``),
 - the SPG lobe with the fused gate (``gate_impl: fused``; eager on CPU),
 - the SPG lobe with the compiled fused gate (``gate_impl: compiled``),
-- optionally (``--variants ... compiled_recompute``) the compiled gate with
-  the other mask policy than the device's default (on CPU: recompute the
-  mask in backward instead of keeping it: less memory, more time),
+- optionally (``--variants ... compiled_recompute compiled_from_gated``)
+  the compiled gate with a given backward instead of the device's default:
+  recompute the mask from ``W`` and ``t`` (the CUDA default), or read it
+  back from the kept gated weight (the CPU default),
 
 plus evaluation-mode inference (cached gated weights) and peak memory. The
-CNN front end is frozen, as in the recipes. CPU mode uses short audio so it
+CNN front end is frozen, as in the recipes. The step runs in the order of
+SpeechBrain's ``Brain.fit_batch``: forward, backward, optimiser step, then
+``zero_grad(set_to_none=True)``, so gradients are not kept through the next
+forward pass (``--zero-grad before-backward`` clears them between forward
+and backward instead, as many plain PyTorch loops do: the previous step's
+gradients are then alive during the forward pass). CPU mode uses short audio so it
 finishes in minutes on a laptop; CUDA mode uses batch 8 x 15 s under bf16
 autocast. The last line reads
 ``step-time ratio spg/dense: reference R, fast F`` where F is the best of the
@@ -50,14 +56,16 @@ from speechbrain_spg.lobes import SPGWav2Vec2
 
 MODELS = ("facebook/wav2vec2-base", "facebook/hubert-large-ll60k")
 VARIANTS = ("dense", "reference", "fused", "compiled")
+#: Variants that force one backward of the compiled gate.
+RECOMPUTE = {"compiled_recompute": True, "compiled_from_gated": False}
 
 
 def build(variant, source, device):
     """The lobe under test and a linear CTC head."""
-    if variant == "compiled_recompute":
+    if variant in RECOMPUTE:
         # This process only (each variant runs in a fresh one).
-        default = fused_gate.default_save_mask
-        fused_gate.default_save_mask = lambda device: not default(device)
+        recompute = RECOMPUTE[variant]
+        fused_gate.default_recompute_mask = lambda device: recompute
         variant = "compiled"
     if variant == "dense":
         lobe = Wav2Vec2(source, save_path="", freeze_feature_extractor=True)
@@ -73,8 +81,12 @@ def build(variant, source, device):
     return lobe.to(device), head.to(device)
 
 
-def step_fn(lobe, head, optimizer, wav, targets, autocast):
-    """One training step; returns nothing (timed from outside)."""
+def step_fn(lobe, head, optimizer, wav, targets, autocast, zero_grad):
+    """One training step; returns nothing (timed from outside).
+
+    ``zero_grad`` is ``"after-step"`` (SpeechBrain's order) or
+    ``"before-backward"``.
+    """
     with autocast():
         feats = lobe(wav)
         logits = head(feats).float().log_softmax(-1).transpose(0, 1)
@@ -88,9 +100,12 @@ def step_fn(lobe, head, optimizer, wav, targets, autocast):
         )
         if hasattr(lobe, "sparsity_loss"):
             loss = loss + lobe.sparsity_loss()
-    optimizer.zero_grad(set_to_none=True)
+    if zero_grad == "before-backward":
+        optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    if zero_grad == "after-step":
+        optimizer.zero_grad(set_to_none=True)
 
 
 class PeakRSS:
@@ -163,7 +178,7 @@ def measure(variant, source, args):
     )
     lobe.train()
     for _ in range(args.warmup):
-        step_fn(lobe, head, optimizer, wav, targets, autocast)
+        step_fn(lobe, head, optimizer, wav, targets, autocast, args.zero_grad)
     synchronize(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -171,7 +186,9 @@ def measure(variant, source, args):
     with PeakRSS() as rss:
         for _ in range(args.steps):
             start = time.perf_counter()
-            step_fn(lobe, head, optimizer, wav, targets, autocast)
+            step_fn(
+                lobe, head, optimizer, wav, targets, autocast, args.zero_grad
+            )
             synchronize(device)
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak
@@ -214,6 +231,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
+        "--zero-grad",
+        default="after-step",
+        choices=("after-step", "before-backward"),
+        help="when gradients are cleared (default: SpeechBrain's order)",
+    )
+    parser.add_argument(
         "--batch", type=int, default=None, help="default: 8 (cuda), 2 (cpu)"
     )
     parser.add_argument(
@@ -232,6 +255,7 @@ def main(argv=None):
     print(
         f"device {args.device}, batch {args.batch} x {args.seconds} s, "
         f"{args.steps} timed steps after {args.warmup} warm-up, median; "
+        f"zero_grad {args.zero_grad}; "
         f"peak memory = {memory} during the timed steps; "
         f"{torch.get_num_threads()} CPU threads; each variant in a fresh "
         "process"

@@ -15,13 +15,14 @@ is).
 
 What the backward starts from depends on the device:
 
-- CUDA (``save_mask=False``): only ``W`` and ``t`` are saved and the mask is
-  recomputed; on a GPU the element-wise work is nearly free and memory is
-  what runs out, so nothing weight-sized is kept between the passes.
-- CPU (``save_mask=True``): the forward pass also writes the mask, and the
-  backward pass reads it instead of recomputing the sigmoid; on a CPU the
-  exponentials cost more than the memory traffic (about 1.3 ns per weight
-  less, see ``benchmarks/RESULTS.md``) and RAM is rarely the limit.
+- CUDA (``recompute_mask=True``): only ``W`` and ``t`` are saved and the
+  mask is recomputed; on a GPU the element-wise work is nearly free.
+- CPU (``recompute_mask=False``): the backward reads the mask back from
+  the gated weight the forward pass returned, ``M = (W * M) / W`` (where
+  ``W * M`` underflows, ``M`` is the mask at ``W = 0``: the two agree to
+  float32 precision there). The gated weight is kept for the matrix
+  product's backward anyway, so this costs no memory, and a division is
+  much cheaper than the sigmoid on a CPU (see ``benchmarks/RESULTS.md``).
 
 Where ``torch.compile`` works (a C++ compiler on CPU, Triton on CUDA) the
 element-wise math is compiled into single kernels; otherwise the same math
@@ -51,12 +52,6 @@ def _forward_math(weight, threshold, tau):
     return weight * mask, mask.sum()
 
 
-def _forward_keep_mask_math(weight, threshold, tau):
-    """As ``_forward_math``, also returning the mask for the backward."""
-    mask = _mask(weight, threshold, tau)
-    return weight * mask, mask.sum(), mask
-
-
 def _soft_zeros_math(weight, threshold, tau):
     """``sum(M)`` and ``sum(M (1 - M)) / tau`` (its threshold slope)."""
     mask = _mask(weight, threshold, tau)
@@ -80,8 +75,26 @@ def _gradients_inplace(weight, mask, threshold, tau, grad_out, grad_zeros):
 
 
 def _backward_math_inplace(weight, threshold, tau, grad_out, grad_zeros):
-    """Backward that recomputes the mask (saves memory)."""
+    """Backward that recomputes the mask."""
     mask = _mask(weight, threshold, tau)
+    return _gradients_inplace(
+        weight, mask, threshold, tau, grad_out, grad_zeros
+    )
+
+
+def _backward_from_gated_math_inplace(
+    weight, gated, threshold, tau, grad_out, grad_zeros
+):
+    """Backward that reads the mask back from ``gated = W * M``.
+
+    Where ``|W * M|`` is below the smallest normal number of its dtype (``W`` zero or
+    tiny, or ``M`` negligible), the quotient loses its precision; there
+    ``M`` is taken as the mask at ``W = 0``, which equals ``M`` to float32
+    precision when ``W`` is tiny, and both are negligible otherwise.
+    """
+    at_zero = torch.sigmoid(-threshold * threshold / (2 * tau))
+    tiny = torch.finfo(gated.dtype).tiny
+    mask = torch.where(gated.abs() >= tiny, gated / weight, at_zero)
     return _gradients_inplace(
         weight, mask, threshold, tau, grad_out, grad_zeros
     )
@@ -95,13 +108,11 @@ class GateKernels:
     ---------
     forward : callable
         ``(W, t, tau) -> (W * M, sum(M))``.
-    forward_keep_mask : callable
-        ``(W, t, tau) -> (W * M, sum(M), M)``.
     backward : callable
         ``(W, t, tau, grad, grad_zeros) -> grad_t``; ``grad`` becomes the
         weight gradient.
-    backward_from_mask : callable
-        ``(W, M, t, tau, grad, grad_zeros) -> grad_t``, same contract.
+    backward_from_gated : callable
+        ``(W, W * M, t, tau, grad, grad_zeros) -> grad_t``, same contract.
     soft_zeros : callable
         ``(W, t, tau) -> (sum(M), sum(M (1 - M)) / tau)``.
     compiled : bool
@@ -110,26 +121,25 @@ class GateKernels:
     Example
     -------
     >>> kernels = GateKernels(
-    ...     _forward_math, _forward_keep_mask_math, _backward_math_inplace,
-    ...     _gradients_inplace, _soft_zeros_math, compiled=False,
+    ...     _forward_math, _backward_math_inplace,
+    ...     _backward_from_gated_math_inplace, _soft_zeros_math,
+    ...     compiled=False,
     ... )
     >>> kernels.compiled
     False
     """
 
     forward: object
-    forward_keep_mask: object
     backward: object
-    backward_from_mask: object
+    backward_from_gated: object
     soft_zeros: object
     compiled: bool
 
 
 EAGER_KERNELS = GateKernels(
     _forward_math,
-    _forward_keep_mask_math,
     _backward_math_inplace,
-    _gradients_inplace,
+    _backward_from_gated_math_inplace,
     _soft_zeros_math,
     compiled=False,
 )
@@ -187,22 +197,20 @@ def compiled_kernels(device_type):
     """
     eager = (
         EAGER_KERNELS.forward,
-        EAGER_KERNELS.forward_keep_mask,
         EAGER_KERNELS.backward,
-        EAGER_KERNELS.backward_from_mask,
+        EAGER_KERNELS.backward_from_gated,
         EAGER_KERNELS.soft_zeros,
     )
     try:
         compiled = [
             torch.compile(f, dynamic=True, fullgraph=True) for f in eager
         ]
-        forward, keep_mask, backward, from_mask, soft_zeros = compiled
+        forward, backward, from_gated, soft_zeros = compiled
         probe = torch.ones(4, device=device_type)
         scalar = torch.tensor(0.5, device=device_type)
-        forward(probe, scalar, scalar)
-        _, _, mask = keep_mask(probe, scalar, scalar)
+        gated, _ = forward(probe, scalar, scalar)
         backward(probe, scalar, scalar, probe.clone(), scalar)
-        from_mask(probe, mask, scalar, scalar, probe.clone(), scalar)
+        from_gated(probe, gated, scalar, scalar, probe.clone(), scalar)
         soft_zeros(probe, scalar, scalar)
         return GateKernels(
             *(map(_with_eager_fallback, compiled, eager)), compiled=True
@@ -211,8 +219,8 @@ def compiled_kernels(device_type):
         return EAGER_KERNELS
 
 
-def default_save_mask(device):
-    """Whether the fused gate keeps the mask for the backward on a device.
+def default_recompute_mask(device):
+    """Whether the fused gate's backward recomputes the mask on a device.
 
     Arguments
     ---------
@@ -222,15 +230,17 @@ def default_save_mask(device):
     Returns
     -------
     bool
-        True on CPU (exponentials are the cost), False elsewhere (memory
-        is the cost).
+        False on CPU (the backward divides the kept gated weight by ``W``:
+        exponentials are the cost there), True elsewhere (under autocast
+        the matrix product keeps only a low-precision copy of the gated
+        weight, so keeping the float32 one would cost memory).
 
     Example
     -------
-    >>> default_save_mask(torch.device("cpu"))
-    True
+    >>> default_recompute_mask(torch.device("cpu"))
+    False
     """
-    return device.type == "cpu"
+    return device.type != "cpu"
 
 
 def _can_overwrite(grad, weight):
@@ -261,9 +271,9 @@ class FusedPinchFunction(torch.autograd.Function):
     >>> w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     >>> t = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
     >>> tau = torch.tensor(0.05, dtype=torch.float64)
-    >>> for save_mask in (False, True):
+    >>> for recompute in (False, True):
     ...     gated = lambda w, t: FusedPinchFunction.apply(
-    ...         w, t, tau, False, save_mask
+    ...         w, t, tau, False, recompute
     ...     )[0]
     ...     assert torch.autograd.gradcheck(gated, (w, t))
     >>> zeros = lambda t: FusedPinchFunction.apply(w.detach(), t, tau)[1]
@@ -278,7 +288,7 @@ class FusedPinchFunction(torch.autograd.Function):
         threshold,
         tau,
         compiled=False,
-        save_mask=None,
+        recompute_mask=None,
         overwrite_grad=False,
     ):
         """Gated weight and expected number of pinched weights.
@@ -295,9 +305,10 @@ class FusedPinchFunction(torch.autograd.Function):
             Scalar temperature.
         compiled : bool
             Use the ``torch.compile`` kernels when they are available.
-        save_mask : bool, optional
-            Keep the mask for the backward instead of recomputing it
-            (default: ``default_save_mask`` of the weight's device).
+        recompute_mask : bool, optional
+            The backward recomputes the mask from ``W`` and ``t`` instead
+            of dividing the kept ``W * M`` by ``W`` (default:
+            ``default_recompute_mask`` of the weight's device).
         overwrite_grad : bool
             The backward may write the weight gradient into the gradient
             of ``W * M`` it receives. Only for a caller that feeds ``W * M``
@@ -315,18 +326,15 @@ class FusedPinchFunction(torch.autograd.Function):
         kernels = (
             compiled_kernels(weight.device.type) if compiled else EAGER_KERNELS
         )
-        if save_mask is None:
-            save_mask = default_save_mask(weight.device)
-        ctx.kernels, ctx.save_mask = kernels, save_mask
+        if recompute_mask is None:
+            recompute_mask = default_recompute_mask(weight.device)
+        ctx.kernels, ctx.recompute_mask = kernels, recompute_mask
         ctx.overwrite_grad = overwrite_grad
-        if save_mask:
-            gated, mask_sum, mask = kernels.forward_keep_mask(
-                weight, threshold, tau
-            )
-            ctx.save_for_backward(weight, threshold, tau, mask)
-        else:
-            gated, mask_sum = kernels.forward(weight, threshold, tau)
+        gated, mask_sum = kernels.forward(weight, threshold, tau)
+        if recompute_mask:
             ctx.save_for_backward(weight, threshold, tau)
+        else:
+            ctx.save_for_backward(weight, threshold, tau, gated)
         return gated, weight.numel() - mask_sum
 
     @staticmethod
@@ -348,7 +356,7 @@ class FusedPinchFunction(torch.autograd.Function):
         tuple
             Gradients of ``weight`` and ``threshold``; ``None`` for the rest.
         """
-        weight, threshold, tau, *mask = ctx.saved_tensors
+        weight, threshold, tau, *gated = ctx.saved_tensors
         if grad_gated is None:
             grad_gated = torch.zeros_like(weight)
         elif not (ctx.overwrite_grad and _can_overwrite(grad_gated, weight)):
@@ -357,13 +365,13 @@ class FusedPinchFunction(torch.autograd.Function):
             grad_zeros = torch.zeros(
                 (), dtype=weight.dtype, device=weight.device
             )
-        if ctx.save_mask:
-            grad_threshold = ctx.kernels.backward_from_mask(
-                weight, mask[0], threshold, tau, grad_gated, grad_zeros
-            )
-        else:
+        if ctx.recompute_mask:
             grad_threshold = ctx.kernels.backward(
                 weight, threshold, tau, grad_gated, grad_zeros
+            )
+        else:
+            grad_threshold = ctx.kernels.backward_from_gated(
+                weight, gated[0], threshold, tau, grad_gated, grad_zeros
             )
         grad_weight = grad_gated if ctx.needs_input_grad[0] else None
         grad_threshold = grad_threshold.to(threshold.dtype)

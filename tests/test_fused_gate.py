@@ -14,9 +14,9 @@ from speechbrain_spg.gates import PinchFunction, SoftZerosFunction
 from speechbrain_spg.lobes import SPGWav2Vec2
 
 
-@pytest.mark.parametrize("save_mask", [False, True])
+@pytest.mark.parametrize("recompute_mask", [False, True])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_fused_function_matches_reference_functions(compiled, save_mask):
+def test_fused_function_matches_reference_functions(compiled, recompute_mask):
     torch.manual_seed(0)
     weight = torch.randn(64, 48) * 0.05
     threshold = torch.tensor(0.04)
@@ -28,7 +28,7 @@ def test_fused_function_matches_reference_functions(compiled, save_mask):
         t = threshold.clone().requires_grad_()
         if fused:
             gated, zeros = FusedPinchFunction.apply(
-                w, t, tau, compiled, save_mask
+                w, t, tau, compiled, recompute_mask
             )
         else:
             gated = PinchFunction.apply(w, t, tau)
@@ -52,8 +52,8 @@ def _gate_inputs():
     return w, t, tau, upstream, expected
 
 
-@pytest.mark.parametrize("save_mask", [False, True])
-def test_weight_gradient_reuses_the_incoming_buffer_on_request(save_mask):
+@pytest.mark.parametrize("recompute_mask", [False, True])
+def test_weight_gradient_reuses_the_incoming_buffer_on_request(recompute_mask):
     """With overwrite_grad the backward writes the weight gradient into the
     gradient autograd hands it (no new weight-sized tensor)."""
     w, t, tau, upstream, expected = _gate_inputs()
@@ -63,20 +63,20 @@ def test_weight_gradient_reuses_the_incoming_buffer_on_request(save_mask):
         seen["incoming"] = grad
         return grad
 
-    gated, _ = FusedPinchFunction.apply(w, t, tau, False, save_mask, True)
+    gated, _ = FusedPinchFunction.apply(w, t, tau, False, recompute_mask, True)
     gated.register_hook(keep)
     (grad_w,) = torch.autograd.grad(gated, w, upstream.clone())
     assert grad_w.data_ptr() == seen["incoming"].data_ptr()
     torch.testing.assert_close(grad_w, expected, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("save_mask", [False, True])
-def test_gradients_seen_by_user_code_are_left_alone(save_mask):
+@pytest.mark.parametrize("recompute_mask", [False, True])
+def test_gradients_seen_by_user_code_are_left_alone(recompute_mask):
     """Without overwrite_grad (the default), gradients the caller can see
     stay intact: given grad_outputs, a second backward through a retained
     graph, and a gradient shared with another branch of the graph."""
     w, t, tau, upstream, expected = _gate_inputs()
-    gated, _ = FusedPinchFunction.apply(w, t, tau, False, save_mask)
+    gated, _ = FusedPinchFunction.apply(w, t, tau, False, recompute_mask)
     given = upstream.clone()
     for _ in range(2):
         (grad_w,) = torch.autograd.grad(gated, w, given, retain_graph=True)
@@ -84,10 +84,37 @@ def test_gradients_seen_by_user_code_are_left_alone(save_mask):
         torch.testing.assert_close(grad_w, expected, rtol=1e-5, atol=1e-7)
     # gated + h: the addition hands both branches the same gradient tensor.
     h = torch.zeros(16, 8, requires_grad=True)
-    gated, _ = FusedPinchFunction.apply(w, t, tau, False, save_mask)
+    gated, _ = FusedPinchFunction.apply(w, t, tau, False, recompute_mask)
     grad_w, grad_h = torch.autograd.grad(gated + h, (w, h), upstream)
     torch.testing.assert_close(grad_h, upstream)
     torch.testing.assert_close(grad_w, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_mask_read_back_from_gated_weight_at_zero_and_tiny_weights(compiled):
+    """The CPU backward divides W * M by W; at W = 0, at weights so small
+    that W * M underflows and at masks that underflow it must still give
+    the gradients of the recomputed mask (within float32 rounding)."""
+    weight = torch.tensor(
+        [0.0, -0.0, 1e-30, -1e-25, 1e-20, 3e-3, 0.02, -0.04, 0.05, 0.3, -2.0]
+    )
+    threshold = torch.tensor(0.04)
+    # tau so small that the mask of 3e-3 underflows float32 (about 1e-43).
+    tau = torch.tensor(8e-6)
+    upstream = torch.linspace(-1.0, 1.0, weight.numel())
+
+    def grads(recompute):
+        w = weight.clone().requires_grad_()
+        t = threshold.clone().requires_grad_()
+        gated, zeros = FusedPinchFunction.apply(w, t, tau, compiled, recompute)
+        ((gated * upstream).sum() + 2.0 * zeros).backward()
+        return w.grad, t.grad
+
+    reference = grads(True)
+    from_gated = grads(False)
+    assert torch.isfinite(from_gated[0]).all()
+    for fast, ref in zip(from_gated, reference):
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_backward_refuses_double_backward():
