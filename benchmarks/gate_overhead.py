@@ -196,7 +196,7 @@ def measure(variant, source, args):
     eval_times = []
     with torch.no_grad(), autocast():
         lobe(wav)
-        for _ in range(args.steps):
+        for _ in range(args.eval_steps):
             start = time.perf_counter()
             lobe(wav)
             synchronize(device)
@@ -231,6 +231,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
+        "--eval-steps",
+        type=int,
+        default=None,
+        help="timed evaluation passes (default: 3 x --steps; they are short)",
+    )
+    parser.add_argument(
         "--zero-grad",
         default="after-step",
         choices=("after-step", "before-backward"),
@@ -251,10 +257,12 @@ def main(argv=None):
     args.batch = args.batch or (8 if gpu else 2)
     args.seconds = args.seconds or (15.0 if gpu else 1.0)
     args.steps = args.steps or (20 if gpu else 5)
+    args.eval_steps = args.eval_steps or 3 * args.steps
     memory = "max allocated" if gpu else "max resident set"
     print(
         f"device {args.device}, batch {args.batch} x {args.seconds} s, "
-        f"{args.steps} timed steps after {args.warmup} warm-up, median; "
+        f"{args.steps} timed steps after {args.warmup} warm-up "
+        f"({args.eval_steps} evaluation passes), median; "
         f"zero_grad {args.zero_grad}; "
         f"peak memory = {memory} during the timed steps; "
         f"{torch.get_num_threads()} CPU threads; each variant in a fresh "

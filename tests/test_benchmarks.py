@@ -1,0 +1,79 @@
+"""The performance benchmarks run and print what their docstrings promise.
+
+Run on tiny random models (the full-size ones take minutes); the numbers
+are not checked (tests never assert timings), their presence and format
+are.
+"""
+
+import importlib.util
+import re
+import sys
+
+import pytest
+from conftest import REPO
+
+from speechbrain_spg.architectures import TINY_OVERRIDES, build_config
+
+BENCHMARKS = REPO / "benchmarks"
+
+
+def load_benchmark(name, monkeypatch):
+    """Imports ``benchmarks/<name>.py`` as module ``name``.
+
+    ``benchmarks/`` goes on ``sys.path`` so that processes spawned by the
+    benchmark import the same module.
+    """
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(
+        name, BENCHMARKS / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gate_overhead_prints_a_table_and_the_ratio_line(monkeypatch, capsys):
+    gate_overhead = load_benchmark("gate_overhead", monkeypatch)
+    monkeypatch.setattr(
+        gate_overhead,
+        "hub_config",
+        lambda hub_id: build_config("wav2vec2", **TINY_OVERRIDES),
+    )
+    variants = ["dense", "compiled", "compiled_recompute"]
+    gate_overhead.main(
+        ["--models", "facebook/wav2vec2-base", "--variants", *variants]
+        + ["--steps", "1", "--warmup", "1", "--eval-steps", "1"]
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "zero_grad after-step" in lines[0]
+    header = lines.index(next(x for x in lines if x.split()[:1] == ["variant"]))
+    table = lines[header + 1 : header + 1 + len(variants)]
+    rows = {line.split()[0]: line.split()[1:] for line in table}
+    assert list(rows) == variants
+    assert rows["dense"][1] == "1.000" and rows["dense"][3] == "1.000"
+    for cells in rows.values():
+        step, ratio, evaluation, eval_ratio, memory = map(float, cells)
+        assert step > 0 and evaluation > 0 and memory > 0
+    match = re.fullmatch(
+        r"step-time ratio spg/dense: reference nan, fast (\d+\.\d{3})",
+        lines[-1],
+    )
+    # fast = the better of the fast variants (each: its worst model).
+    best = min(float(rows[v][1]) for v in variants[1:])
+    assert match and float(match.group(1)) == pytest.approx(best, abs=1e-3)
+
+
+def test_gate_kernels_prints_a_cost_per_kernel(monkeypatch, capsys):
+    gate_kernels = load_benchmark("gate_kernels", monkeypatch)
+    gate_kernels.main(["--repeats", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    costs = dict(line.rsplit(":", 1) for line in lines[1:])
+    assert [name.strip() for name in costs] == [
+        "forward",
+        "backward recomputing the mask",
+        "backward from the gated weight",
+        "eager torch.sigmoid (yardstick)",
+    ]
+    for cost in costs.values():
+        assert float(cost.split()[0]) > 0
