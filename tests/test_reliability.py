@@ -759,6 +759,59 @@ def test_non_finite_loss_batch_is_skipped_and_counted(asr_brain):
     assert brain.skipped_nonfinite.value == 1
 
 
+RANK_SCRIPT = """
+import importlib.util, sys, torch
+rank, init_file, train_py = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+spec = importlib.util.spec_from_file_location("spg_recipe_train", train_py)
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+torch.distributed.init_process_group(
+    "gloo", init_method="file://" + init_file, rank=rank, world_size=2
+)
+decisions = []
+for bad_rank in (None, 1, 0):
+    loss = torch.tensor(float("nan") if rank == bad_rank else 1.5)
+    decisions.append(train.nonfinite_on_any_rank(loss))
+print("decisions", decisions)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_every_ddp_rank_skips_a_batch_non_finite_on_one_rank(tmp_path):
+    """Under DDP a loss that is NaN on one process only makes every process
+    skip the batch (a lone skip would hang the others' all-reduce)."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    init_file = tmp_path / "init"
+    ranks = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                script,
+                str(rank),
+                init_file,
+                RECIPE_DIR / "train.py",
+            ],
+            env=recipe_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = []
+    for process in ranks:
+        try:
+            outputs.append(process.communicate(timeout=120)[0])
+        except subprocess.TimeoutExpired:
+            for other in ranks:
+                other.kill()
+            pytest.fail("the two processes did not finish: a rank hangs")
+    for process, output in zip(ranks, outputs):
+        assert process.returncode == 0, output[-3000:]
+        assert "decisions [False, True, True]" in output, output[-3000:]
+
+
 # --------------------------------------------------------------------------
 # 5. Export integrity
 # --------------------------------------------------------------------------

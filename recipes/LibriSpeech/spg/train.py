@@ -186,16 +186,21 @@ class ASR(sb.Brain):
         return loss
 
     def fit_batch(self, batch):
-        """One training step; a batch with a non-finite loss is skipped."""
+        """One training step; a batch with a non-finite loss is skipped.
+
+        Under DDP, every process skips it if the loss is non-finite on
+        any of them (``nonfinite_on_any_rank``).
+        """
         should_step = (self.step % self.grad_accumulation_factor) == 0
         with self.no_sync(not should_step):
             with self.training_ctx:
                 outputs = self.compute_forward(batch, sb.Stage.TRAIN)
                 loss = self.compute_objectives(outputs, batch, sb.Stage.TRAIN)
-            if not torch.isfinite(loss):
+            if nonfinite_on_any_rank(loss):
                 self.skipped_nonfinite.value += 1
                 logger.warning(
-                    f"Non-finite loss on batch {batch.id[:3]}...: skipped "
+                    f"Non-finite loss on batch {batch.id[:3]}... (on this "
+                    "process or another one under DDP): skipped "
                     f"({self.skipped_nonfinite.value} so far); thresholds and "
                     "weights are left unchanged."
                 )
@@ -641,6 +646,36 @@ def params_summary(module):
         "total": sum(p.numel() for p in params),
         "nonzero": int(sum(int((p != 0).sum()) for p in params)),
     }
+
+
+def nonfinite_on_any_rank(loss):
+    """Whether the loss is non-finite on this process or on any other.
+
+    Under DDP every process must take the same decision: a rank that skips
+    its backward while the others run theirs would leave them waiting in
+    the gradient all-reduce forever. Without DDP, just this loss.
+
+    Arguments
+    ---------
+    loss : torch.Tensor
+        This process's loss.
+
+    Returns
+    -------
+    bool
+        True if the batch must be skipped on every process.
+
+    Example
+    -------
+    >>> nonfinite_on_any_rank(torch.tensor(float("nan")))
+    True
+    """
+    bad = (~torch.isfinite(loss.detach())).any().to(torch.float32)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        bad = bad.to(loss.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad.item() > 0)
 
 
 def gather_from_ranks(value):
