@@ -15,14 +15,17 @@ is).
 
 What the backward starts from depends on the device:
 
-- CUDA (``recompute_mask=True``): only ``W`` and ``t`` are saved and the
-  mask is recomputed; on a GPU the element-wise work is nearly free.
-- CPU (``recompute_mask=False``): the backward reads the mask back from
-  the gated weight the forward pass returned, ``M = (W * M) / W`` (where
-  ``W * M`` underflows, ``M`` is the mask at ``W = 0``: the two agree to
-  float32 precision there). The gated weight is kept for the matrix
-  product's backward anyway, so this costs no memory, and a division is
-  much cheaper than the sigmoid on a CPU (see ``benchmarks/RESULTS.md``).
+- CUDA, and any device under autocast (``recompute_mask=True``): only
+  ``W`` and ``t`` are saved and the mask is recomputed; on a GPU the
+  element-wise work is nearly free, and under autocast the matrix product
+  keeps a low-precision copy of ``W * M``, not ``W * M`` itself.
+- CPU without autocast (``recompute_mask=False``): the backward reads the
+  mask back from the gated weight the forward pass returned,
+  ``M = (W * M) / W`` (where ``W * M`` underflows, ``M`` is the mask at
+  ``W = 0``: the two agree to float32 precision there). The gated weight
+  is kept for the matrix product's backward anyway, so this costs no
+  memory, and a division is much cheaper than the sigmoid on a CPU (see
+  ``benchmarks/RESULTS.md``).
 
 Where ``torch.compile`` works (a C++ compiler on CPU, Triton on CUDA) the
 element-wise math is compiled into single kernels; otherwise the same math
@@ -87,10 +90,11 @@ def _backward_from_gated_math_inplace(
 ):
     """Backward that reads the mask back from ``gated = W * M``.
 
-    Where ``|W * M|`` is below the smallest normal number of its dtype (``W`` zero or
-    tiny, or ``M`` negligible), the quotient loses its precision; there
-    ``M`` is taken as the mask at ``W = 0``, which equals ``M`` to float32
-    precision when ``W`` is tiny, and both are negligible otherwise.
+    Where ``|W * M|`` is below the smallest normal number of its dtype
+    (``W`` zero or tiny, or ``M`` negligible), the quotient loses its
+    precision; there ``M`` is taken as the mask at ``W = 0``, which equals
+    ``M`` to float32 precision when ``W`` is tiny, and both are negligible
+    otherwise.
     """
     at_zero = torch.sigmoid(-threshold * threshold / (2 * tau))
     tiny = torch.finfo(gated.dtype).tiny
@@ -230,17 +234,22 @@ def default_recompute_mask(device):
     Returns
     -------
     bool
-        False on CPU (the backward divides the kept gated weight by ``W``:
-        exponentials are the cost there), True elsewhere (under autocast
-        the matrix product keeps only a low-precision copy of the gated
-        weight, so keeping the float32 one would cost memory).
+        False on CPU without autocast: the backward divides the gated
+        weight, which the matrix product keeps anyway, by ``W``
+        (exponentials are the cost there). True on other devices and
+        under autocast: the matrix product then keeps only a low-precision
+        copy of the gated weight, so keeping the float32 one would cost
+        memory.
 
     Example
     -------
     >>> default_recompute_mask(torch.device("cpu"))
     False
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+    ...     default_recompute_mask(torch.device("cpu"))
+    True
     """
-    return device.type != "cpu"
+    return device.type != "cpu" or torch.is_autocast_enabled(device.type)
 
 
 def _can_overwrite(grad, weight):
