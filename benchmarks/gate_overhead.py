@@ -65,7 +65,7 @@ def build(variant, source, device):
     if variant in RECOMPUTE:
         # This process only (each variant runs in a fresh one).
         recompute = RECOMPUTE[variant]
-        fused_gate.default_recompute_mask = lambda device: recompute
+        fused_gate.default_recompute_mask = lambda weight: recompute
         variant = "compiled"
     if variant == "dense":
         lobe = Wav2Vec2(source, save_path="", freeze_feature_extractor=True)

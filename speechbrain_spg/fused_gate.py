@@ -15,16 +15,19 @@ is).
 
 What the backward starts from depends on the device:
 
-- CUDA, and any device under autocast (``recompute_mask=True``): only
-  ``W`` and ``t`` are saved and the mask is recomputed; on a GPU the
-  element-wise work is nearly free, and under autocast the matrix product
-  keeps a low-precision copy of ``W * M``, not ``W * M`` itself.
-- CPU without autocast (``recompute_mask=False``): the backward reads the
-  mask back from the gated weight the forward pass returned,
+- GPUs, autocast, float16 / bfloat16 weights (``recompute_mask=True``):
+  only ``W`` and ``t`` are saved and the mask is recomputed; on a GPU the
+  arithmetic is nearly free and memory traffic is the cost, under
+  autocast the matrix product keeps a low-precision copy of ``W * M``,
+  not ``W * M`` itself, and a 16-bit quotient would be too coarse.
+- float32 / float64 weights on CPU without autocast
+  (``recompute_mask=False``): the backward reads the mask back from the
+  gated weight the forward pass returned,
   ``M = (W * M) / W`` (where ``W * M`` underflows, ``M`` is the mask at
   ``W = 0``: the two agree to float32 precision there). The gated weight
-  is kept for the matrix product's backward anyway, so this costs no
-  memory, and a division is much cheaper than the sigmoid on a CPU (see
+  is kept for the matrix product's backward anyway (when the product's
+  input needs a gradient; ``GatedLinear`` recomputes otherwise), so this
+  costs no memory, and a division is much cheaper than the sigmoid on a CPU (see
   ``benchmarks/RESULTS.md``).
 
 Where ``torch.compile`` works (a C++ compiler on CPU, Triton on CUDA) the
@@ -223,33 +226,41 @@ def compiled_kernels(device_type):
         return EAGER_KERNELS
 
 
-def default_recompute_mask(device):
-    """Whether the fused gate's backward recomputes the mask on a device.
+def default_recompute_mask(weight):
+    """Whether the fused gate's backward recomputes the mask of a weight.
 
     Arguments
     ---------
-    device : torch.device
-        Where the weights live.
+    weight : torch.Tensor
+        The weight matrix about to be gated.
 
     Returns
     -------
     bool
-        False on CPU without autocast: the backward divides the gated
-        weight, which the matrix product keeps anyway, by ``W``
-        (exponentials are the cost there). True on other devices and
-        under autocast: the matrix product then keeps only a low-precision
-        copy of the gated weight, so keeping the float32 one would cost
-        memory.
+        False for a float32 / float64 weight on CPU without autocast: the
+        backward divides the gated weight, which the matrix product keeps
+        anyway, by ``W`` (exponentials are the cost there). True otherwise:
+        on a GPU recomputing reads less memory than the division; under
+        autocast the matrix product keeps a low-precision copy of the gated
+        weight, not the gated weight, so keeping it would cost memory; and
+        in float16 / bfloat16 the quotient is too coarse (and float16's
+        smallest normal number, 6e-5, is the size of typical weights).
 
     Example
     -------
-    >>> default_recompute_mask(torch.device("cpu"))
+    >>> default_recompute_mask(torch.zeros(2))
     False
+    >>> default_recompute_mask(torch.zeros(2, dtype=torch.bfloat16))
+    True
     >>> with torch.autocast("cpu", dtype=torch.bfloat16):
-    ...     default_recompute_mask(torch.device("cpu"))
+    ...     default_recompute_mask(torch.zeros(2))
     True
     """
-    return device.type != "cpu" or torch.is_autocast_enabled(device.type)
+    return (
+        weight.device.type != "cpu"
+        or weight.dtype not in (torch.float32, torch.float64)
+        or torch.is_autocast_enabled(weight.device.type)
+    )
 
 
 def _can_overwrite(grad, weight):
@@ -317,7 +328,7 @@ class FusedPinchFunction(torch.autograd.Function):
         recompute_mask : bool, optional
             The backward recomputes the mask from ``W`` and ``t`` instead
             of dividing the kept ``W * M`` by ``W`` (default:
-            ``default_recompute_mask`` of the weight's device).
+            ``default_recompute_mask(weight)``).
         overwrite_grad : bool
             The backward may write the weight gradient into the gradient
             of ``W * M`` it receives. Only for a caller that feeds ``W * M``
@@ -336,7 +347,7 @@ class FusedPinchFunction(torch.autograd.Function):
             compiled_kernels(weight.device.type) if compiled else EAGER_KERNELS
         )
         if recompute_mask is None:
-            recompute_mask = default_recompute_mask(weight.device)
+            recompute_mask = default_recompute_mask(weight)
         ctx.kernels, ctx.recompute_mask = kernels, recompute_mask
         ctx.overwrite_grad = overwrite_grad
         gated, mask_sum = kernels.forward(weight, threshold, tau)

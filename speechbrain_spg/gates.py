@@ -360,7 +360,7 @@ class SelfPinchingGate(nn.Module):
         """Temperature of each matrix (1-D)."""
         return self.tau_scale * self.scale * self.scale
 
-    def forward(self, index, weight, overwrite_grad=False):
+    def forward(self, index, weight, overwrite_grad=False, recompute_mask=None):
         """Gates one weight matrix.
 
         Arguments
@@ -373,6 +373,9 @@ class SelfPinchingGate(nn.Module):
             On the fused paths, let the backward reuse the gradient buffer
             of the gated weight (see ``FusedPinchFunction``); only for a
             caller that feeds the result to one operation and nothing else.
+        recompute_mask : bool, optional
+            On the fused paths, how the backward gets the mask (see
+            ``FusedPinchFunction``; default: ``default_recompute_mask``).
 
         Returns
         -------
@@ -390,7 +393,7 @@ class SelfPinchingGate(nn.Module):
             threshold,
             tau,
             self.impl == "compiled",
-            None,
+            recompute_mask,
             overwrite_grad,
         )
         self.soft_zeros[index] = soft_zeros
@@ -456,13 +459,15 @@ class GatedLinear(nn.Linear):
         self._cache = None
         self.register_state_dict_post_hook(_save_pruned_weights_as_zeros)
 
-    def effective_weight(self, overwrite_grad=False):
+    def effective_weight(self, overwrite_grad=False, recompute_mask=None):
         """The weight the layer multiplies with: gated, or masked if pruned.
 
         Arguments
         ---------
         overwrite_grad : bool
             Passed to the gate: the result feeds one matrix product only.
+        recompute_mask : bool, optional
+            Passed to the gate (see ``FusedPinchFunction``).
 
         Returns
         -------
@@ -471,7 +476,9 @@ class GatedLinear(nn.Linear):
         """
         if self.mask is not None:
             return self.weight * self.mask
-        return self.gate(self.index, self.weight, overwrite_grad)
+        return self.gate(
+            self.index, self.weight, overwrite_grad, recompute_mask
+        )
 
     def forward(self, x):
         """Linear transform with the effective weight.
@@ -488,7 +495,13 @@ class GatedLinear(nn.Linear):
         """
         if self.training or torch.is_grad_enabled():
             self._cache = None
-            weight = self.effective_weight(overwrite_grad=True)
+            # The product keeps the gated weight for its backward only if
+            # x needs a gradient; otherwise reading the mask back from it
+            # would keep it alive just for that: recompute instead.
+            weight = self.effective_weight(
+                overwrite_grad=True,
+                recompute_mask=None if x.requires_grad else True,
+            )
             return F.linear(x, weight, self.bias)
         key = (
             self.weight._version,

@@ -6,11 +6,18 @@ thresholds and the multipliers, within float32 rounding, for a whole lobe
 training step (task loss + sparsity loss).
 """
 
+import functools
+
 import pytest
 import torch
 
 from speechbrain_spg.fused_gate import FusedPinchFunction
-from speechbrain_spg.gates import PinchFunction, SoftZerosFunction
+from speechbrain_spg.gates import (
+    GatedLinear,
+    PinchFunction,
+    SelfPinchingGate,
+    SoftZerosFunction,
+)
 from speechbrain_spg.lobes import SPGWav2Vec2
 
 
@@ -90,31 +97,101 @@ def test_gradients_seen_by_user_code_are_left_alone(recompute_mask):
     torch.testing.assert_close(grad_w, expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("tau", [8e-6, 1e-3])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_mask_read_back_from_gated_weight_at_zero_and_tiny_weights(compiled):
+def test_mask_read_back_from_gated_weight_at_zero_and_tiny_weights(
+    compiled, tau
+):
     """The CPU backward divides W * M by W; at W = 0, at weights so small
     that W * M underflows and at masks that underflow it must still give
-    the gradients of the recomputed mask (within float32 rounding)."""
+    the gradients of the recomputed mask (within float32 rounding).
+
+    tau 8e-6: the mask of 3e-3 underflows float32 (about 1e-43); tau 1e-3:
+    the mask at W = 0 is sigmoid(-0.8) = 0.31, so the value taken there
+    matters.
+    """
     weight = torch.tensor(
-        [0.0, -0.0, 1e-30, -1e-25, 1e-20, 3e-3, 0.02, -0.04, 0.05, 0.3, -2.0]
+        [0.0, -0.0, 1e-39, 1e-30, -1e-25, 1e-20, 3e-3, 0.02, -0.04, 0.05]
+        + [0.3, -2.0]
     )
     threshold = torch.tensor(0.04)
-    # tau so small that the mask of 3e-3 underflows float32 (about 1e-43).
-    tau = torch.tensor(8e-6)
     upstream = torch.linspace(-1.0, 1.0, weight.numel())
 
     def grads(recompute):
         w = weight.clone().requires_grad_()
         t = threshold.clone().requires_grad_()
-        gated, zeros = FusedPinchFunction.apply(w, t, tau, compiled, recompute)
+        gated, zeros = FusedPinchFunction.apply(
+            w, t, torch.tensor(tau), compiled, recompute
+        )
         ((gated * upstream).sum() + 2.0 * zeros).backward()
         return w.grad, t.grad
 
     reference = grads(True)
     from_gated = grads(False)
+    if tau == 1e-3:
+        assert reference[0][:2].abs().min() > 0.1  # M(0) * upstream
     assert torch.isfinite(from_gated[0]).all()
     for fast, ref in zip(from_gated, reference):
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_get_accurate_gradients(dtype):
+    """16-bit weights take the recomputing backward by default: a mask read
+    back from a 16-bit W * M would be off by 8% (bfloat16) to 70% (float16,
+    whose smallest normal number, 6e-5, is the size of small weights)."""
+    torch.manual_seed(0)
+    weight = (torch.randn(64, 48) * 0.05).to(dtype)
+    threshold = torch.tensor(0.05).to(dtype)
+    tau = torch.tensor(0.05 * 0.05**2).to(dtype)
+    upstream = torch.randn(64, 48, dtype=torch.float64)
+    # Exact gradient at the same (rounded) numbers, in float64.
+    w = weight.double().requires_grad_()
+    gated = PinchFunction.apply(w, threshold.double(), tau.double())
+    (gated * upstream).sum().backward()
+    exact = w.grad
+    w = weight.clone().requires_grad_()
+    gated, _ = FusedPinchFunction.apply(w, threshold, tau, True)
+    (gated.double() * upstream).sum().backward()
+    error = (w.grad.double() - exact).abs()
+    # Compiled kernels compute in float32; the result is rounded to dtype.
+    assert (error <= 0.02 * exact.abs() + 1e-3 * exact.abs().max()).all()
+
+
+def record(saved, tensor):
+    """Pack hook: notes a tensor autograd saves."""
+    saved.append(tensor)
+    return tensor
+
+
+def test_gated_linear_keeps_no_gated_weight_when_its_input_needs_no_grad():
+    """F.linear keeps the gated weight only when its input needs a
+    gradient; otherwise the backward recomputes the mask rather than keep
+    W * M alive just to read the mask back."""
+    layer = torch.nn.Linear(48, 64)
+    gate = SelfPinchingGate(
+        layer.weight.detach().std().reshape(1), [0], 0.05, 0.5, impl="fused"
+    )
+    gated = GatedLinear(layer, gate, 0)
+    sizes = {}
+    for needs_grad in (True, False):
+        saved = []
+        x = torch.randn(3, 48, requires_grad=needs_grad)
+        with torch.autograd.graph.saved_tensors_hooks(
+            functools.partial(record, saved), lambda t: t
+        ):
+            out = gated(x)
+        weight_sized = {
+            t.untyped_storage().data_ptr()
+            for t in saved
+            if t.numel() == layer.weight.numel()
+        }
+        sizes[needs_grad] = len(weight_sized)
+        out.sum().backward()
+        assert layer.weight.grad is not None
+        layer.weight.grad = None
+    # W and W * M (shared by the product and the gate) / W only.
+    assert sizes == {True: 2, False: 1}
 
 
 def test_fused_backward_refuses_double_backward():

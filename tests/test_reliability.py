@@ -773,13 +773,39 @@ for bad_rank in (None, 1, 0):
     loss = torch.tensor(float("nan") if rank == bad_rank else 1.5)
     decisions.append(train.nonfinite_on_any_rank(loss))
 print("decisions", decisions)
+# The recipe's skip with a DDP-wrapped model: NaN on rank 1 in the first
+# batch, finite everywhere in the second; no rank may wait for the others.
+torch.manual_seed(0)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+steps = 0
+for batch in range(2):
+    x = torch.full((2, 4), float(rank + 1))
+    loss = model(x).pow(2).mean()
+    if batch == 0 and rank == 1:
+        loss = loss * float("nan")
+    if train.nonfinite_on_any_rank(loss):
+        optimizer.zero_grad(set_to_none=True)
+        continue
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    steps += 1
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+gathered = [torch.zeros_like(flat) for _ in range(2)]
+torch.distributed.all_gather(gathered, flat)
+print("steps", steps, "equal", torch.equal(gathered[0], gathered[1]))
+# As train.py does: without a barrier gloo may abort a rank at exit.
+del model
+torch.distributed.barrier()
 torch.distributed.destroy_process_group()
 """
 
 
 def test_every_ddp_rank_skips_a_batch_non_finite_on_one_rank(tmp_path):
     """Under DDP a loss that is NaN on one process only makes every process
-    skip the batch (a lone skip would hang the others' all-reduce)."""
+    skip the batch (a lone skip would hang the others' all-reduce); with a
+    DDP-wrapped model the ranks then train on and stay identical."""
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     init_file = tmp_path / "init"
@@ -810,6 +836,7 @@ def test_every_ddp_rank_skips_a_batch_non_finite_on_one_rank(tmp_path):
     for process, output in zip(ranks, outputs):
         assert process.returncode == 0, output[-3000:]
         assert "decisions [False, True, True]" in output, output[-3000:]
+        assert "steps 1 equal True" in output, output[-3000:]
 
 
 # --------------------------------------------------------------------------
