@@ -20,15 +20,21 @@ from speechbrain_spg.gates import (
 )
 from speechbrain_spg.lobes import SPGWav2Vec2
 
+#: CPU always; CUDA too where a GPU is present (not generated elsewhere).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("recompute_mask", [False, True])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_fused_function_matches_reference_functions(compiled, recompute_mask):
+def test_fused_function_matches_reference_functions(
+    compiled, recompute_mask, device
+):
     torch.manual_seed(0)
-    weight = torch.randn(64, 48) * 0.05
-    threshold = torch.tensor(0.04)
-    tau = torch.tensor(0.02 * 0.05**2)
-    upstream = torch.randn(64, 48)
+    weight = torch.randn(64, 48, device=device) * 0.05
+    threshold = torch.tensor(0.04, device=device)
+    tau = torch.tensor(0.02 * 0.05**2, device=device)
+    upstream = torch.randn(64, 48, device=device)
 
     def run(fused):
         w = weight.clone().requires_grad_()
@@ -206,7 +212,7 @@ def test_fused_backward_refuses_double_backward():
         grad_t.backward()
 
 
-def lobe_step(source, impl, layerdrop=0.0, seed=1, dtype=None):
+def lobe_step(source, impl, layerdrop=0.0, seed=1, dtype=None, device="cpu"):
     """One training step of a tiny lobe; returns outputs and gradients.
 
     Also returns how many matrices the forward pass gated on the fused
@@ -221,15 +227,15 @@ def lobe_step(source, impl, layerdrop=0.0, seed=1, dtype=None):
         gate_impl=impl,
     )
     lobe.model.config.layerdrop = layerdrop
-    lobe.train()
+    lobe.to(device).train()
     lobe.gate.step += 5
     lobe.regularizer.multiplier_param.data.fill_(0.3)
     torch.manual_seed(seed)
-    wav = torch.randn(2, 4000)
+    wav = torch.randn(2, 4000).to(device)
     for module in lobe.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+    with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
         out = lobe(wav)
     recorded = len(lobe.gate.soft_zeros)
     sparsity_loss = lobe.sparsity_loss()
@@ -242,10 +248,13 @@ def lobe_step(source, impl, layerdrop=0.0, seed=1, dtype=None):
     return out.detach(), sparsity_loss.detach(), grads, recorded
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["fused", "compiled"])
-def test_lobe_step_matches_reference(wav2vec2_source, impl):
-    ref_out, ref_loss, ref_grads, _ = lobe_step(wav2vec2_source, "reference")
-    out, loss, grads, recorded = lobe_step(wav2vec2_source, impl)
+def test_lobe_step_matches_reference(wav2vec2_source, impl, device):
+    ref_out, ref_loss, ref_grads, _ = lobe_step(
+        wav2vec2_source, "reference", device=device
+    )
+    out, loss, grads, recorded = lobe_step(wav2vec2_source, impl, device=device)
     assert recorded == 12
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
@@ -283,15 +292,20 @@ def test_layerdrop_skipped_block_still_counts_in_the_sparsity_loss(
         )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["fused", "compiled"])
-def test_bfloat16_autocast_step_matches_reference(wav2vec2_source, impl):
+def test_bfloat16_autocast_step_matches_reference(
+    wav2vec2_source, impl, device
+):
     """Under bf16 autocast the gate still runs in float32 (the cast to
     bf16 happens in the matmul), so both paths agree as in float32."""
     dtype = torch.bfloat16
     ref_out, ref_loss, ref_grads, _ = lobe_step(
-        wav2vec2_source, "reference", dtype=dtype
+        wav2vec2_source, "reference", dtype=dtype, device=device
     )
-    out, loss, grads, recorded = lobe_step(wav2vec2_source, impl, dtype=dtype)
+    out, loss, grads, recorded = lobe_step(
+        wav2vec2_source, impl, dtype=dtype, device=device
+    )
     assert out.dtype == dtype and recorded == 12
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one prepared run, for a lent GPU machine
+# (the `device` tool: 15 minutes per session; see benchmarks/RESULTS.md).
+#
+#   1. the CUDA cases of tests/test_fused_gate.py (fused and compiled gate
+#      vs the reference on CUDA: outputs, gradients, bf16 autocast step);
+#   2. python benchmarks/gate_overhead.py --device cuda (wav2vec2-base and
+#      HuBERT-large, batch 8 x 15 s, bf16 autocast).
+#
+# The GPU image has torch, transformers and pytest but not SpeechBrain. On the
+# CPU machine, once, in the repository root:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 \
+#     --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 -d .whl speechbrain==1.1.2 \
+#     hyperpyyaml==1.2.3 ruamel.yaml==0.18.17 ruamel.yaml.clib soundfile cffi \
+#     pycparser
+# then run this script with `.whl` carried (device tool: carry [".whl"],
+# command `bash benchmarks/gpu_checks.sh`, timeout_s 600; a first start takes minutes).
+# Logs go to $OUT (device tool) or ./gpu_checks_out.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_checks_out}
+mkdir -p "$out"
+if ! python3 -c "import speechbrain" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
+    > "$out/device.txt" 2>&1
+python3 -c "import torch, transformers; print(torch.__version__, \
+transformers.__version__, torch.cuda.get_device_name())" >> "$out/device.txt"
+timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+    tests/test_fused_gate.py -k cuda 2>&1 | tee "$out/tests.txt"
+tests=${PIPESTATUS[0]}
+timeout 400 python3 benchmarks/gate_overhead.py --device cuda 2>&1 \
+    | tee "$out/gate_overhead.txt"
+bench=${PIPESTATUS[0]}
+echo "tests exit $tests, gate_overhead exit $bench" | tee -a "$out/device.txt"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
