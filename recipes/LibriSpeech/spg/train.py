@@ -22,6 +22,7 @@ Authors
  * speechbrain-spg developers 2026
 """
 
+import gc
 import json
 import os
 import shutil
@@ -990,7 +991,9 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     run_recipe(hparams_file, run_opts, overrides)
     if torch.distributed.is_initialized():
-        # Every rank waits for the main one's files, then the group is shut
-        # down cleanly (without this, gloo may abort a rank at exit).
+        # The DDP-wrapped modules (their reducers use the process group) go
+        # first, every rank waits for the main one's files, then the group
+        # is shut down (otherwise gloo may abort a rank at exit).
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
