@@ -22,12 +22,12 @@ What the backward starts from depends on the device:
   not ``W * M`` itself, and a 16-bit quotient would be too coarse.
 - float32 / float64 weights on CPU without autocast
   (``recompute_mask=False``): the backward reads the mask back from the
-  gated weight the forward pass returned,
-  ``M = (W * M) / W`` (where ``W * M`` underflows, ``M`` is the mask at
-  ``W = 0``: the two agree to float32 precision there). The gated weight
-  is kept for the matrix product's backward anyway (when the product's
-  input needs a gradient; ``GatedLinear`` recomputes otherwise), so this
-  costs no memory, and a division is much cheaper than the sigmoid on a CPU (see
+  gated weight the forward pass returned, ``M = (W * M) / W`` (where
+  ``W * M`` underflows, ``M`` is the mask at ``W = 0``: the two agree to
+  float32 precision there). The gated weight is kept for the matrix
+  product's backward anyway (when the product's input needs a gradient;
+  ``GatedLinear`` recomputes otherwise), so this costs no memory, and a
+  division is much cheaper than the sigmoid on a CPU (see
   ``benchmarks/RESULTS.md``).
 
 Where ``torch.compile`` works (a C++ compiler on CPU, Triton on CUDA) the
