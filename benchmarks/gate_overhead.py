@@ -22,7 +22,10 @@ forward pass (``--zero-grad before-backward`` clears them between forward
 and backward instead, as many plain PyTorch loops do: the previous step's
 gradients are then alive during the forward pass). CPU mode uses short audio so it
 finishes in minutes on a laptop; CUDA mode uses batch 8 x 15 s under bf16
-autocast. The last line reads
+autocast. Timings of separate processes vary by several percent on a
+shared CPU: ``--rounds N`` measures every variant N times, interleaved, and
+reports medians of the per-round ratios with their range. The last line
+reads
 ``step-time ratio spg/dense: reference R, fast F`` where F is the best of the
 fused variants.
 
@@ -222,6 +225,43 @@ def measure_in_fresh_process(variant, source, args):
         return pool.submit(measure, variant, source, args).result()
 
 
+def median_ratio(rounds, variant, key):
+    """Median over rounds of ``variant``'s ``key`` over dense's, same round.
+
+    None when a round has no value (peak memory where /proc is missing).
+    """
+    values = [
+        r[variant][key] / r["dense"][key]
+        for r in rounds
+        if r[variant][key] and r["dense"][key]
+    ]
+    return statistics.median(values) if len(values) == len(rounds) else None
+
+
+def print_table(rounds):
+    """One row per variant: medians over rounds; the step ratio's range."""
+    header = (
+        f"{'variant':>18} {'step s':>8} {'ratio':>6} {'eval s':>8}"
+        f" {'ratio':>6} {'peak mem ratio':>14}"
+    )
+    many = len(rounds) > 1
+    print(header + (f" {'step ratio range':>16}" if many else ""))
+    for variant in rounds[0]:
+        step = statistics.median(r[variant]["step"] for r in rounds)
+        evaluation = statistics.median(r[variant]["eval"] for r in rounds)
+        memory = median_ratio(rounds, variant, "peak")
+        memory = f"{memory:>14.3f}" if memory else f"{'n/a':>14}"
+        row = (
+            f"{variant:>18} {step:>8.3f} "
+            f"{median_ratio(rounds, variant, 'step'):>6.3f} {evaluation:>8.3f} "
+            f"{median_ratio(rounds, variant, 'eval'):>6.3f} {memory}"
+        )
+        if many:
+            each = [r[variant]["step"] / r["dense"]["step"] for r in rounds]
+            row += f" {f'{min(each):.3f}-{max(each):.3f}':>16}"
+        print(row)
+
+
 def main(argv=None):
     """Runs every model x variant and prints ratios to dense."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -235,6 +275,13 @@ def main(argv=None):
         type=int,
         default=None,
         help="timed evaluation passes (default: 3 x --steps; they are short)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every variant this many times, interleaved, each in "
+        "a fresh process; ratios are medians of per-round ratios",
     )
     parser.add_argument(
         "--zero-grad",
@@ -252,6 +299,8 @@ def main(argv=None):
         help="audio per utterance; default: 15 (cuda), 1 (cpu)",
     )
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     quiet()
     gpu = args.device == "cuda"
     args.batch = args.batch or (8 if gpu else 2)
@@ -266,35 +315,23 @@ def main(argv=None):
         f"zero_grad {args.zero_grad}; "
         f"peak memory = {memory} during the timed steps; "
         f"{torch.get_num_threads()} CPU threads; each variant in a fresh "
-        "process"
+        f"process; {args.rounds} round(s)"
     )
     ratios = {v: [] for v in args.variants if v != "dense"}
     with tempfile.TemporaryDirectory() as work:
         for hub_id in args.models:
             source = save_random_model(hub_config(hub_id), f"{work}/{hub_id}")
-            results = {
-                v: measure_in_fresh_process(v, source, args)
-                for v in args.variants
-            }
-            dense = results["dense"]
+            rounds = [
+                {
+                    v: measure_in_fresh_process(v, source, args)
+                    for v in args.variants
+                }
+                for _ in range(args.rounds)
+            ]
             print(f"\n{hub_id} (random weights)")
-            print(
-                f"{'variant':>18} {'step s':>8} {'ratio':>6} {'eval s':>8}"
-                f" {'ratio':>6} {'peak mem ratio':>14}"
-            )
-            for variant, r in results.items():
-                mem = (
-                    f"{r['peak'] / dense['peak']:>14.3f}"
-                    if r["peak"] and dense["peak"]
-                    else f"{'n/a':>14}"
-                )
-                print(
-                    f"{variant:>18} {r['step']:>8.3f} "
-                    f"{r['step'] / dense['step']:>6.3f} {r['eval']:>8.3f} "
-                    f"{r['eval'] / dense['eval']:>6.3f} {mem}"
-                )
-                if variant != "dense":
-                    ratios[variant].append(r["step"] / dense["step"])
+            print_table(rounds)
+            for variant in ratios:
+                ratios[variant].append(median_ratio(rounds, variant, "step"))
     worst = {v: max(r) for v, r in ratios.items()}
     fast = [worst[v] for v in worst if v != "reference"]
     reference = worst.get("reference", float("nan"))

@@ -44,6 +44,7 @@ def test_gate_overhead_prints_a_table_and_the_ratio_line(monkeypatch, capsys):
     gate_overhead.main(
         ["--models", "facebook/wav2vec2-base", "--variants", *variants]
         + ["--steps", "1", "--warmup", "1", "--eval-steps", "1"]
+        + ["--rounds", "2"]
     )
     lines = capsys.readouterr().out.strip().splitlines()
     assert "zero_grad after-step" in lines[0]
@@ -52,9 +53,13 @@ def test_gate_overhead_prints_a_table_and_the_ratio_line(monkeypatch, capsys):
     rows = {line.split()[0]: line.split()[1:] for line in table}
     assert list(rows) == variants
     assert rows["dense"][1] == "1.000" and rows["dense"][3] == "1.000"
+    assert rows["dense"][5] == "1.000-1.000"
     for cells in rows.values():
-        step, ratio, evaluation, eval_ratio, memory = map(float, cells)
+        step, ratio, evaluation, eval_ratio, memory = map(float, cells[:5])
         assert step > 0 and evaluation > 0 and memory > 0
+        low, high = map(float, cells[5].split("-"))
+        # The median of two per-round ratios lies between them.
+        assert low <= ratio <= high
     match = re.fullmatch(
         r"step-time ratio spg/dense: reference nan, fast (\d+\.\d{3})",
         lines[-1],
