@@ -164,7 +164,9 @@ def _with_eager_fallback(compiled, eager):
     def run(*args):
         if not state["failed"]:
             try:
-                return compiled(*args)
+                # Plain views: Dynamo gives parameters static shapes, which
+                # would compile the kernel once per weight shape.
+                return compiled(*(arg.detach() for arg in args))
             except Exception as error:  # noqa: BLE001 - any compiler problem
                 state["failed"] = True
                 warnings.warn(
@@ -213,12 +215,20 @@ def compiled_kernels(device_type):
             torch.compile(f, dynamic=True, fullgraph=True) for f in eager
         ]
         forward, backward, from_gated, soft_zeros = compiled
-        probe = torch.ones(4, device=device_type)
-        scalar = torch.tensor(0.5, device=device_type)
-        gated, _ = forward(probe, scalar, scalar)
-        backward(probe, scalar, scalar, probe.clone(), scalar)
-        from_gated(probe, gated, scalar, scalar, probe.clone(), scalar)
-        soft_zeros(probe, scalar, scalar)
+        # Called as training calls them (a non-square matrix, distinct
+        # scalars, inside autograd where grad mode is off), so that training
+        # reuses these kernels for every weight shape instead of compiling
+        # them again.
+        weight = torch.ones(4, 6, device=device_type)
+        threshold = torch.tensor(0.5, device=device_type)
+        tau = torch.tensor(0.25, device=device_type)
+        grad_zeros = torch.tensor(1.0, device=device_type)
+        with torch.no_grad():
+            gated, _ = forward(weight, threshold, tau)
+            grad = torch.ones_like(weight)
+            backward(weight, threshold, tau, grad, grad_zeros)
+            from_gated(weight, gated, threshold, tau, grad, grad_zeros)
+            soft_zeros(weight, threshold, tau)
         return GateKernels(
             *(map(_with_eager_fallback, compiled, eager)), compiled=True
         )

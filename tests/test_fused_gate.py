@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-from speechbrain_spg.fused_gate import FusedPinchFunction
+from speechbrain_spg.fused_gate import FusedPinchFunction, compiled_kernels
 from speechbrain_spg.gates import (
     GatedLinear,
     PinchFunction,
@@ -265,6 +265,19 @@ def test_lobe_step_matches_reference(wav2vec2_source, impl, device):
         torch.testing.assert_close(
             grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name
         )
+
+
+def test_training_reuses_the_probe_compiled_kernels(wav2vec2_source):
+    """compiled_kernels compiles each kernel once, for every weight shape:
+    a training step (square, wide and tall matrices, all parameters)
+    compiles nothing more."""
+    from torch._dynamo.utils import counters
+
+    compiled_kernels("cpu")
+    before = counters["stats"]["unique_graphs"]
+    lobe_step(wav2vec2_source, "compiled")
+    lobe_step(wav2vec2_source, "compiled", seed=2)
+    assert counters["stats"]["unique_graphs"] == before
 
 
 @pytest.mark.parametrize("impl", ["fused", "compiled"])
