@@ -225,16 +225,19 @@ def measure_in_fresh_process(variant, source, args):
         return pool.submit(measure, variant, source, args).result()
 
 
-def median_ratio(rounds, variant, key):
-    """Median over rounds of ``variant``'s ``key`` over dense's, same round.
-
-    None when a round has no value (peak memory where /proc is missing).
-    """
-    values = [
+def round_ratios(rounds, variant, key):
+    """``variant``'s ``key`` over dense's, one per round that has both."""
+    return [
         r[variant][key] / r["dense"][key]
         for r in rounds
         if r[variant][key] and r["dense"][key]
     ]
+
+
+def median_ratio(rounds, variant, key):
+    """Median of ``round_ratios``; None when a round has no value (peak
+    memory where /proc is missing)."""
+    values = round_ratios(rounds, variant, key)
     return statistics.median(values) if len(values) == len(rounds) else None
 
 
@@ -257,7 +260,7 @@ def print_table(rounds):
             f"{median_ratio(rounds, variant, 'eval'):>6.3f} {memory}"
         )
         if many:
-            each = [r[variant]["step"] / r["dense"]["step"] for r in rounds]
+            each = round_ratios(rounds, variant, "step")
             row += f" {f'{min(each):.3f}-{max(each):.3f}':>16}"
         print(row)
 
