@@ -340,8 +340,9 @@ class ASR(sb.Brain):
         if gate_params:
             self.gate_optimizer = self.hparams.gate_opt_class(gate_params)
             self.optimizers_dict["gate"] = self.gate_optimizer
-        # Run-level state kept in checkpoints; run_recipe creates them
-        # earlier (the clock must count UMP's pruning).
+        # Run-level state kept in checkpoints, made here before the
+        # checkpoint is recovered (run_recipe starts the clock earlier, so
+        # that it counts UMP's pruning).
         if not hasattr(self, "stopwatch"):
             self.stopwatch = Stopwatch()
         if not hasattr(self, "skipped_nonfinite"):
@@ -792,7 +793,6 @@ def run_recipe(hparams_file, run_opts, overrides):
     )
     brain.tokenizer = tokenizer
     brain.history, brain.trace = [], TrainingTrace()
-    brain.skipped_nonfinite = Counter()
     if hparams["decoder"] == "ctc" and hparams["test_search"] == "beam":
         vocab = token_strings(tokenizer, hparams)
         brain.ctc_beam_searcher = sb.decoders.ctc.CTCBeamSearcher(
