@@ -342,6 +342,11 @@ class SelfPinchingGate(nn.Module):
         self.register_buffer("group", torch.tensor(groups, dtype=torch.long))
         self.register_buffer("pruned", torch.tensor(False))
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
+        # The group of each matrix as Python ints: indexing the thresholds
+        # with an element of the ``group`` buffer would read it back from
+        # the device (a GPU synchronisation per gated matrix and step).
+        self._groups = tuple(int(g) for g in groups)
+        self.register_load_state_dict_post_hook(_read_back_groups)
 
     @property
     def num_groups(self):
@@ -382,10 +387,13 @@ class SelfPinchingGate(nn.Module):
         torch.Tensor
             ``W * M``.
         """
+        # Python-int indexing only (views, no device read-back); the same
+        # arithmetic as ``thresholds()[index]`` and ``taus()[index]``.
+        scale = self.scale[index]
         threshold = (
-            self.group_thresholds()[self.group[index]] * self.scale[index]
+            self.threshold_param[self._groups[index]] * self.lr_scale * scale
         )
-        tau = self.taus()[index]
+        tau = self.tau_scale * scale * scale
         if self.impl == "reference" or not torch.is_grad_enabled():
             return PinchFunction.apply(weight, threshold, tau)
         gated, soft_zeros = FusedPinchFunction.apply(
@@ -418,6 +426,11 @@ class SelfPinchingGate(nn.Module):
         return {
             i: self.soft_zeros[i] for i in range(count) if i in self.soft_zeros
         }
+
+
+def _read_back_groups(gate, incompatible_keys):
+    """After ``load_state_dict``, the Python copy of the ``group`` buffer."""
+    gate._groups = tuple(gate.group.tolist())
 
 
 class GatedLinear(nn.Linear):

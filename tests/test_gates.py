@@ -245,3 +245,51 @@ def test_no_cache_in_training_or_with_gradients():
     gated.eval()
     y = gated(x)
     assert gated._cache is None and y.requires_grad
+
+
+def _device_reads(fn):
+    """How many times ``fn`` reads a tensor value back to Python
+    (``aten::_local_scalar_dense``: ``.item()``, ``int(t)``, indexing with a
+    0-d tensor); on a GPU each is a synchronisation."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU]
+    ) as prof:
+        fn()
+    return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "compiled"])
+def test_gating_reads_nothing_back_from_the_device(impl):
+    """Gating a matrix forward and backward needs no device read-back: on
+    a GPU one per gated matrix would stall the host every layer."""
+    torch.manual_seed(11)
+    layers = [nn.Linear(6, 5) for _ in range(4)]
+    scales = torch.stack([layer.weight.detach().std() for layer in layers])
+    gate = SelfPinchingGate(scales, [0, 1, 1, 2], 0.05, 0.5, impl=impl)
+    gated = [GatedLinear(layer, gate, i) for i, layer in enumerate(layers)]
+    x = torch.randn(3, 6, requires_grad=True)
+
+    def step():
+        sum(layer(x).sum() for layer in gated).backward()
+
+    step()  # compiles the kernels of the compiled path first
+    assert _device_reads(step) == 0
+    assert gate.threshold_param.grad.abs().min() > 0
+
+
+def test_group_of_each_matrix_follows_a_loaded_state_dict():
+    """The gate indexes thresholds with a Python copy of its ``group``
+    buffer; loading a state dict with other groups updates that copy."""
+    weight = torch.tensor([[0.1, 2.0]])
+    gate = SelfPinchingGate(torch.ones(2), [0, 1], 0.05, 0.5)
+    state = gate.state_dict()
+    state["threshold_param"] = torch.tensor([0.5, 1.5])
+    state["group"] = torch.tensor([1, 0])
+    gate.load_state_dict(state)
+    for index in range(2):
+        expected = gate.thresholds()[index]
+        assert expected == 1.5 - index
+        torch.testing.assert_close(
+            gate(index, weight),
+            pinch_reference(weight, expected, gate.taus()[index]),
+        )
