@@ -13,6 +13,9 @@ fine-tuning step (forward, CTC loss + sparsity loss, backward, Adam step) of
   the compiled gate with a given backward instead of the device's default:
   recompute the mask from ``W`` and ``t`` (the CUDA default), or read it
   back from the kept gated weight (the CPU default),
+- optionally (``--variants ... compiled_float32_gate``) the compiled gate
+  returning float32 under autocast (the matrix product casts it, as before
+  the gate learnt to cast in its own kernel; CUDA mode),
 
 plus evaluation-mode inference (cached gated weights) and peak memory. The
 CNN front end is frozen, as in the recipes. The step runs in the order of
@@ -53,7 +56,7 @@ import torch.nn.functional as F
 import transformers
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
-from speechbrain_spg import fused_gate
+from speechbrain_spg import fused_gate, gates
 from speechbrain_spg.architectures import hub_config, save_random_model
 from speechbrain_spg.lobes import SPGWav2Vec2
 
@@ -65,10 +68,14 @@ RECOMPUTE = {"compiled_recompute": True, "compiled_from_gated": False}
 
 def build(variant, source, device):
     """The lobe under test and a linear CTC head."""
+    # The patches hold for this process only (each variant runs in a fresh
+    # one).
     if variant in RECOMPUTE:
-        # This process only (each variant runs in a fresh one).
         recompute = RECOMPUTE[variant]
         fused_gate.default_recompute_mask = lambda weight: recompute
+        variant = "compiled"
+    if variant == "compiled_float32_gate":
+        gates.autocast_dtype = lambda weight: None
         variant = "compiled"
     if variant == "dense":
         lobe = Wav2Vec2(source, save_path="", freeze_feature_extractor=True)
@@ -197,11 +204,15 @@ def measure(variant, source, args):
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak
     lobe.eval()
     eval_times = []
-    with torch.no_grad(), autocast():
-        lobe(wav)
+    # One autocast region per pass, as SpeechBrain enters one per batch
+    # (autocast caches casts of parameters within a region only).
+    with torch.no_grad():
+        with autocast():
+            lobe(wav)
         for _ in range(args.eval_steps):
             start = time.perf_counter()
-            lobe(wav)
+            with autocast():
+                lobe(wav)
             synchronize(device)
             eval_times.append(time.perf_counter() - start)
     del lobe, head, optimizer

@@ -2,10 +2,15 @@
 # Every GPU check of the project in one prepared run, for a lent GPU machine
 # (the `device` tool: 15 minutes per session; see benchmarks/RESULTS.md).
 #
-#   1. the CUDA cases of tests/test_fused_gate.py (fused and compiled gate
-#      vs the reference on CUDA: outputs, gradients, bf16 autocast step);
+#   1. the CUDA cases of tests/test_fused_gate.py and tests/test_gates.py
+#      (fused and compiled gate vs the reference on CUDA: outputs,
+#      gradients, bf16 autocast step, the cast in the gate's kernel, no
+#      device read-back while gating);
 #   2. python benchmarks/gate_overhead.py --device cuda (wav2vec2-base and
-#      HuBERT-large, batch 8 x 15 s, bf16 autocast).
+#      HuBERT-large, batch 8 x 15 s, bf16 autocast), with the A/B variant
+#      compiled_float32_gate (the product casts the gated weight);
+#   3. python benchmarks/gate_profile.py --device cuda (HuBERT-large, dense
+#      and compiled: wall vs device-busy time per step, top kernels).
 #
 # The GPU image has torch, transformers and pytest but not SpeechBrain. On the
 # CPU machine, once, in the repository root:
@@ -34,11 +39,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
     > "$out/device.txt" 2>&1
 python3 -c "import torch, transformers; print(torch.__version__, \
 transformers.__version__, torch.cuda.get_device_name())" >> "$out/device.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/test_fused_gate.py -k cuda 2>&1 | tee "$out/tests.txt"
+timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+    tests/test_fused_gate.py tests/test_gates.py -k cuda 2>&1 \
+    | tee "$out/tests.txt"
 tests=${PIPESTATUS[0]}
-timeout 400 python3 benchmarks/gate_overhead.py --device cuda 2>&1 \
+timeout 300 python3 benchmarks/gate_overhead.py --device cuda --variants \
+    dense reference compiled compiled_float32_gate 2>&1 \
     | tee "$out/gate_overhead.txt"
 bench=${PIPESTATUS[0]}
-echo "tests exit $tests, gate_overhead exit $bench" | tee -a "$out/device.txt"
-[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
+timeout 90 python3 benchmarks/gate_profile.py --device cuda 2>&1 \
+    > "$out/gate_profile.txt"
+profile=$?
+grep "^== " "$out/gate_profile.txt"
+echo "tests exit $tests, gate_overhead exit $bench, gate_profile exit" \
+    "$profile" | tee -a "$out/device.txt"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$profile" -eq 0 ]

@@ -30,6 +30,12 @@ What the backward starts from depends on the device:
   division is much cheaper than the sigmoid on a CPU (see
   ``benchmarks/RESULTS.md``).
 
+Under autocast, ``GatedLinear`` asks for ``W * M`` in the autocast dtype
+(``out_dtype``): the forward kernel casts it, so the matrix product has no
+float32 copy to cast in a pass of its own, and the backward kernel reads the
+low-precision gradient and writes the float32 weight gradient in one pass.
+The numbers are those of casting a float32 ``W * M``.
+
 Where ``torch.compile`` works (a C++ compiler on CPU, Triton on CUDA) the
 element-wise math is compiled into single kernels; otherwise the same math
 runs as eager PyTorch operations. Both give the reference numbers within
@@ -52,10 +58,14 @@ def _mask(weight, threshold, tau):
     return torch.sigmoid((weight * weight - threshold * threshold) / (2 * tau))
 
 
-def _forward_math(weight, threshold, tau):
-    """Gated weight and sum of the mask, from one mask computation."""
+def _forward_math(weight, threshold, tau, dtype=None):
+    """Gated weight (cast to ``dtype`` if given) and sum of the mask, from
+    one mask computation."""
     mask = _mask(weight, threshold, tau)
-    return weight * mask, mask.sum()
+    gated = weight * mask
+    if dtype is not None:
+        gated = gated.to(dtype)
+    return gated, mask.sum()
 
 
 def _soft_zeros_math(weight, threshold, tau):
@@ -64,9 +74,8 @@ def _soft_zeros_math(weight, threshold, tau):
     return mask.sum(), (mask * (1 - mask)).sum() / tau
 
 
-def _gradients_inplace(weight, mask, threshold, tau, grad_out, grad_zeros):
-    """Backward from a mask: threshold gradient returned, the weight
-    gradient written into ``grad_out``.
+def _chain_rule(weight, mask, threshold, tau, grad, grad_zeros):
+    """``d(W M)/dW`` and the threshold gradient, from a mask.
 
     With ``slope = dM/d(W^2) * 2 = M (1 - M) / tau``:
     ``d(W M)/dW = M + W^2 slope``, ``d(W M)/dt = -t W slope`` and
@@ -74,9 +83,18 @@ def _gradients_inplace(weight, mask, threshold, tau, grad_out, grad_zeros):
     """
     slope = mask * (1 - mask) / tau
     grad_threshold = threshold * (
-        grad_zeros * slope.sum() - (grad_out * weight * slope).sum()
+        grad_zeros * slope.sum() - (grad * weight * slope).sum()
     )
-    grad_out.mul_(mask + weight * weight * slope)
+    return mask + weight * weight * slope, grad_threshold
+
+
+def _gradients_inplace(weight, mask, threshold, tau, grad_out, grad_zeros):
+    """Backward from a mask: threshold gradient returned, the weight
+    gradient written into ``grad_out``."""
+    factor, grad_threshold = _chain_rule(
+        weight, mask, threshold, tau, grad_out, grad_zeros
+    )
+    grad_out.mul_(factor)
     return grad_threshold
 
 
@@ -86,6 +104,19 @@ def _backward_math_inplace(weight, threshold, tau, grad_out, grad_zeros):
     return _gradients_inplace(
         weight, mask, threshold, tau, grad_out, grad_zeros
     )
+
+
+def _backward_upcast_math(weight, threshold, tau, grad, grad_zeros):
+    """Backward that recomputes the mask, for a gradient in a lower
+    precision than ``W`` (the gate returned ``W * M`` in the autocast
+    dtype): reads it once and returns the weight gradient in ``W``'s dtype,
+    with the threshold gradient."""
+    mask = _mask(weight, threshold, tau)
+    grad = grad.to(weight.dtype)
+    factor, grad_threshold = _chain_rule(
+        weight, mask, threshold, tau, grad, grad_zeros
+    )
+    return grad * factor, grad_threshold
 
 
 def _backward_from_gated_math_inplace(
@@ -114,10 +145,14 @@ class GateKernels:
     Arguments
     ---------
     forward : callable
-        ``(W, t, tau) -> (W * M, sum(M))``.
+        ``(W, t, tau, dtype=None) -> (W * M, sum(M))``, ``W * M`` cast to
+        ``dtype`` if given.
     backward : callable
         ``(W, t, tau, grad, grad_zeros) -> grad_t``; ``grad`` becomes the
         weight gradient.
+    backward_upcast : callable
+        ``(W, t, tau, grad, grad_zeros) -> (grad_W, grad_t)`` for a
+        lower-precision ``grad``; ``grad_W`` in ``W``'s dtype.
     backward_from_gated : callable
         ``(W, W * M, t, tau, grad, grad_zeros) -> grad_t``, same contract.
     soft_zeros : callable
@@ -128,7 +163,7 @@ class GateKernels:
     Example
     -------
     >>> kernels = GateKernels(
-    ...     _forward_math, _backward_math_inplace,
+    ...     _forward_math, _backward_math_inplace, _backward_upcast_math,
     ...     _backward_from_gated_math_inplace, _soft_zeros_math,
     ...     compiled=False,
     ... )
@@ -138,6 +173,7 @@ class GateKernels:
 
     forward: object
     backward: object
+    backward_upcast: object
     backward_from_gated: object
     soft_zeros: object
     compiled: bool
@@ -146,6 +182,7 @@ class GateKernels:
 EAGER_KERNELS = GateKernels(
     _forward_math,
     _backward_math_inplace,
+    _backward_upcast_math,
     _backward_from_gated_math_inplace,
     _soft_zeros_math,
     compiled=False,
@@ -166,7 +203,7 @@ def _with_eager_fallback(compiled, eager):
             try:
                 # Plain views: Dynamo gives parameters static shapes, which
                 # would compile the kernel once per weight shape.
-                return compiled(*(arg.detach() for arg in args))
+                return compiled(*(_plain(arg) for arg in args))
             except Exception as error:  # noqa: BLE001 - any compiler problem
                 state["failed"] = True
                 warnings.warn(
@@ -178,6 +215,12 @@ def _with_eager_fallback(compiled, eager):
         return eager(*args)
 
     return run
+
+
+def _plain(arg):
+    """A tensor as a plain view (no autograd identity); anything else
+    (a dtype) unchanged."""
+    return arg.detach() if isinstance(arg, torch.Tensor) else arg
 
 
 @functools.cache
@@ -207,6 +250,7 @@ def compiled_kernels(device_type):
     eager = (
         EAGER_KERNELS.forward,
         EAGER_KERNELS.backward,
+        EAGER_KERNELS.backward_upcast,
         EAGER_KERNELS.backward_from_gated,
         EAGER_KERNELS.soft_zeros,
     )
@@ -214,7 +258,7 @@ def compiled_kernels(device_type):
         compiled = [
             torch.compile(f, dynamic=True, fullgraph=True) for f in eager
         ]
-        forward, backward, from_gated, soft_zeros = compiled
+        forward, backward, upcast, from_gated, soft_zeros = compiled
         # Called as training calls them (a non-square matrix, distinct
         # scalars, inside autograd where grad mode is off), so that training
         # reuses these kernels for every weight shape instead of compiling
@@ -225,6 +269,9 @@ def compiled_kernels(device_type):
         grad_zeros = torch.tensor(1.0, device=device_type)
         with torch.no_grad():
             gated, _ = forward(weight, threshold, tau)
+            # bfloat16: the autocast dtype of GPU training.
+            forward(weight, threshold, tau, torch.bfloat16)
+            upcast(weight, threshold, tau, gated.bfloat16(), grad_zeros)
             grad = torch.ones_like(weight)
             backward(weight, threshold, tau, grad, grad_zeros)
             from_gated(weight, gated, threshold, tau, grad, grad_zeros)
@@ -271,6 +318,36 @@ def default_recompute_mask(weight):
         or weight.dtype not in (torch.float32, torch.float64)
         or torch.is_autocast_enabled(weight.device.type)
     )
+
+
+def autocast_dtype(weight):
+    """The dtype a matrix product under autocast would cast ``weight`` to.
+
+    Arguments
+    ---------
+    weight : torch.Tensor
+        A weight matrix.
+
+    Returns
+    -------
+    torch.dtype or None
+        The autocast dtype of ``weight``'s device type when autocast is on
+        there and ``weight`` is float32; None otherwise (no cast).
+
+    Example
+    -------
+    >>> autocast_dtype(torch.zeros(2)) is None
+    True
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+    ...     autocast_dtype(torch.zeros(2))
+    torch.bfloat16
+    """
+    device_type = weight.device.type
+    if weight.dtype != torch.float32 or not torch.is_autocast_enabled(
+        device_type
+    ):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def _can_overwrite(grad, weight):
@@ -320,6 +397,7 @@ class FusedPinchFunction(torch.autograd.Function):
         compiled=False,
         recompute_mask=None,
         overwrite_grad=False,
+        out_dtype=None,
     ):
         """Gated weight and expected number of pinched weights.
 
@@ -345,6 +423,12 @@ class FusedPinchFunction(torch.autograd.Function):
             to one operation and nothing else (the gradient buffer is then
             autograd's alone); never when user code can see that gradient
             (hooks, ``autograd.grad`` with given ``grad_outputs``).
+        out_dtype : torch.dtype, optional
+            Return ``W * M`` in this dtype, cast in the same kernel: for a
+            caller whose matrix product runs under autocast (it would cast
+            a float32 ``W * M`` in a separate pass). A lower precision than
+            ``W``'s always recomputes the mask in the backward, which then
+            reads the low-precision gradient directly.
 
         Returns
         -------
@@ -356,11 +440,18 @@ class FusedPinchFunction(torch.autograd.Function):
         kernels = (
             compiled_kernels(weight.device.type) if compiled else EAGER_KERNELS
         )
-        if recompute_mask is None:
+        if out_dtype == weight.dtype:
+            out_dtype = None
+        if out_dtype is not None:
+            recompute_mask = True
+        elif recompute_mask is None:
             recompute_mask = default_recompute_mask(weight)
         ctx.kernels, ctx.recompute_mask = kernels, recompute_mask
         ctx.overwrite_grad = overwrite_grad
-        gated, mask_sum = kernels.forward(weight, threshold, tau)
+        if out_dtype is None:
+            gated, mask_sum = kernels.forward(weight, threshold, tau)
+        else:
+            gated, mask_sum = kernels.forward(weight, threshold, tau, out_dtype)
         if recompute_mask:
             ctx.save_for_backward(weight, threshold, tau)
         else:
@@ -387,15 +478,28 @@ class FusedPinchFunction(torch.autograd.Function):
             Gradients of ``weight`` and ``threshold``; ``None`` for the rest.
         """
         weight, threshold, tau, *gated = ctx.saved_tensors
-        if grad_gated is None:
-            grad_gated = torch.zeros_like(weight)
-        elif not (ctx.overwrite_grad and _can_overwrite(grad_gated, weight)):
-            grad_gated = grad_gated.to(weight.dtype, copy=True).contiguous()
         if grad_zeros is None:
             grad_zeros = torch.zeros(
                 (), dtype=weight.dtype, device=weight.device
             )
-        if ctx.recompute_mask:
+        upcast = (
+            ctx.recompute_mask
+            and grad_gated is not None
+            and grad_gated.dtype != weight.dtype
+        )
+        if grad_gated is None:
+            grad_gated = torch.zeros_like(weight)
+        elif not upcast and not (
+            ctx.overwrite_grad and _can_overwrite(grad_gated, weight)
+        ):
+            grad_gated = grad_gated.to(weight.dtype, copy=True).contiguous()
+        if upcast:
+            # One pass reads the low-precision gradient and writes the
+            # weight gradient in W's dtype (no separate up-cast).
+            grad_gated, grad_threshold = ctx.kernels.backward_upcast(
+                weight, threshold, tau, grad_gated, grad_zeros
+            )
+        elif ctx.recompute_mask:
             grad_threshold = ctx.kernels.backward(
                 weight, threshold, tau, grad_gated, grad_zeros
             )
@@ -405,7 +509,7 @@ class FusedPinchFunction(torch.autograd.Function):
             )
         grad_weight = grad_gated if ctx.needs_input_grad[0] else None
         grad_threshold = grad_threshold.to(threshold.dtype)
-        return grad_weight, grad_threshold, None, None, None, None
+        return grad_weight, grad_threshold, None, None, None, None, None
 
 
 class FusedSoftZerosFunction(torch.autograd.Function):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speechbrain_spg.fused_gate import FusedPinchFunction
+from speechbrain_spg.fused_gate import FusedPinchFunction, autocast_dtype
 
 #: Smallest weight standard deviation a gate uses as a matrix's ``scale``.
 #: A matrix of (almost) only zeros, such as a layer pruned entirely in an
@@ -365,7 +365,14 @@ class SelfPinchingGate(nn.Module):
         """Temperature of each matrix (1-D)."""
         return self.tau_scale * self.scale * self.scale
 
-    def forward(self, index, weight, overwrite_grad=False, recompute_mask=None):
+    def forward(
+        self,
+        index,
+        weight,
+        overwrite_grad=False,
+        recompute_mask=None,
+        out_dtype=None,
+    ):
         """Gates one weight matrix.
 
         Arguments
@@ -381,6 +388,10 @@ class SelfPinchingGate(nn.Module):
         recompute_mask : bool, optional
             On the fused paths, how the backward gets the mask (see
             ``FusedPinchFunction``; default: ``default_recompute_mask``).
+        out_dtype : torch.dtype, optional
+            On the fused paths, return ``W * M`` in this dtype (cast in the
+            gate's kernel, for a matrix product under autocast); the
+            reference path returns ``W``'s dtype.
 
         Returns
         -------
@@ -403,6 +414,7 @@ class SelfPinchingGate(nn.Module):
             self.impl == "compiled",
             recompute_mask,
             overwrite_grad,
+            out_dtype,
         )
         self.soft_zeros[index] = soft_zeros
         return gated
@@ -472,7 +484,9 @@ class GatedLinear(nn.Linear):
         self._cache = None
         self.register_state_dict_post_hook(_save_pruned_weights_as_zeros)
 
-    def effective_weight(self, overwrite_grad=False, recompute_mask=None):
+    def effective_weight(
+        self, overwrite_grad=False, recompute_mask=None, out_dtype=None
+    ):
         """The weight the layer multiplies with: gated, or masked if pruned.
 
         Arguments
@@ -481,6 +495,8 @@ class GatedLinear(nn.Linear):
             Passed to the gate: the result feeds one matrix product only.
         recompute_mask : bool, optional
             Passed to the gate (see ``FusedPinchFunction``).
+        out_dtype : torch.dtype, optional
+            Passed to the gate: the dtype the fused paths return.
 
         Returns
         -------
@@ -490,7 +506,7 @@ class GatedLinear(nn.Linear):
         if self.mask is not None:
             return self.weight * self.mask
         return self.gate(
-            self.index, self.weight, overwrite_grad, recompute_mask
+            self.index, self.weight, overwrite_grad, recompute_mask, out_dtype
         )
 
     def forward(self, x):
@@ -506,6 +522,9 @@ class GatedLinear(nn.Linear):
         torch.Tensor
             Output features (..., out_features).
         """
+        # Under autocast the product would cast the float32 gated weight in
+        # a pass of its own: the gate returns it in the autocast dtype.
+        dtype = autocast_dtype(self.weight)
         if self.training or torch.is_grad_enabled():
             self._cache = None
             # The product keeps the gated weight for its backward only if
@@ -514,6 +533,7 @@ class GatedLinear(nn.Linear):
             weight = self.effective_weight(
                 overwrite_grad=True,
                 recompute_mask=None if x.requires_grad else True,
+                out_dtype=dtype,
             )
             return F.linear(x, weight, self.bias)
         key = (
@@ -521,9 +541,11 @@ class GatedLinear(nn.Linear):
             self.weight.data_ptr(),
             self.gate.threshold_param._version,
             self.mask is None,
+            dtype,
         )
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.effective_weight())
+            weight = self.effective_weight()
+            self._cache = (key, weight if dtype is None else weight.to(dtype))
         return F.linear(x, self._cache[1], self.bias)
 
     def extra_repr(self):

@@ -40,7 +40,12 @@ def test_gate_overhead_prints_a_table_and_the_ratio_line(monkeypatch, capsys):
         "hub_config",
         lambda hub_id: build_config("wav2vec2", **TINY_OVERRIDES),
     )
-    variants = ["dense", "compiled", "compiled_recompute"]
+    variants = [
+        "dense",
+        "compiled",
+        "compiled_recompute",
+        "compiled_float32_gate",
+    ]
     gate_overhead.main(
         ["--models", "facebook/wav2vec2-base", "--variants", *variants]
         + ["--steps", "1", "--warmup", "1", "--eval-steps", "1"]
@@ -82,3 +87,33 @@ def test_gate_kernels_prints_a_cost_per_kernel(monkeypatch, capsys):
     ]
     for cost in costs.values():
         assert float(cost.split()[0]) > 0
+
+
+def test_gate_profile_prints_a_profile_per_variant(monkeypatch, capsys):
+    gate_profile = load_benchmark("gate_profile", monkeypatch)
+    monkeypatch.setattr(
+        gate_profile,
+        "hub_config",
+        lambda hub_id: build_config("hubert", **TINY_OVERRIDES),
+    )
+    gate_profile.main(["--steps", "1", "--warmup", "1", "--top", "5"])
+    out = capsys.readouterr().out
+    summaries = re.findall(
+        r"== (\w+): (\d+\.\d) ms per step \(wall, profiled\), "
+        r"device busy (\d+\.\d) ms, (\d+) kernels",
+        out,
+    )
+    assert [name for name, *_ in summaries] == ["dense", "compiled"]
+    for _, wall, busy, kernels in summaries:
+        # No CUDA on CPU: no kernels, no device time.
+        assert float(wall) > 0 and float(busy) == 0 and kernels == "0"
+    assert out.count("Self CPU time total") == 2
+    assert "aten::" in out
+
+
+def test_device_busy_time_is_the_union_of_kernel_intervals(monkeypatch):
+    gate_profile = load_benchmark("gate_profile", monkeypatch)
+    busy = gate_profile.busy_time_us
+    assert busy([]) == 0
+    # Overlapping, nested, touching and separate intervals, in any order.
+    assert busy([(10, 11), (2, 6), (0, 4), (3, 5), (6, 8)]) == 9

@@ -310,8 +310,9 @@ def test_layerdrop_skipped_block_still_counts_in_the_sparsity_loss(
 def test_bfloat16_autocast_step_matches_reference(
     wav2vec2_source, impl, device
 ):
-    """Under bf16 autocast the gate still runs in float32 (the cast to
-    bf16 happens in the matmul), so both paths agree as in float32."""
+    """Under bf16 autocast the gate computes in float32 and casts its output
+    to bf16 in the same kernel (the reference path lets the matmul cast
+    it): the same numbers, so both paths agree as in float32."""
     dtype = torch.bfloat16
     ref_out, ref_loss, ref_grads, _ = lobe_step(
         wav2vec2_source, "reference", dtype=dtype, device=device
@@ -328,3 +329,54 @@ def test_bfloat16_autocast_step_matches_reference(
         torch.testing.assert_close(
             grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name
         )
+
+
+def _origin(tensor):
+    """Name of the autograd node that made ``tensor``, looking through a
+    transpose (the matrix product saves the weight transposed)."""
+    node = tensor.grad_fn
+    if node is not None and node.name() == "TBackward0":
+        node = node.next_functions[0][0]
+    return node.name() if node is not None else None
+
+
+def _autocast_layer_step(impl, device):
+    """A GatedLinear step under bf16 autocast: output, weight and threshold
+    gradients, and (dtype, maker) of the weight the matrix product saved."""
+    torch.manual_seed(12)
+    layer = torch.nn.Linear(6, 5).to(device)
+    gate = SelfPinchingGate(
+        layer.weight.detach().std().reshape(1), [0], 0.05, 0.5, impl=impl
+    ).to(device)
+    gated = GatedLinear(layer, gate, 0)
+    x = torch.randn(3, 6, device=device, requires_grad=True)
+    saved = []
+
+    def pack(tensor):
+        if tensor.shape == (6, 5):  # the weight, as the product saves it
+            saved.append((tensor.dtype, _origin(tensor)))
+        return tensor
+
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast(device, dtype=torch.bfloat16),
+    ):
+        y = gated(x)
+    y.float().pow(2).sum().backward()
+    return (y, layer.weight.grad, gate.threshold_param.grad), saved
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["fused", "compiled"])
+def test_gate_casts_to_the_autocast_dtype_in_its_own_kernel(impl, device):
+    """Under autocast the matrix product gets the gated weight in bf16 from
+    the gate itself (no separate cast pass of a float32 copy), and the
+    results equal the reference path's, whose float32 output the product
+    casts."""
+    expected, saved = _autocast_layer_step("reference", device)
+    assert saved == [(torch.bfloat16, "ToCopyBackward0")]
+    actual, saved = _autocast_layer_step(impl, device)
+    assert saved == [(torch.bfloat16, "FusedPinchFunctionBackward")]
+    for value, reference in zip(actual, expected):
+        assert value.dtype == reference.dtype
+        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-7)

@@ -18,6 +18,9 @@ from speechbrain_spg.gates import (
     soft_mask,
 )
 
+#: CPU always; CUDA too where a GPU is present (not generated elsewhere).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
 
 def _weight_and_threshold(seed=0, shape=(7, 5)):
     generator = torch.Generator().manual_seed(seed)
@@ -235,6 +238,29 @@ def test_eval_cache_invalidated_when_weight_or_threshold_changes():
     assert not torch.allclose(after_load, after_threshold, atol=1e-3)
 
 
+def test_eval_cache_under_autocast_holds_the_cast_weight():
+    """Under autocast the cache keeps the gated weight in the autocast
+    dtype (the product then casts nothing per pass); the same numbers as
+    casting a fresh float32 gated weight, and a separate entry from the
+    float32 one outside autocast."""
+    gated, _ = _gated_linear(seed=13, in_features=12, out_features=6)
+    x = torch.randn(4, 12)
+    gated.eval()
+    with torch.no_grad():
+        outside = gated(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = gated(x)
+            assert gated._cache[1].dtype == torch.bfloat16
+            expected = F.linear(
+                x.bfloat16(),
+                gated.effective_weight().bfloat16(),
+                gated.bias.bfloat16(),
+            )
+        assert torch.equal(inside, expected)
+        assert torch.equal(gated(x), outside)
+        assert gated._cache[1].dtype == torch.float32
+
+
 def test_no_cache_in_training_or_with_gradients():
     gated, _ = _gated_linear(seed=10)
     x = torch.randn(3, 8)
@@ -258,16 +284,18 @@ def _device_reads(fn):
     return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["reference", "fused", "compiled"])
-def test_gating_reads_nothing_back_from_the_device(impl):
+def test_gating_reads_nothing_back_from_the_device(impl, device):
     """Gating a matrix forward and backward needs no device read-back: on
     a GPU one per gated matrix would stall the host every layer."""
     torch.manual_seed(11)
-    layers = [nn.Linear(6, 5) for _ in range(4)]
+    layers = [nn.Linear(6, 5).to(device) for _ in range(4)]
     scales = torch.stack([layer.weight.detach().std() for layer in layers])
     gate = SelfPinchingGate(scales, [0, 1, 1, 2], 0.05, 0.5, impl=impl)
+    gate.to(device)
     gated = [GatedLinear(layer, gate, i) for i, layer in enumerate(layers)]
-    x = torch.randn(3, 6, requires_grad=True)
+    x = torch.randn(3, 6, device=device, requires_grad=True)
 
     def step():
         sum(layer(x).sum() for layer in gated).backward()

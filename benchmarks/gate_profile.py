@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Where the time of an SPG training step goes, next to the dense step.
+
+Profiles a few training steps (the step of ``gate_overhead.py``: forward,
+CTC + sparsity loss, backward, Adam step) of one model for each variant and
+prints, per step:
+
+- the wall time,
+- the device's busy time (the union of its kernels' intervals) and the
+  number of kernels launched (CUDA only), which tell whether the step is
+  bound by the GPU or by the host launching work,
+- the operations with the most self time (device time on CUDA, CPU time
+  on CPU).
+
+A step whose wall time exceeds the device's busy time waits on the host
+(Python, autograd, kernel launches); one where they match is bound by the
+kernels themselves.
+
+Usage:
+    python benchmarks/gate_profile.py --device cuda
+    python benchmarks/gate_profile.py --device cpu --models facebook/wav2vec2-base
+
+Authors
+ * speechbrain-spg developers 2026
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+import gate_overhead  # noqa: E402 - the benchmark next to this file
+
+from speechbrain_spg.architectures import hub_config, save_random_model  # noqa: E402
+
+
+def busy_time_us(intervals):
+    """Length of the union of ``(start, end)`` intervals.
+
+    Arguments
+    ---------
+    intervals : list of tuple
+        Start and end times.
+
+    Returns
+    -------
+    float
+        Total time covered by at least one interval.
+
+    Example
+    -------
+    >>> busy_time_us([(0, 4), (2, 6), (10, 11)])
+    7
+    """
+    total, end = 0, None
+    for start, stop in sorted(intervals):
+        if end is None or start > end:
+            total += stop - start
+            end = stop
+        elif stop > end:
+            total += stop - end
+            end = stop
+    return total
+
+
+def kernel_intervals(prof):
+    """``(start, end)`` in microseconds of every device kernel profiled."""
+    return [
+        (event.time_range.start, event.time_range.end)
+        for event in prof.events()
+        if event.device_type == torch.autograd.DeviceType.CUDA
+    ]
+
+
+def profile_variant(variant, source, args):
+    """Prints the profile of ``args.steps`` steps of one variant."""
+    gate_overhead.quiet()
+    device = args.device
+    torch.manual_seed(0)
+    lobe, head = gate_overhead.build(variant, source, device)
+    params = [p for p in lobe.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params + list(head.parameters()), lr=1e-5)
+    wav = torch.randn(args.batch, int(args.seconds * 16000), device=device)
+    targets = torch.randint(1, 32, (args.batch, 10), device=device)
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if device == "cuda"
+        else gate_overhead.contextlib.nullcontext
+    )
+    lobe.train()
+
+    def step():
+        gate_overhead.step_fn(
+            lobe, head, optimizer, wav, targets, autocast, "after-step"
+        )
+
+    for _ in range(args.warmup):
+        step()
+    gate_overhead.synchronize(device)
+    activities = [ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        gate_overhead.synchronize(device)
+        wall = (time.perf_counter() - start) / args.steps
+    kernels = kernel_intervals(prof)
+    busy = busy_time_us(kernels) / 1e3 / args.steps
+    print(
+        f"\n== {variant}: {wall * 1e3:.1f} ms per step (wall, profiled), "
+        f"device busy {busy:.1f} ms, {len(kernels) / args.steps:.0f} kernels"
+    )
+    sort = (
+        "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    )
+    print(
+        prof.key_averages().table(
+            sort_by=sort, row_limit=args.top, max_name_column_width=70
+        )
+    )
+
+
+def main(argv=None):
+    """Profiles every model x variant."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--models", nargs="+", default=["facebook/hubert-large-ll60k"]
+    )
+    parser.add_argument("--variants", nargs="+", default=["dense", "compiled"])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--top", type=int, default=15, help="rows per table")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seconds", type=float, default=None)
+    args = parser.parse_args(argv)
+    gate_overhead.quiet()
+    gpu = args.device == "cuda"
+    args.batch = args.batch or (8 if gpu else 2)
+    args.seconds = args.seconds or (15.0 if gpu else 1.0)
+    print(
+        f"device {args.device}, batch {args.batch} x {args.seconds} s, "
+        f"{args.steps} profiled steps after {args.warmup} warm-up"
+    )
+    with tempfile.TemporaryDirectory() as work:
+        for hub_id in args.models:
+            source = save_random_model(hub_config(hub_id), f"{work}/{hub_id}")
+            print(f"\n{hub_id} (random weights)")
+            for variant in args.variants:
+                profile_variant(variant, source, args)
+
+
+if __name__ == "__main__":
+    main()
