@@ -49,8 +49,15 @@ def test_fused_function_matches_reference_functions(
         ((gated * upstream).sum() + 3.0 * zeros).backward()
         return gated.detach(), zeros.detach(), w.grad, t.grad
 
+    tolerance = {"rtol": 1e-5, "atol": 1e-6}
+    if device == "cuda" and compiled and not recompute_mask:
+        # Seen on an H100: Triton's float32 division is not correctly
+        # rounded, and near M = 1 the slope M (1 - M) magnifies the last
+        # bit of the mask read back as (W M) / W (up to 5e-5 on gradients
+        # of about 1). CUDA recomputes the mask by default.
+        tolerance = {"rtol": 1e-4, "atol": 1e-4}
     for ref, fast in zip(run(False), run(True)):
-        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast, ref, **tolerance)
 
 
 def _gate_inputs():
@@ -320,7 +327,9 @@ def test_bfloat16_autocast_step_matches_reference(
     out, loss, grads, recorded = lobe_step(
         wav2vec2_source, impl, dtype=dtype, device=device
     )
-    assert out.dtype == dtype and recorded == 12
+    # The lobe's output dtype follows autocast's rules for its last layer
+    # (bf16 on CPU, float32 on CUDA): the same as the reference path's.
+    assert out.dtype == ref_out.dtype and recorded == 12
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
     assert set(grads) == set(ref_grads)
