@@ -232,8 +232,10 @@ def _with_eager_fallback(compiled, eager):
 
 
 def _plain(arg):
-    """A tensor as a plain view (no autograd identity); anything else
-    (a dtype) unchanged."""
+    """A tensor (or each of a list of tensors) as a plain view, with no
+    autograd identity; anything else (a dtype) unchanged."""
+    if isinstance(arg, (list, tuple)):
+        return [_plain(item) for item in arg]
     return arg.detach() if isinstance(arg, torch.Tensor) else arg
 
 

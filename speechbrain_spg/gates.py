@@ -18,10 +18,17 @@ Authors
  * speechbrain-spg developers 2026
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speechbrain_spg.batched_gate import (
+    EAGER_BATCH_KERNELS,
+    FusedPinchAllFunction,
+    compiled_batch_kernels,
+)
 from speechbrain_spg.fused_gate import FusedPinchFunction, autocast_dtype
 
 #: Smallest weight standard deviation a gate uses as a matrix's ``scale``.
@@ -419,6 +426,48 @@ class SelfPinchingGate(nn.Module):
         self.soft_zeros[index] = soft_zeros
         return gated
 
+    def forward_all(self, weights, out_dtype=None):
+        """Gates every matrix in one call (fused paths only).
+
+        Records the soft-zero count of every matrix, like ``forward``.
+
+        Arguments
+        ---------
+        weights : list of torch.Tensor
+            All gated matrices, in gate order.
+        out_dtype : torch.dtype, optional
+            Return the gated weights in this dtype (autocast's).
+
+        Returns
+        -------
+        list of torch.Tensor
+            ``W * M`` of every matrix.
+
+        Example
+        -------
+        >>> gate = SelfPinchingGate(torch.ones(2), [0, 0], 0.05, 0.5, impl="fused")
+        >>> w = [torch.tensor([0.1, 2.0]), torch.tensor([[3.0]])]
+        >>> [g.detach() for g in gate.forward_all(w)]
+        [tensor([0.0083, 2.0000]), tensor([[3.]])]
+        >>> sorted(gate.soft_zeros)
+        [0, 1]
+        """
+        if self.impl == "reference":
+            raise ValueError(
+                "forward_all: the reference gate gates one matrix at a time "
+                "(use gate_impl 'fused' or 'compiled')."
+            )
+        kernels = (
+            compiled_batch_kernels(weights[0].device.type)
+            if self.impl == "compiled"
+            else EAGER_BATCH_KERNELS
+        )
+        zeros, *gated = FusedPinchAllFunction.apply(
+            self.thresholds(), self.taus(), kernels, None, out_dtype, *weights
+        )
+        self.soft_zeros.update(enumerate(zeros.unbind()))
+        return gated
+
     def recorded_soft_zeros(self, count):
         """Soft-zero counts recorded by the fused path in this forward pass.
 
@@ -438,6 +487,59 @@ class SelfPinchingGate(nn.Module):
         return {
             i: self.soft_zeros[i] for i in range(count) if i in self.soft_zeros
         }
+
+
+@contextlib.contextmanager
+def pregated_weights(gate, layers):
+    """Within the block, ``layers`` use weights gated all in one call.
+
+    With gradients on and a fused gate (``impl`` ``"fused"`` or
+    ``"compiled"``), every layer's gated weight is computed up front by
+    ``SelfPinchingGate.forward_all`` (in the autocast dtype under autocast)
+    and picked up by ``GatedLinear.forward``: one autograd node and one
+    kernel call for all matrices instead of one per matrix, which is what
+    costs host time. Otherwise (reference gate, no gradients, hard-pruned
+    layers) the block runs unchanged.
+
+    Arguments
+    ---------
+    gate : SelfPinchingGate
+        The gate of the layers.
+    layers : list of GatedLinear
+        All layers of the gate, in gate order.
+
+    Example
+    -------
+    >>> layers = [nn.Linear(3, 2), nn.Linear(2, 1)]
+    >>> gate = SelfPinchingGate(torch.ones(2), [0, 1], 0.05, 0.5, impl="fused")
+    >>> gated = [GatedLinear(layer, gate, i) for i, layer in enumerate(layers)]
+    >>> with pregated_weights(gate, gated):
+    ...     y = gated[1](gated[0](torch.randn(4, 3)))
+    ...     print(gated[0].pregated is not None)
+    True
+    >>> y.shape, gated[0].pregated is None, len(gate.soft_zeros)
+    (torch.Size([4, 1]), True, 2)
+    """
+    active = (
+        torch.is_grad_enabled()
+        and gate.impl != "reference"
+        and bool(layers)
+        # Hard-pruned layers use fixed masks (checked without reading the
+        # ``pruned`` buffer back from the device).
+        and layers[0].mask is None
+    )
+    if active:
+        gated = gate.forward_all(
+            [layer.weight for layer in layers],
+            autocast_dtype(layers[0].weight),
+        )
+        for layer, weight in zip(layers, gated):
+            layer.pregated = weight
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.pregated = None
 
 
 def _read_back_groups(gate, incompatible_keys):
@@ -481,6 +583,9 @@ class GatedLinear(nn.Linear):
         self.index = index
         object.__setattr__(self, "gate", gate)
         self.register_buffer("mask", None, persistent=False)
+        # Set by the lobe for one training forward pass when it gated all
+        # matrices at once (``SelfPinchingGate.forward_all``).
+        self.pregated = None
         self._cache = None
         self.register_state_dict_post_hook(_save_pruned_weights_as_zeros)
 
@@ -505,6 +610,8 @@ class GatedLinear(nn.Linear):
         """
         if self.mask is not None:
             return self.weight * self.mask
+        if self.pregated is not None:
+            return self.pregated
         return self.gate(
             self.index, self.weight, overwrite_grad, recompute_mask, out_dtype
         )

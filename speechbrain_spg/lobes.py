@@ -35,6 +35,7 @@ from speechbrain_spg.gates import (
     SelfPinchingGate,
     group_indices,
     hard_mask,
+    pregated_weights,
 )
 from speechbrain_spg.options import (
     SPGOptions,
@@ -342,7 +343,14 @@ class SPGLobeMixin:
         self.gate.soft_zeros.clear()
         if training:
             self.gate.step += 1
-        out = super().forward(wav, wav_lens)
+        # Fused paths: every matrix gated in one call (little host work per
+        # matrix).
+        with (
+            pregated_weights(self.gate, self.gated_layers())
+            if training
+            else contextlib.nullcontext()
+        ):
+            out = super().forward(wav, wav_lens)
         if training and self.spg_options.inject_sparsity_loss:
             if not self.is_pruned:
                 out = AuxiliaryLossInjection.apply(out, self.sparsity_loss())

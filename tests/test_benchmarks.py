@@ -117,3 +117,21 @@ def test_device_busy_time_is_the_union_of_kernel_intervals(monkeypatch):
     assert busy([]) == 0
     # Overlapping, nested, touching and separate intervals, in any order.
     assert busy([(10, 11), (2, 6), (0, 4), (3, 5), (6, 8)]) == 9
+
+
+def test_gate_host_overhead_prints_the_cost_per_matrix(monkeypatch, capsys):
+    gate_host_overhead = load_benchmark("gate_host_overhead", monkeypatch)
+    gate_host_overhead.main(
+        ["--matrices", "6", "--steps", "2", "--warmup", "1"]
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("device cpu, 6 matrices of 16 x 16")
+    rows = [line.split(":")[0].strip() for line in lines[1:4]]
+    assert rows == ["dense", "per_matrix", "all_at_once"]
+    assert " 0.0 us per gated matrix over dense" in lines[1]
+    match = re.fullmatch(
+        r"host time per gated matrix over dense: per-matrix (-?\d+\.\d) us, "
+        r"all at once (-?\d+\.\d) us",
+        lines[-1],
+    )
+    assert match, lines[-1]

@@ -18,7 +18,7 @@ from speechbrain_spg.gates import (
     SelfPinchingGate,
     SoftZerosFunction,
 )
-from speechbrain_spg.lobes import SPGWav2Vec2
+from speechbrain_spg.lobes import SPGHuBERT, SPGWav2Vec2, SPGWavLM
 
 #: CPU always; CUDA too where a GPU is present (not generated elsewhere).
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -219,14 +219,22 @@ def test_fused_backward_refuses_double_backward():
         grad_t.backward()
 
 
-def lobe_step(source, impl, layerdrop=0.0, seed=1, dtype=None, device="cpu"):
+def lobe_step(
+    source,
+    impl,
+    layerdrop=0.0,
+    seed=1,
+    dtype=None,
+    device="cpu",
+    lobe_class=SPGWav2Vec2,
+):
     """One training step of a tiny lobe; returns outputs and gradients.
 
     Also returns how many matrices the forward pass gated on the fused
     path (all 12 unless LayerDrop skipped a block).
     """
     torch.manual_seed(0)
-    lobe = SPGWav2Vec2(
+    lobe = lobe_class(
         source,
         save_path="",
         target_sparsity=0.5,
@@ -274,39 +282,73 @@ def test_lobe_step_matches_reference(wav2vec2_source, impl, device):
         )
 
 
-def test_training_reuses_the_probe_compiled_kernels(wav2vec2_source):
+def test_per_matrix_training_reuses_the_probe_compiled_kernels():
     """compiled_kernels compiles each kernel once, for every weight shape:
-    a training step (square, wide and tall matrices, all parameters)
+    training gated layers one by one (square, wide and tall matrices)
     compiles nothing more."""
     from torch._dynamo.utils import counters
 
     compiled_kernels("cpu")
     before = counters["stats"]["unique_graphs"]
+    torch.manual_seed(3)
+    shapes = [(6, 6), (4, 9), (9, 4)]
+    layers = [torch.nn.Linear(n_in, n_out) for n_out, n_in in shapes]
+    scales = torch.stack([layer.weight.detach().std() for layer in layers])
+    gate = SelfPinchingGate(scales, [0, 1, 2], 0.05, 0.5, impl="compiled")
+    for _ in range(2):
+        loss = 0
+        for i, layer in enumerate(layers):
+            x = torch.randn(2, layer.in_features, requires_grad=True)
+            loss = loss + GatedLinear(layer, gate, i)(x).sum()
+        loss.backward()
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_lobe_training_compiles_once_per_model(wav2vec2_source):
+    """The first compiled training step of a lobe compiles its batch
+    kernels; a later step of another lobe of the same model, on other
+    data, compiles nothing (no per-step or per-instance recompiles)."""
+    from torch._dynamo.utils import counters
+
     lobe_step(wav2vec2_source, "compiled")
+    before = counters["stats"]["unique_graphs"]
     lobe_step(wav2vec2_source, "compiled", seed=2)
     assert counters["stats"]["unique_graphs"] == before
+
+
+def _skipped_blocks(grads):
+    """Transformer blocks none of whose weights got a gradient."""
+    return {
+        block
+        for block in ("0", "1")
+        if not any(f"encoder.layers.{block}." in name for name in grads)
+    }
 
 
 @pytest.mark.parametrize("impl", ["fused", "compiled"])
 def test_layerdrop_skipped_block_still_counts_in_the_sparsity_loss(
     wav2vec2_source, impl
 ):
-    """A block skipped by LayerDrop records no soft zeros on the fused path;
-    its matrices are counted separately, so the loss and the threshold
-    gradients equal the reference path's (which counts all matrices)."""
+    """With LayerDrop skipping a block, the fused paths (which gate every
+    matrix up front) give the reference results: the skipped block's
+    weights get no gradient at all (not a zero one, which Adam would use),
+    and its matrices still count in the sparsity loss and the threshold
+    gradients."""
     for seed in range(20):  # a seed where LayerDrop skips one of 2 blocks
-        out, loss, grads, recorded = lobe_step(
-            wav2vec2_source, impl, layerdrop=0.5, seed=seed
+        ref_out, ref_loss, ref_grads, _ = lobe_step(
+            wav2vec2_source, "reference", layerdrop=0.5, seed=seed
         )
-        if recorded == 6:
+        if len(_skipped_blocks(ref_grads)) == 1:
             break
-    assert recorded == 6, "no seed in 0..19 skipped exactly one block"
-    ref_out, ref_loss, ref_grads, _ = lobe_step(
-        wav2vec2_source, "reference", layerdrop=0.5, seed=seed
+    assert len(_skipped_blocks(ref_grads)) == 1, "no seed in 0..19 skipped one"
+    out, loss, grads, recorded = lobe_step(
+        wav2vec2_source, impl, layerdrop=0.5, seed=seed
     )
+    assert recorded == 12
+    assert set(grads) == set(ref_grads)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
-    for name in ("gate.threshold_param", "regularizer.multiplier_param"):
+    for name in ref_grads:
         torch.testing.assert_close(
             grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name
         )
@@ -389,3 +431,29 @@ def test_gate_casts_to_the_autocast_dtype_in_its_own_kernel(impl, device):
     for value, reference in zip(actual, expected):
         assert value.dtype == reference.dtype
         torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("model_type", ["hubert", "wavlm"])
+def test_hubert_and_wavlm_steps_match_reference(
+    tiny_sources, model_type, dtype
+):
+    """The all-at-once compiled gate also serves HuBERT and WavLM (whose
+    attention reads the gated weights through ``effective_weights``), in
+    float32 and under bf16 autocast."""
+    lobe_class = {"hubert": SPGHuBERT, "wavlm": SPGWavLM}[model_type]
+    source = tiny_sources[model_type]
+    ref_out, ref_loss, ref_grads, _ = lobe_step(
+        source, "reference", dtype=dtype, lobe_class=lobe_class
+    )
+    out, loss, grads, recorded = lobe_step(
+        source, "compiled", dtype=dtype, lobe_class=lobe_class
+    )
+    assert recorded == 12 and out.dtype == ref_out.dtype
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+    assert set(grads) == set(ref_grads)
+    for name in ref_grads:
+        torch.testing.assert_close(
+            grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name
+        )

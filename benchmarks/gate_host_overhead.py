@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Host time the gates add per gated matrix and training step.
+
+On a GPU the fused gate's kernels are cheap (an H100 was busy 98 ms of a
+HuBERT-large SPG step against 90 ms dense), but the host work around them
+(small threshold operations, autograd nodes, compiled-kernel calls) is
+paid once per gated matrix and step, and that made the step 1.86x the dense
+one (see ``benchmarks/RESULTS.md``). This benchmark isolates that cost: a
+chain of ``--matrices`` tiny linear layers (16 x 16, so the arithmetic is
+negligible) trained one step at a time
+
+- as plain ``nn.Linear`` layers (dense),
+- through the compiled gate one matrix at a time (``per_matrix``),
+- through the compiled gate with every matrix gated in one call
+  (``all_at_once``, ``gates.pregated_weights``, what the lobes do),
+
+and prints the median step time and the extra time per gated matrix over
+dense. The last line reads
+``host time per gated matrix over dense: per-matrix P us, all at once A us``.
+
+Usage:
+    python benchmarks/gate_host_overhead.py
+    python benchmarks/gate_host_overhead.py --device cuda
+
+Authors
+ * speechbrain-spg developers 2026
+"""
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+
+from speechbrain_spg.gates import (
+    GatedLinear,
+    SelfPinchingGate,
+    pregated_weights,
+)
+
+MODES = ("dense", "per_matrix", "all_at_once")
+
+
+def build(mode, count, device):
+    """The layers of a mode and their gate (None for dense)."""
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(16, 16).to(device) for _ in range(count)]
+    if mode == "dense":
+        return linears, None
+    gate = SelfPinchingGate(
+        torch.full((count,), 0.1),
+        list(range(count)),
+        0.05,
+        0.5,
+        impl="compiled",
+    ).to(device)
+    return [
+        GatedLinear(layer, gate, i) for i, layer in enumerate(linears)
+    ], gate
+
+
+def step_time(mode, args):
+    """Median wall time of one training step of the chain."""
+    layers, gate = build(mode, args.matrices, args.device)
+    x = torch.randn(4, 16, device=args.device, requires_grad=True)
+
+    def step():
+        context = contextlib.nullcontext()
+        if gate is not None:
+            gate.soft_zeros.clear()
+            if mode == "all_at_once":
+                context = pregated_weights(gate, layers)
+        with context:
+            h = x
+            for layer in layers:
+                h = layer(h)
+        loss = h.sum()
+        if gate is not None:
+            loss = (
+                loss + 1e-3 * torch.stack(list(gate.soft_zeros.values())).sum()
+            )
+        loss.backward()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    """Prints step times and the host time per gated matrix."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--matrices",
+        type=int,
+        default=144,
+        help="gated matrices (144: HuBERT-large, 72: wav2vec2-base)",
+    )
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args(argv)
+    print(
+        f"device {args.device}, {args.matrices} matrices of 16 x 16, "
+        f"median of {args.steps} steps after {args.warmup} warm-up, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
+    times = {mode: step_time(mode, args) for mode in MODES}
+    extra = {
+        mode: (times[mode] - times["dense"]) / args.matrices * 1e6
+        for mode in MODES
+    }
+    for mode in MODES:
+        print(
+            f"{mode:>12}: {times[mode] * 1e3:8.2f} ms per step, "
+            f"{extra[mode]:7.1f} us per gated matrix over dense"
+        )
+    print(
+        "host time per gated matrix over dense: "
+        f"per-matrix {extra['per_matrix']:.1f} us, "
+        f"all at once {extra['all_at_once']:.1f} us"
+    )
+
+
+if __name__ == "__main__":
+    main()
