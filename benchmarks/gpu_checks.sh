@@ -6,11 +6,15 @@
 #      (fused and compiled gate vs the reference on CUDA: outputs,
 #      gradients, bf16 autocast step, the cast in the gate's kernel, no
 #      device read-back while gating);
-#   2. python benchmarks/gate_overhead.py --device cuda (wav2vec2-base and
+#   2. python benchmarks/gate_host_overhead.py --device cuda (host time per
+#      gated matrix: one call per matrix vs one per block);
+#   3. python benchmarks/gate_overhead.py --device cuda (wav2vec2-base and
 #      HuBERT-large, batch 8 x 15 s, bf16 autocast), with the A/B variant
-#      compiled_float32_gate (the product casts the gated weight);
-#   3. python benchmarks/gate_profile.py --device cuda (HuBERT-large, dense
+#      compiled_per_matrix (one gate call per matrix, as before);
+#   4. python benchmarks/gate_profile.py --device cuda (HuBERT-large, dense
 #      and compiled: wall vs device-busy time per step, top kernels).
+# The first run (2026-11-27, H100) took 407 s with a slower variant list;
+# budget about 6 minutes for this one.
 #
 # The GPU image has torch, transformers and pytest but not SpeechBrain. On the
 # CPU machine, once, in the repository root:
@@ -41,16 +45,20 @@ python3 -c "import torch, transformers; print(torch.__version__, \
 transformers.__version__, torch.cuda.get_device_name())" >> "$out/device.txt"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/test_fused_gate.py tests/test_gates.py -k cuda 2>&1 \
-    | tee "$out/tests.txt"
+    | grep -v DEBUG | tee "$out/tests.txt"
 tests=${PIPESTATUS[0]}
+timeout 60 python3 benchmarks/gate_host_overhead.py --device cuda 2>&1 \
+    | tee "$out/gate_host_overhead.txt"
+host=${PIPESTATUS[0]}
 timeout 300 python3 benchmarks/gate_overhead.py --device cuda --variants \
-    dense reference compiled compiled_float32_gate 2>&1 \
-    | tee "$out/gate_overhead.txt"
+    dense reference compiled compiled_per_matrix 2>&1 \
+    | grep -v "feature extractor is frozen" | tee "$out/gate_overhead.txt"
 bench=${PIPESTATUS[0]}
 timeout 90 python3 benchmarks/gate_profile.py --device cuda 2>&1 \
     > "$out/gate_profile.txt"
 profile=$?
 grep "^== " "$out/gate_profile.txt"
-echo "tests exit $tests, gate_overhead exit $bench, gate_profile exit" \
-    "$profile" | tee -a "$out/device.txt"
-[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$profile" -eq 0 ]
+echo "tests exit $tests, gate_host_overhead exit $host, gate_overhead exit" \
+    "$bench, gate_profile exit $profile" | tee -a "$out/device.txt"
+[ "$tests" -eq 0 ] && [ "$host" -eq 0 ] && [ "$bench" -eq 0 ] \
+    && [ "$profile" -eq 0 ]

@@ -38,6 +38,14 @@ from speechbrain_spg.fused_gate import FusedPinchFunction, autocast_dtype
 #: pinched and every output and gradient stays finite.
 MIN_SCALE = 1e-6
 
+#: Matrices gated per call by ``SelfPinchingGate.forward_all``: one
+#: transformer block of wav2vec2 / HuBERT / WavLM (q, k, v, out, FFN in,
+#: FFN out). Every call then has the same shapes, so one compilation of the
+#: batch kernels serves the whole model (compiling one call for all 144
+#: matrices of HuBERT-large took 166 s on a 2-core CPU), and each block's
+#: backward runs as soon as its gradients are in (memory, DDP overlap).
+MATRICES_PER_CALL = 6
+
 
 def soft_mask(weight, threshold, tau):
     """Returns the self-pinching soft mask ``sigmoid((W^2 - t^2) / (2 tau))``.
@@ -426,8 +434,8 @@ class SelfPinchingGate(nn.Module):
         self.soft_zeros[index] = soft_zeros
         return gated
 
-    def forward_all(self, weights, out_dtype=None):
-        """Gates every matrix in one call (fused paths only).
+    def forward_all(self, weights, out_dtype=None, chunk=MATRICES_PER_CALL):
+        """Gates every matrix, ``chunk`` matrices per call (fused paths).
 
         Records the soft-zero count of every matrix, like ``forward``.
 
@@ -437,6 +445,8 @@ class SelfPinchingGate(nn.Module):
             All gated matrices, in gate order.
         out_dtype : torch.dtype, optional
             Return the gated weights in this dtype (autocast's).
+        chunk : int
+            Matrices per call (see ``MATRICES_PER_CALL``).
 
         Returns
         -------
@@ -462,10 +472,20 @@ class SelfPinchingGate(nn.Module):
             if self.impl == "compiled"
             else EAGER_BATCH_KERNELS
         )
-        zeros, *gated = FusedPinchAllFunction.apply(
-            self.thresholds(), self.taus(), kernels, None, out_dtype, *weights
-        )
-        self.soft_zeros.update(enumerate(zeros.unbind()))
+        thresholds, taus = self.thresholds(), self.taus()
+        gated = []
+        for start in range(0, len(weights), chunk):
+            stop = min(start + chunk, len(weights))
+            zeros, *chunk_gated = FusedPinchAllFunction.apply(
+                thresholds[start:stop],
+                taus[start:stop],
+                kernels,
+                None,
+                out_dtype,
+                *weights[start:stop],
+            )
+            self.soft_zeros.update(zip(range(start, stop), zeros.unbind()))
+            gated.extend(chunk_gated)
         return gated
 
     def recorded_soft_zeros(self, count):
@@ -480,9 +500,11 @@ class SelfPinchingGate(nn.Module):
         -------
         dict
             Index -> count (differentiable in the thresholds) of the matrices
-            the last forward pass gated on the fused path; matrices it did
-            not use (a block skipped by LayerDrop, the reference path, no
-            gradients) are missing.
+            the last forward pass gated on a fused path (all of them when
+            they were gated at once, ``pregated_weights``); matrices gated
+            one at a time that it did not use (a block skipped by
+            LayerDrop), the reference path and passes without gradients
+            record nothing.
         """
         return {
             i: self.soft_zeros[i] for i in range(count) if i in self.soft_zeros

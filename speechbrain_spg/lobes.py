@@ -368,8 +368,8 @@ class SPGLobeMixin:
         recorded = self.gate.recorded_soft_zeros(count)
         missing = [i for i in range(count) if i not in recorded]
         if missing:
-            # Only the matrices the forward pass did not gate (LayerDrop,
-            # reference path, no forward pass yet) cost an extra pass.
+            # Only the matrices the forward pass did not gate (reference
+            # path, no training forward pass yet) cost an extra pass.
             layers = self.gated_layers()
             index = torch.tensor(missing, device=self.gate.scale.device)
             weights = [layers[i].weight.detach() for i in missing]
