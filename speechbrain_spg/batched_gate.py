@@ -7,13 +7,13 @@ threshold operations, an autograd function call, a compiled-kernel call
 device was busy 98 ms of a 189 ms HuBERT-large step (144 gated matrices,
 dense step 102 ms): the rest was the host (see ``benchmarks/RESULTS.md``).
 
-``FusedPinchAllFunction`` gates all matrices of a gate at once, at the start
-of the lobe's forward pass: one autograd node, one compiled call that
-launches the kernels of every matrix from generated code, and the same
-once in the backward pass, which runs when the gradients of all gated
-weights are in. The math is the per-matrix fused math (``fused_gate``), so
-the numbers are the same. The layers then only pick up their gated weight
-(``GatedLinear.pregated``).
+``FusedPinchAllFunction`` gates several matrices in one call (the lobes use
+one transformer block: ``gates.pregated_weights``, on the block's first use):
+one autograd node and one compiled call that launches the kernels of every
+matrix from generated code, and the same once in the backward pass, which
+runs when the gradients of all its gated weights are in. The math is the
+per-matrix fused math (``fused_gate``), so the numbers are the same. The
+layers then only pick up their gated weight (``GatedLinear.pregated``).
 
 Authors
  * speechbrain-spg developers 2026

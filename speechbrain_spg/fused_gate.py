@@ -59,15 +59,16 @@ def _mask(weight, threshold, tau):
 
 
 def _row_sums(x):
-    """Sums over the last dimension (one per row of a weight matrix).
+    """Sums over the last dimension on CUDA, the whole sum elsewhere.
 
-    The kernels return sums per row and the caller adds them up: a
-    reduction of a whole matrix to one number, fused with an element-wise
-    output, compiles for CUDA into a kernel that one thread block runs
+    The kernels return these partial sums and the caller adds them up. On
+    CUDA a reduction of a whole matrix to one number, fused with an
+    element-wise output, compiles into a kernel that one thread block runs
     alone (28 ms per HuBERT-large matrix on an H100), while rows reduce in
-    parallel.
+    parallel. On CPU the whole sum compiles into a faster kernel that
+    needs no per-row buffer (see ``benchmarks/RESULTS.md``).
     """
-    return x.sum(dim=-1)
+    return x.sum(dim=-1) if x.is_cuda else x.sum()
 
 
 def _forward_math(weight, threshold, tau, dtype=None):
@@ -168,11 +169,11 @@ class GateKernels:
         contract.
     soft_zeros : callable
         ``(W, t, tau) -> (sums of M, sums of M (1 - M) / tau)``.
-
-    Every sum is returned per row (last dimension); the caller adds the
-    rows up (see ``_row_sums``).
     compiled : bool
         Whether ``torch.compile`` produced these kernels.
+
+    Every sum is returned as partial sums (per row on CUDA); the caller
+    adds them up (see ``_row_sums``).
 
     Example
     -------
@@ -257,11 +258,11 @@ def compiled_kernels(device_type):
     Example
     -------
     >>> kernels = compiled_kernels("cpu")
-    >>> out, mask_rows = kernels.forward(
+    >>> out, mask_sums = kernels.forward(
     ...     torch.ones(2, 3), torch.tensor(0.0), torch.tensor(1.0)
     ... )
-    >>> [round(x, 4) for x in mask_rows.tolist()]  # 3 * sigmoid(1 / 2)
-    [1.8674, 1.8674]
+    >>> round(float(mask_sums.sum()), 4)  # 6 * sigmoid(1 / 2)
+    3.7348
     """
     eager = (
         EAGER_KERNELS.forward,

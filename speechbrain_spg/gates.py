@@ -38,12 +38,12 @@ from speechbrain_spg.fused_gate import FusedPinchFunction, autocast_dtype
 #: pinched and every output and gradient stays finite.
 MIN_SCALE = 1e-6
 
-#: Matrices gated per call by ``SelfPinchingGate.forward_all``: one
-#: transformer block of wav2vec2 / HuBERT / WavLM (q, k, v, out, FFN in,
-#: FFN out). Every call then has the same shapes, so one compilation of the
-#: batch kernels serves the whole model (compiling one call for all 144
-#: matrices of HuBERT-large took 166 s on a 2-core CPU), and each block's
-#: backward runs as soon as its gradients are in (memory, DDP overlap).
+#: Matrices gated per call by ``pregated_weights``: one transformer block of
+#: wav2vec2 / HuBERT / WavLM (q, k, v, out, FFN in, FFN out). Every call then
+#: has the same shapes, so one compilation of the batch kernels serves the
+#: whole model (compiling one call for all 144 matrices of HuBERT-large took
+#: 166 s on a 2-core CPU), and each block's backward runs as soon as its
+#: gradients are in (memory, DDP overlap).
 MATRICES_PER_CALL = 6
 
 
@@ -434,19 +434,19 @@ class SelfPinchingGate(nn.Module):
         self.soft_zeros[index] = soft_zeros
         return gated
 
-    def forward_all(self, weights, out_dtype=None, chunk=MATRICES_PER_CALL):
-        """Gates every matrix, ``chunk`` matrices per call (fused paths).
+    def forward_many(self, first, weights, out_dtype=None):
+        """Gates consecutive matrices in one call (fused paths only).
 
-        Records the soft-zero count of every matrix, like ``forward``.
+        Records their soft-zero counts, like ``forward``.
 
         Arguments
         ---------
+        first : int
+            Position in the gate of the first matrix.
         weights : list of torch.Tensor
-            All gated matrices, in gate order.
+            Matrices ``first``, ``first + 1``, ... of the gate.
         out_dtype : torch.dtype, optional
             Return the gated weights in this dtype (autocast's).
-        chunk : int
-            Matrices per call (see ``MATRICES_PER_CALL``).
 
         Returns
         -------
@@ -455,16 +455,16 @@ class SelfPinchingGate(nn.Module):
 
         Example
         -------
-        >>> gate = SelfPinchingGate(torch.ones(2), [0, 0], 0.05, 0.5, impl="fused")
+        >>> gate = SelfPinchingGate(torch.ones(3), [0, 0, 1], 0.05, 0.5, impl="fused")
         >>> w = [torch.tensor([0.1, 2.0]), torch.tensor([[3.0]])]
-        >>> [g.detach() for g in gate.forward_all(w)]
+        >>> [g.detach() for g in gate.forward_many(1, w)]
         [tensor([0.0083, 2.0000]), tensor([[3.]])]
         >>> sorted(gate.soft_zeros)
-        [0, 1]
+        [1, 2]
         """
         if self.impl == "reference":
             raise ValueError(
-                "forward_all: the reference gate gates one matrix at a time "
+                "forward_many: the reference gate gates one matrix at a time "
                 "(use gate_impl 'fused' or 'compiled')."
             )
         kernels = (
@@ -472,20 +472,16 @@ class SelfPinchingGate(nn.Module):
             if self.impl == "compiled"
             else EAGER_BATCH_KERNELS
         )
-        thresholds, taus = self.thresholds(), self.taus()
-        gated = []
-        for start in range(0, len(weights), chunk):
-            stop = min(start + chunk, len(weights))
-            zeros, *chunk_gated = FusedPinchAllFunction.apply(
-                thresholds[start:stop],
-                taus[start:stop],
-                kernels,
-                None,
-                out_dtype,
-                *weights[start:stop],
-            )
-            self.soft_zeros.update(zip(range(start, stop), zeros.unbind()))
-            gated.extend(chunk_gated)
+        stop = first + len(weights)
+        zeros, *gated = FusedPinchAllFunction.apply(
+            self.thresholds()[first:stop],
+            self.taus()[first:stop],
+            kernels,
+            None,
+            out_dtype,
+            *weights,
+        )
+        self.soft_zeros.update(zip(range(first, stop), zeros.unbind()))
         return gated
 
     def recorded_soft_zeros(self, count):
@@ -511,17 +507,39 @@ class SelfPinchingGate(nn.Module):
         }
 
 
+class _PendingChunk:
+    """Consecutive layers of a gate whose weights are gated in one call, on
+    the first use of any of them (see ``pregated_weights``)."""
+
+    def __init__(self, gate, first, layers):
+        self.gate, self.first, self.layers = gate, first, layers
+
+    def pregate(self):
+        """Sets ``pregated`` on every layer of the chunk."""
+        weights = [layer.weight for layer in self.layers]
+        gated = self.gate.forward_many(
+            self.first, weights, autocast_dtype(weights[0])
+        )
+        for layer, weight in zip(self.layers, gated):
+            layer.pregated, layer.pending = weight, None
+
+
 @contextlib.contextmanager
-def pregated_weights(gate, layers):
-    """Within the block, ``layers`` use weights gated all in one call.
+def pregated_weights(gate, layers, chunk=MATRICES_PER_CALL):
+    """Within the block, ``layers`` gate their weights ``chunk`` per call.
 
     With gradients on and a fused gate (``impl`` ``"fused"`` or
-    ``"compiled"``), every layer's gated weight is computed up front by
-    ``SelfPinchingGate.forward_all`` (in the autocast dtype under autocast)
-    and picked up by ``GatedLinear.forward``: one autograd node and one
-    kernel call for all matrices instead of one per matrix, which is what
-    costs host time. Otherwise (reference gate, no gradients, hard-pruned
-    layers) the block runs unchanged.
+    ``"compiled"``), the first use of a layer gates its whole chunk of
+    consecutive layers in one call (``SelfPinchingGate.forward_many``; in
+    the autocast dtype under autocast), and the other layers of the chunk
+    pick up their gated weight: one autograd node and one kernel call per
+    chunk instead of per matrix, which is what costs host time. Gating a
+    chunk when it is first needed, not all chunks up front, keeps the
+    backward freeing memory block by block (the autograd engine runs a
+    node made early only after all nodes made after it). A chunk never
+    used (a block skipped by LayerDrop) is never gated, as on the other
+    paths. Otherwise (reference gate, no gradients, hard-pruned layers)
+    the block runs unchanged.
 
     Arguments
     ---------
@@ -529,6 +547,8 @@ def pregated_weights(gate, layers):
         The gate of the layers.
     layers : list of GatedLinear
         All layers of the gate, in gate order.
+    chunk : int
+        Layers per call (see ``MATRICES_PER_CALL``).
 
     Example
     -------
@@ -536,10 +556,11 @@ def pregated_weights(gate, layers):
     >>> gate = SelfPinchingGate(torch.ones(2), [0, 1], 0.05, 0.5, impl="fused")
     >>> gated = [GatedLinear(layer, gate, i) for i, layer in enumerate(layers)]
     >>> with pregated_weights(gate, gated):
-    ...     y = gated[1](gated[0](torch.randn(4, 3)))
-    ...     print(gated[0].pregated is not None)
+    ...     hidden = gated[0](torch.randn(4, 3))
+    ...     print(gated[1].pregated is not None)
+    ...     y = gated[1](hidden)
     True
-    >>> y.shape, gated[0].pregated is None, len(gate.soft_zeros)
+    >>> y.shape, gated[1].pregated is None, len(gate.soft_zeros)
     (torch.Size([4, 1]), True, 2)
     """
     active = (
@@ -551,17 +572,15 @@ def pregated_weights(gate, layers):
         and layers[0].mask is None
     )
     if active:
-        gated = gate.forward_all(
-            [layer.weight for layer in layers],
-            autocast_dtype(layers[0].weight),
-        )
-        for layer, weight in zip(layers, gated):
-            layer.pregated = weight
+        for first in range(0, len(layers), chunk):
+            pending = _PendingChunk(gate, first, layers[first : first + chunk])
+            for layer in pending.layers:
+                layer.pending = pending
     try:
         yield
     finally:
         for layer in layers:
-            layer.pregated = None
+            layer.pregated = layer.pending = None
 
 
 def _read_back_groups(gate, incompatible_keys):
@@ -605,8 +624,9 @@ class GatedLinear(nn.Linear):
         self.index = index
         object.__setattr__(self, "gate", gate)
         self.register_buffer("mask", None, persistent=False)
-        # Set by the lobe for one training forward pass when it gated all
-        # matrices at once (``SelfPinchingGate.forward_all``).
+        # Set for one training forward pass by ``pregated_weights``: the
+        # chunk of layers to gate on first use, then the gated weight.
+        self.pending = None
         self.pregated = None
         self._cache = None
         self.register_state_dict_post_hook(_save_pruned_weights_as_zeros)
@@ -632,6 +652,8 @@ class GatedLinear(nn.Linear):
         """
         if self.mask is not None:
             return self.weight * self.mask
+        if self.pending is not None:
+            self.pending.pregate()
         if self.pregated is not None:
             return self.pregated
         return self.gate(

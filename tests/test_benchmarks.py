@@ -128,11 +128,11 @@ def test_gate_host_overhead_prints_the_cost_per_matrix(monkeypatch, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("device cpu, 6 matrices of 16 x 16")
     rows = [line.split(":")[0].strip() for line in lines[1:4]]
-    assert rows == ["dense", "per_matrix", "all_at_once"]
+    assert rows == ["dense", "per_matrix", "per_block"]
     assert " 0.0 us per gated matrix over dense" in lines[1]
     match = re.fullmatch(
         r"host time per gated matrix over dense: per-matrix (-?\d+\.\d) us, "
-        r"all at once (-?\d+\.\d) us",
+        r"per block (-?\d+\.\d) us",
         lines[-1],
     )
     assert match, lines[-1]

@@ -1,5 +1,6 @@
 """Tests of the self-pinching gate: gradients, masks, mixed precision, cache."""
 
+import contextlib
 import math
 
 import pytest
@@ -15,6 +16,7 @@ from speechbrain_spg.gates import (
     group_indices,
     hard_mask,
     pinch_reference,
+    pregated_weights,
     soft_mask,
 )
 
@@ -321,3 +323,80 @@ def test_group_of_each_matrix_follows_a_loaded_state_dict():
             gate(index, weight),
             pinch_reference(weight, expected, gate.taus()[index]),
         )
+
+
+@pytest.mark.parametrize("impl", ["fused", "compiled"])
+def test_pregated_chunks_match_gating_one_by_one(impl):
+    """pregated_weights (5 layers, 2 per call, so a short last call; tied
+    groups) gives each layer's output, soft-zero count and gradients as
+    gating one matrix at a time does; a chunk is gated on its first use."""
+    shapes = [(4, 6), (6, 4), (4, 4), (5, 3), (3, 5)]  # (in, out)
+    results = {}
+    for mode in ("one_by_one", "chunks"):
+        torch.manual_seed(14)
+        linears = [nn.Linear(n_in, n_out) for n_in, n_out in shapes]
+        scales = torch.stack([layer.weight.detach().std() for layer in linears])
+        gate = SelfPinchingGate(scales, [0, 1, 1, 2, 0], 0.05, 0.8, impl=impl)
+        layers = [
+            GatedLinear(layer, gate, i) for i, layer in enumerate(linears)
+        ]
+        inputs = [
+            torch.randn(2, n_in, requires_grad=True) for n_in, _ in shapes
+        ]
+        context = contextlib.nullcontext()
+        if mode == "chunks":
+            context = pregated_weights(gate, layers, chunk=2)
+        with context:
+            outputs = [layers[0](inputs[0])]
+            if mode == "chunks":  # the first chunk only is gated so far
+                assert [layer.pregated is not None for layer in layers] == [
+                    True,
+                    True,
+                    False,
+                    False,
+                    False,
+                ]
+            outputs += [layer(x) for layer, x in zip(layers[1:], inputs[1:])]
+        assert all(layer.pregated is None for layer in layers)
+        zeros = gate.recorded_soft_zeros(len(shapes))
+        assert sorted(zeros) == [0, 1, 2, 3, 4]
+        loss = sum(out.pow(2).sum() for out in outputs)
+        (loss + torch.stack(list(zeros.values())).sum()).backward()
+        results[mode] = (
+            [out.detach() for out in outputs],
+            [zeros[i].detach() for i in range(len(shapes))],
+            [layer.weight.grad for layer in linears],
+            gate.threshold_param.grad,
+        )
+    for expected, actual in zip(results["one_by_one"], results["chunks"]):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_many_refuses_the_reference_gate():
+    gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5)
+    with pytest.raises(ValueError, match="forward_many: the reference gate"):
+        gate.forward_many(0, [torch.ones(2, 2)])
+
+
+def test_an_unused_gated_weight_gets_no_gradient():
+    """A matrix whose gated weight is not used gets no weight gradient (as
+    a plain unused parameter), though it was gated in the same call as a
+    used one; its threshold still gets the soft-zero count's gradient."""
+    from speechbrain_spg.batched_gate import (
+        EAGER_BATCH_KERNELS,
+        FusedPinchAllFunction,
+    )
+
+    weights = [torch.randn(3, 2, requires_grad=True) for _ in range(2)]
+    thresholds = torch.tensor([0.5, 0.6], requires_grad=True)
+    zeros, used, _ = FusedPinchAllFunction.apply(
+        thresholds,
+        torch.tensor([0.1, 0.1]),
+        EAGER_BATCH_KERNELS,
+        None,
+        None,
+        *weights,
+    )
+    (used.sum() + zeros.sum()).backward()
+    assert weights[0].grad is not None and weights[1].grad is None
+    assert (thresholds.grad != 0).all()
