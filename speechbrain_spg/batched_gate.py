@@ -1,4 +1,4 @@
-"""Every gated matrix of a model in one call forward and one call backward.
+"""Several gated matrices in one call forward and one call backward.
 
 The per-matrix fused gate (``fused_gate.FusedPinchFunction``) costs little
 on the device but a lot on the host: each gated matrix makes a few small
