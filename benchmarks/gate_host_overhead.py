@@ -71,7 +71,7 @@ def step_time(mode, args):
         if gate is not None:
             gate.soft_zeros.clear()
             if mode == "per_block":
-                context = pregated_weights(gate, layers)
+                context = pregated_weights(gate, layers, enabled=True)
         with context:
             h = x
             for layer in layers:

@@ -16,9 +16,10 @@ fine-tuning step (forward, CTC loss + sparsity loss, backward, Adam step) of
 - optionally (``--variants ... compiled_float32_gate``) the compiled gate
   returning float32 under autocast (the matrix product casts it, as before
   the gate learnt to cast in its own kernel; CUDA mode),
-- optionally (``--variants ... compiled_per_matrix``) the compiled gate
-  called once per matrix, as before the lobes gated all matrices in one
-  call (``gates.pregated_weights``),
+- optionally (``--variants ... compiled_per_matrix`` /
+  ``compiled_per_block``) the compiled gate called once per matrix or once
+  per transformer block (``gates.pregated_weights``), whatever the device's
+  default (per block on CUDA, per matrix on CPU),
 
 plus evaluation-mode inference (cached gated weights) and peak memory. The
 CNN front end is frozen, as in the recipes. The step runs in the order of
@@ -59,7 +60,7 @@ import torch.nn.functional as F
 import transformers
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
-from speechbrain_spg import fused_gate, gates, lobes
+from speechbrain_spg import fused_gate, gates
 from speechbrain_spg.architectures import hub_config, save_random_model
 from speechbrain_spg.lobes import SPGWav2Vec2
 
@@ -67,13 +68,6 @@ MODELS = ("facebook/wav2vec2-base", "facebook/hubert-large-ll60k")
 VARIANTS = ("dense", "reference", "fused", "compiled")
 #: Variants that force one backward of the compiled gate.
 RECOMPUTE = {"compiled_recompute": True, "compiled_from_gated": False}
-
-
-@contextlib.contextmanager
-def _no_pregating(gate, layers):
-    """Stand-in for ``gates.pregated_weights`` that leaves every layer to
-    gate its own matrix."""
-    yield
 
 
 def build(variant, source, device):
@@ -87,9 +81,9 @@ def build(variant, source, device):
     if variant == "compiled_float32_gate":
         gates.autocast_dtype = lambda weight: None
         variant = "compiled"
-    if variant == "compiled_per_matrix":
-        gates.pregated_weights = _no_pregating
-        lobes.pregated_weights = _no_pregating
+    if variant in ("compiled_per_matrix", "compiled_per_block"):
+        per_block = variant == "compiled_per_block"
+        gates.default_pregating = lambda weight: per_block
         variant = "compiled"
     if variant == "dense":
         lobe = Wav2Vec2(source, save_path="", freeze_feature_extractor=True)

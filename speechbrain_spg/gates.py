@@ -524,8 +524,32 @@ class _PendingChunk:
             layer.pregated, layer.pending = weight, None
 
 
+def default_pregating(weight):
+    """Whether ``pregated_weights`` gates in chunks by default.
+
+    Arguments
+    ---------
+    weight : torch.Tensor
+        A gated weight.
+
+    Returns
+    -------
+    bool
+        True off the CPU: on a GPU the host work per gated matrix is what
+        slows the step. False on CPU, where that work is about 2% of a
+        step and gating in chunks measured no faster, with a higher peak
+        resident memory (``benchmarks/RESULTS.md``).
+
+    Example
+    -------
+    >>> default_pregating(torch.zeros(2))
+    False
+    """
+    return weight.device.type != "cpu"
+
+
 @contextlib.contextmanager
-def pregated_weights(gate, layers, chunk=MATRICES_PER_CALL):
+def pregated_weights(gate, layers, chunk=MATRICES_PER_CALL, enabled=None):
     """Within the block, ``layers`` gate their weights ``chunk`` per call.
 
     With gradients on and a fused gate (``impl`` ``"fused"`` or
@@ -549,13 +573,16 @@ def pregated_weights(gate, layers, chunk=MATRICES_PER_CALL):
         All layers of the gate, in gate order.
     chunk : int
         Layers per call (see ``MATRICES_PER_CALL``).
+    enabled : bool, optional
+        Gate in chunks at all (default: ``default_pregating``, i.e. not on
+        CPU).
 
     Example
     -------
     >>> layers = [nn.Linear(3, 2), nn.Linear(2, 1)]
     >>> gate = SelfPinchingGate(torch.ones(2), [0, 1], 0.05, 0.5, impl="fused")
     >>> gated = [GatedLinear(layer, gate, i) for i, layer in enumerate(layers)]
-    >>> with pregated_weights(gate, gated):
+    >>> with pregated_weights(gate, gated, enabled=True):
     ...     hidden = gated[0](torch.randn(4, 3))
     ...     print(gated[1].pregated is not None)
     ...     y = gated[1](hidden)
@@ -570,6 +597,9 @@ def pregated_weights(gate, layers, chunk=MATRICES_PER_CALL):
         # Hard-pruned layers use fixed masks (checked without reading the
         # ``pruned`` buffer back from the device).
         and layers[0].mask is None
+        and (
+            default_pregating(layers[0].weight) if enabled is None else enabled
+        )
     )
     if active:
         for first in range(0, len(layers), chunk):

@@ -7,10 +7,12 @@ training step (task loss + sparsity loss).
 """
 
 import functools
+from unittest import mock
 
 import pytest
 import torch
 
+from speechbrain_spg import gates
 from speechbrain_spg.fused_gate import FusedPinchFunction, compiled_kernels
 from speechbrain_spg.gates import (
     GatedLinear,
@@ -227,11 +229,14 @@ def lobe_step(
     dtype=None,
     device="cpu",
     lobe_class=SPGWav2Vec2,
+    per_block=False,
 ):
     """One training step of a tiny lobe; returns outputs and gradients.
 
     Also returns how many matrices the forward pass gated on the fused
-    path (all 12 unless LayerDrop skipped a block).
+    path (all 12 unless LayerDrop skipped a block). ``per_block`` gates a
+    block's matrices in one call (``gates.pregated_weights``), one by one
+    otherwise, whatever the device's default.
     """
     torch.manual_seed(0)
     lobe = lobe_class(
@@ -250,7 +255,10 @@ def lobe_step(
     for module in lobe.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+    with (
+        mock.patch.object(gates, "default_pregating", lambda w: per_block),
+        torch.autocast(device, dtype=dtype, enabled=dtype is not None),
+    ):
         out = lobe(wav)
     recorded = len(lobe.gate.soft_zeros)
     sparsity_loss = lobe.sparsity_loss()
@@ -263,13 +271,16 @@ def lobe_step(
     return out.detach(), sparsity_loss.detach(), grads, recorded
 
 
+@pytest.mark.parametrize("per_block", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["fused", "compiled"])
-def test_lobe_step_matches_reference(wav2vec2_source, impl, device):
+def test_lobe_step_matches_reference(wav2vec2_source, impl, device, per_block):
     ref_out, ref_loss, ref_grads, _ = lobe_step(
         wav2vec2_source, "reference", device=device
     )
-    out, loss, grads, recorded = lobe_step(wav2vec2_source, impl, device=device)
+    out, loss, grads, recorded = lobe_step(
+        wav2vec2_source, impl, device=device, per_block=per_block
+    )
     assert recorded == 12
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
@@ -310,9 +321,9 @@ def test_lobe_training_compiles_once_per_model(wav2vec2_source):
     data, compiles nothing (no per-step or per-instance recompiles)."""
     from torch._dynamo.utils import counters
 
-    lobe_step(wav2vec2_source, "compiled")
+    lobe_step(wav2vec2_source, "compiled", per_block=True)
     before = counters["stats"]["unique_graphs"]
-    lobe_step(wav2vec2_source, "compiled", seed=2)
+    lobe_step(wav2vec2_source, "compiled", seed=2, per_block=True)
     assert counters["stats"]["unique_graphs"] == before
 
 
@@ -325,9 +336,10 @@ def _skipped_blocks(grads):
     }
 
 
+@pytest.mark.parametrize("per_block", [False, True])
 @pytest.mark.parametrize("impl", ["fused", "compiled"])
 def test_layerdrop_skipped_block_still_counts_in_the_sparsity_loss(
-    wav2vec2_source, impl
+    wav2vec2_source, impl, per_block
 ):
     """With LayerDrop skipping a block, the fused paths (which gate a block's
     matrices in one call, on first use) give the reference results: the
@@ -342,7 +354,7 @@ def test_layerdrop_skipped_block_still_counts_in_the_sparsity_loss(
             break
     assert len(_skipped_blocks(ref_grads)) == 1, "no seed in 0..19 skipped one"
     out, loss, grads, recorded = lobe_step(
-        wav2vec2_source, impl, layerdrop=0.5, seed=seed
+        wav2vec2_source, impl, layerdrop=0.5, seed=seed, per_block=per_block
     )
     # The skipped block's chunk was never gated: its counts come from the
     # separate soft-zeros pass.
@@ -356,10 +368,11 @@ def test_layerdrop_skipped_block_still_counts_in_the_sparsity_loss(
         )
 
 
+@pytest.mark.parametrize("per_block", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["fused", "compiled"])
 def test_bfloat16_autocast_step_matches_reference(
-    wav2vec2_source, impl, device
+    wav2vec2_source, impl, device, per_block
 ):
     """Under bf16 autocast the gate computes in float32 and casts its output
     to bf16 in the same kernel (the reference path lets the matmul cast
@@ -369,7 +382,7 @@ def test_bfloat16_autocast_step_matches_reference(
         wav2vec2_source, "reference", dtype=dtype, device=device
     )
     out, loss, grads, recorded = lobe_step(
-        wav2vec2_source, impl, dtype=dtype, device=device
+        wav2vec2_source, impl, dtype=dtype, device=device, per_block=per_block
     )
     # The lobe's output dtype follows autocast's rules for its last layer
     # (bf16 on CPU, float32 on CUDA): the same as the reference path's.
@@ -449,7 +462,7 @@ def test_hubert_and_wavlm_steps_match_reference(
         source, "reference", dtype=dtype, lobe_class=lobe_class
     )
     out, loss, grads, recorded = lobe_step(
-        source, "compiled", dtype=dtype, lobe_class=lobe_class
+        source, "compiled", dtype=dtype, lobe_class=lobe_class, per_block=True
     )
     assert recorded == 12 and out.dtype == ref_out.dtype
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)

@@ -345,7 +345,7 @@ def test_pregated_chunks_match_gating_one_by_one(impl):
         ]
         context = contextlib.nullcontext()
         if mode == "chunks":
-            context = pregated_weights(gate, layers, chunk=2)
+            context = pregated_weights(gate, layers, chunk=2, enabled=True)
         with context:
             outputs = [layers[0](inputs[0])]
             if mode == "chunks":  # the first chunk only is gated so far
