@@ -31,8 +31,10 @@ from speechbrain_spg.fused_gate import (
     _backward_upcast_math,
     _can_overwrite,
     _forward_math,
+    _resolve_policy,
+    _run_backward,
+    _run_forward,
     _with_eager_fallback,
-    default_recompute_mask,
 )
 
 
@@ -230,16 +232,12 @@ class FusedPinchAllFunction(torch.autograd.Function):
             Soft-zero counts (1-D), then the gated weights in order.
         """
         weights = list(weights)
-        if out_dtype == weights[0].dtype:
-            out_dtype = None
-        if out_dtype is not None:
-            recompute_mask = True
-        elif recompute_mask is None:
-            recompute_mask = default_recompute_mask(weights[0])
-        if out_dtype is None:
-            gated, zeros = kernels.forward(weights, thresholds, taus)
-        else:
-            gated, zeros = kernels.forward(weights, thresholds, taus, out_dtype)
+        out_dtype, recompute_mask = _resolve_policy(
+            weights[0], out_dtype, recompute_mask
+        )
+        gated, zeros = _run_forward(
+            kernels, weights, thresholds, taus, out_dtype
+        )
         # Unused outputs give None gradients, not zeros: their weights
         # then get no gradient, as on the reference path.
         ctx.set_materialize_grads(False)
@@ -283,18 +281,17 @@ class FusedPinchAllFunction(torch.autograd.Function):
             if not upcast and not _can_overwrite(grad, weight):
                 grad = grad.to(weight.dtype, copy=True).contiguous()
             grads.append(grad)
-        if upcast:
-            grads, grad_thresholds = ctx.kernels.backward_upcast(
-                weights, thresholds, taus, grads, grad_zeros
-            )
-        elif ctx.recompute_mask:
-            grad_thresholds = ctx.kernels.backward(
-                weights, thresholds, taus, grads, grad_zeros
-            )
-        else:
-            grad_thresholds = ctx.kernels.backward_from_gated(
-                weights, gated, thresholds, taus, grads, grad_zeros
-            )
+        grads, grad_thresholds = _run_backward(
+            ctx.kernels,
+            upcast,
+            ctx.recompute_mask,
+            weights,
+            gated,
+            thresholds,
+            taus,
+            grads,
+            grad_zeros,
+        )
         grad_weights = [
             grad if use and ctx.needs_input_grad[5 + i] else None
             for i, (grad, use) in enumerate(zip(grads, used))

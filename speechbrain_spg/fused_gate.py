@@ -367,6 +367,53 @@ def autocast_dtype(weight):
     return torch.get_autocast_dtype(device_type)
 
 
+def _resolve_policy(weight, out_dtype, recompute_mask):
+    """``(out_dtype, recompute_mask)`` for gating ``weight``: no cast to
+    its own dtype; a cast always recomputes the mask in the backward;
+    otherwise the given policy, or ``default_recompute_mask``."""
+    if out_dtype == weight.dtype:
+        out_dtype = None
+    if out_dtype is not None:
+        return out_dtype, True
+    if recompute_mask is None:
+        return None, default_recompute_mask(weight)
+    return None, recompute_mask
+
+
+def _run_forward(kernels, weight, threshold, tau, out_dtype):
+    """``kernels.forward``, given a dtype only to cast (the probe compiled
+    the call without one)."""
+    if out_dtype is None:
+        return kernels.forward(weight, threshold, tau)
+    return kernels.forward(weight, threshold, tau, out_dtype)
+
+
+def _run_backward(
+    kernels,
+    upcast,
+    recompute_mask,
+    weight,
+    gated,
+    threshold,
+    tau,
+    grad,
+    grad_zeros,
+):
+    """The backward kernel the policy picks: ``(weight gradient, threshold
+    gradient sums)``. Works for one matrix (``GateKernels``) and for lists
+    (``batched_gate.BatchKernels``); ``grad`` is overwritten except when
+    up-casting."""
+    if upcast:
+        # One pass reads the low-precision gradient and writes the weight
+        # gradient in W's dtype (no separate up-cast).
+        return kernels.backward_upcast(weight, threshold, tau, grad, grad_zeros)
+    if recompute_mask:
+        return grad, kernels.backward(weight, threshold, tau, grad, grad_zeros)
+    return grad, kernels.backward_from_gated(
+        weight, gated, threshold, tau, grad, grad_zeros
+    )
+
+
 def _can_overwrite(grad, weight):
     """Whether ``grad`` has the layout the in-place backward writes into.
 
@@ -457,20 +504,14 @@ class FusedPinchFunction(torch.autograd.Function):
         kernels = (
             compiled_kernels(weight.device.type) if compiled else EAGER_KERNELS
         )
-        if out_dtype == weight.dtype:
-            out_dtype = None
-        if out_dtype is not None:
-            recompute_mask = True
-        elif recompute_mask is None:
-            recompute_mask = default_recompute_mask(weight)
+        out_dtype, recompute_mask = _resolve_policy(
+            weight, out_dtype, recompute_mask
+        )
         ctx.kernels, ctx.recompute_mask = kernels, recompute_mask
         ctx.overwrite_grad = overwrite_grad
-        if out_dtype is None:
-            gated, mask_rows = kernels.forward(weight, threshold, tau)
-        else:
-            gated, mask_rows = kernels.forward(
-                weight, threshold, tau, out_dtype
-            )
+        gated, mask_rows = _run_forward(
+            kernels, weight, threshold, tau, out_dtype
+        )
         if recompute_mask:
             ctx.save_for_backward(weight, threshold, tau)
         else:
@@ -512,20 +553,17 @@ class FusedPinchFunction(torch.autograd.Function):
             ctx.overwrite_grad and _can_overwrite(grad_gated, weight)
         ):
             grad_gated = grad_gated.to(weight.dtype, copy=True).contiguous()
-        if upcast:
-            # One pass reads the low-precision gradient and writes the
-            # weight gradient in W's dtype (no separate up-cast).
-            grad_gated, grad_threshold = ctx.kernels.backward_upcast(
-                weight, threshold, tau, grad_gated, grad_zeros
-            )
-        elif ctx.recompute_mask:
-            grad_threshold = ctx.kernels.backward(
-                weight, threshold, tau, grad_gated, grad_zeros
-            )
-        else:
-            grad_threshold = ctx.kernels.backward_from_gated(
-                weight, gated[0], threshold, tau, grad_gated, grad_zeros
-            )
+        grad_gated, grad_threshold = _run_backward(
+            ctx.kernels,
+            upcast,
+            ctx.recompute_mask,
+            weight,
+            gated[0] if gated else None,
+            threshold,
+            tau,
+            grad_gated,
+            grad_zeros,
+        )
         grad_weight = grad_gated if ctx.needs_input_grad[0] else None
         grad_threshold = grad_threshold.sum().to(threshold.dtype)
         return grad_weight, grad_threshold, None, None, None, None, None
