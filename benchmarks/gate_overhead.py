@@ -179,8 +179,10 @@ def quiet():
     logging.getLogger("speechbrain").setLevel(logging.WARNING)
 
 
-def measure(variant, source, args):
-    """Median step time, eval time and peak memory of one variant."""
+def training_setup(variant, source, args):
+    """Lobe, head, Adam optimiser, a random batch and the autocast context
+    of one variant's training steps (bf16 autocast on CUDA), in train
+    mode."""
     quiet()
     device = args.device
     torch.manual_seed(0)
@@ -195,6 +197,15 @@ def measure(variant, source, args):
         else contextlib.nullcontext
     )
     lobe.train()
+    return lobe, head, optimizer, wav, targets, autocast
+
+
+def measure(variant, source, args):
+    """Median step time, eval time and peak memory of one variant."""
+    device = args.device
+    lobe, head, optimizer, wav, targets, autocast = training_setup(
+        variant, source, args
+    )
     for _ in range(args.warmup):
         step_fn(lobe, head, optimizer, wav, targets, autocast, args.zero_grad)
     synchronize(device)

@@ -79,20 +79,10 @@ def kernel_intervals(prof):
 
 def profile_variant(variant, source, args):
     """Prints the profile of ``args.steps`` steps of one variant."""
-    gate_overhead.quiet()
     device = args.device
-    torch.manual_seed(0)
-    lobe, head = gate_overhead.build(variant, source, device)
-    params = [p for p in lobe.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params + list(head.parameters()), lr=1e-5)
-    wav = torch.randn(args.batch, int(args.seconds * 16000), device=device)
-    targets = torch.randint(1, 32, (args.batch, 10), device=device)
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-        if device == "cuda"
-        else gate_overhead.contextlib.nullcontext
+    lobe, head, optimizer, wav, targets, autocast = (
+        gate_overhead.training_setup(variant, source, args)
     )
-    lobe.train()
 
     def step():
         gate_overhead.step_fn(
