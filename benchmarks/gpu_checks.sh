@@ -11,10 +11,13 @@
 #   3. python benchmarks/gate_overhead.py --device cuda (wav2vec2-base and
 #      HuBERT-large, batch 8 x 15 s, bf16 autocast), with the A/B variant
 #      compiled_per_matrix (one gate call per matrix, as before);
-#   4. python benchmarks/gate_profile.py --device cuda (HuBERT-large, dense
+#   4. python benchmarks/eval_overhead.py --device cuda --pairs 20
+#      (evaluation passes of the dense and SPG lobes, alternating, in one
+#      process);
+#   5. python benchmarks/gate_profile.py --device cuda (HuBERT-large, dense
 #      and compiled: wall vs device-busy time per step, top kernels).
-# The first run (2026-11-27, H100) took 407 s with a slower variant list;
-# budget about 6 minutes for this one.
+# The first run (2026-11-27, H100) took 407 s with a slower variant list,
+# the second 248 s without step 4; budget about 6 minutes for this one.
 #
 # The GPU image has torch, transformers and pytest but not SpeechBrain. On the
 # CPU machine, once, in the repository root:
@@ -54,11 +57,15 @@ timeout 300 python3 benchmarks/gate_overhead.py --device cuda --variants \
     dense reference compiled compiled_per_matrix 2>&1 \
     | grep -v "feature extractor is frozen" | tee "$out/gate_overhead.txt"
 bench=${PIPESTATUS[0]}
+timeout 90 python3 benchmarks/eval_overhead.py --device cuda --pairs 20 2>&1 \
+    | grep -v "feature extractor is frozen" | tee "$out/eval_overhead.txt"
+evaluation=${PIPESTATUS[0]}
 timeout 90 python3 benchmarks/gate_profile.py --device cuda 2>&1 \
     > "$out/gate_profile.txt"
 profile=$?
 grep "^== " "$out/gate_profile.txt"
 echo "tests exit $tests, gate_host_overhead exit $host, gate_overhead exit" \
-    "$bench, gate_profile exit $profile" | tee -a "$out/device.txt"
+    "$bench, eval_overhead exit $evaluation, gate_profile exit $profile" \
+    | tee -a "$out/device.txt"
 [ "$tests" -eq 0 ] && [ "$host" -eq 0 ] && [ "$bench" -eq 0 ] \
-    && [ "$profile" -eq 0 ]
+    && [ "$evaluation" -eq 0 ] && [ "$profile" -eq 0 ]

@@ -10,6 +10,7 @@ import re
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 
 from speechbrain_spg.architectures import TINY_OVERRIDES, build_config
@@ -77,14 +78,22 @@ def test_gate_overhead_prints_a_table_and_the_ratio_line(monkeypatch, capsys):
 
 def test_gate_kernels_prints_a_cost_per_kernel(monkeypatch, capsys):
     gate_kernels = load_benchmark("gate_kernels", monkeypatch)
-    gate_kernels.main(["--repeats", "1"])
+    threads = torch.get_num_threads()
+    try:
+        gate_kernels.main(["--repeats", "1", "--threads", "2"])
+    finally:
+        # The benchmark sets both for its process; not for later tests.
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
     lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("2 thread(s), one (3072, 768) matrix")
     costs = dict(line.rsplit(":", 1) for line in lines[1:])
     assert [name.strip() for name in costs] == [
         "forward",
         "backward recomputing the mask",
         "backward from the gated weight",
         "eager torch.sigmoid (yardstick)",
+        "copy (yardstick)",
     ]
     for cost in costs.values():
         assert float(cost.split()[0]) > 0
@@ -136,3 +145,61 @@ def test_gate_host_overhead_prints_the_cost_per_matrix(monkeypatch, capsys):
         lines[-1],
     )
     assert match, lines[-1]
+
+
+def test_eval_overhead_alternates_the_lobes_and_prints_the_ratio_line(
+    monkeypatch, capsys
+):
+    eval_overhead = load_benchmark("eval_overhead", monkeypatch)
+    monkeypatch.setattr(
+        eval_overhead,
+        "hub_config",
+        lambda hub_id: build_config("wav2vec2", **TINY_OVERRIDES),
+    )
+    order = []
+    timed_pass = eval_overhead.timed_pass
+
+    def recording_pass(lobe, *args):
+        order.append("spg" if hasattr(lobe, "gate") else "dense")
+        return timed_pass(lobe, *args)
+
+    monkeypatch.setattr(eval_overhead, "timed_pass", recording_pass)
+    eval_overhead.main(
+        ["--models", "facebook/wav2vec2-base", "--pairs", "4", "--warmup", "1"]
+    )
+    # One warm-up pass each, then pairs in alternating order.
+    assert order == ["dense", "spg"] + ["dense", "spg", "spg", "dense"] * 2
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("device cpu, batch 2 x 1.0 s, 4 alternating")
+    quartiles = re.search(
+        r"median (\d+\.\d{3}), quartiles (\d+\.\d{3})-(\d+\.\d{3}), "
+        r"range (\d+\.\d{3})-(\d+\.\d{3})",
+        lines[-2],
+    )
+    median, q1, q3, low, high = map(float, quartiles.groups())
+    assert low <= q1 <= median <= q3 <= high
+    match = re.fullmatch(
+        r"eval-time ratio spg/dense: facebook/wav2vec2-base (\d+\.\d{3})",
+        lines[-1],
+    )
+    assert match and float(match.group(1)) == median
+
+
+def test_eval_overhead_refuses_a_lobe_that_does_not_cache(monkeypatch):
+    eval_overhead = load_benchmark("eval_overhead", monkeypatch)
+    monkeypatch.setattr(
+        eval_overhead,
+        "hub_config",
+        lambda hub_id: build_config("wav2vec2", **TINY_OVERRIDES),
+    )
+    # A gated layer whose cache is dropped after every pass.
+    forward = eval_overhead.GatedLinear.forward
+
+    def forgetful(self, x):
+        out = forward(self, x)
+        self._cache = None
+        return out
+
+    monkeypatch.setattr(eval_overhead.GatedLinear, "forward", forgetful)
+    with pytest.raises(RuntimeError, match=r"only 0 of \d+ gated layers"):
+        eval_overhead.main(["--models", "x", "--pairs", "2", "--warmup", "1"])
