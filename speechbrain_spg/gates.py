@@ -298,6 +298,70 @@ def _block_key(name):
     )
 
 
+class HostValue:
+    """The Python value of a 0-d tensor, read back only when it changed.
+
+    Reading a GPU tensor's value (``int(t)``, ``bool(t)``) waits for the
+    device. This keeps the value with the tensor's storage and version
+    counter, which every in-place write (``+=``, ``fill_``,
+    ``load_state_dict``, a DDP buffer broadcast) and every new tensor
+    (``.to(device)``) change: then the next ``read`` reads it back once.
+    Inference tensors (made under ``torch.inference_mode``) have no version
+    counter: they are read back every time.
+
+    Example
+    -------
+    >>> step, value = torch.tensor(3), HostValue()
+    >>> value.read(step)
+    3
+    >>> step += 2  # a write: read back again
+    >>> value.read(step)
+    5
+    >>> step += 1
+    >>> value.wrote(step, 6)  # the writer knows the result: no read-back
+    >>> value.read(step)
+    6
+    """
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+
+    def read(self, tensor):
+        """The value of ``tensor``, read back if it changed since the last
+        ``read`` or ``wrote``.
+
+        Arguments
+        ---------
+        tensor : torch.Tensor
+            A 0-d tensor.
+
+        Returns
+        -------
+        int, float or bool
+        """
+        if tensor.is_inference():
+            return tensor.item()
+        key = (tensor.data_ptr(), tensor._version)
+        if key != self._key:
+            self._key, self._value = key, tensor.item()
+        return self._value
+
+    def wrote(self, tensor, value):
+        """Records that ``tensor`` now holds ``value`` (just written).
+
+        Arguments
+        ---------
+        tensor : torch.Tensor
+            The 0-d tensor just written.
+        value : int, float or bool
+            Its value.
+        """
+        if not tensor.is_inference():
+            self._key = (tensor.data_ptr(), tensor._version)
+            self._value = value
+
+
 class SelfPinchingGate(nn.Module):
     """Learnable thresholds of the tie groups of a set of weight matrices.
 
@@ -362,6 +426,42 @@ class SelfPinchingGate(nn.Module):
         # the device (a GPU synchronisation per gated matrix and step).
         self._groups = tuple(int(g) for g in groups)
         self.register_load_state_dict_post_hook(_read_back_groups)
+        # ``step`` and ``pruned`` as Python values, read back only when
+        # they change (see ``HostValue``).
+        self._step_value = HostValue()
+        self._pruned_value = HostValue()
+
+    @property
+    def step_count(self):
+        """Training steps so far (the ``step`` buffer, checkpointed), as an
+        int; read back from the device only when the buffer changed other
+        than through ``advance``."""
+        return int(self._step_value.read(self.step))
+
+    def advance(self, steps=1):
+        """Counts ``steps`` more training steps (negative: fewer).
+
+        Arguments
+        ---------
+        steps : int
+            Steps to add to ``step``.
+
+        Example
+        -------
+        >>> gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5)
+        >>> gate.advance(); gate.advance(); gate.advance(-1)
+        >>> gate.step_count, int(gate.step)
+        (1, 1)
+        """
+        count = self.step_count + steps
+        self.step += steps
+        self._step_value.wrote(self.step, count)
+
+    @property
+    def is_pruned(self):
+        """Whether hard pruning fixed the masks (the ``pruned`` buffer, read
+        back from the device only when it changed)."""
+        return bool(self._pruned_value.read(self.pruned))
 
     @property
     def num_groups(self):
@@ -521,7 +621,7 @@ class _PendingChunk:
             self.first, weights, autocast_dtype(weights[0])
         )
         for layer, weight in zip(self.layers, gated):
-            layer.pregated, layer.pending = weight, None
+            layer.set_pass_state(pregated=weight)
 
 
 def default_pregating(weight):
@@ -605,12 +705,12 @@ def pregated_weights(gate, layers, chunk=MATRICES_PER_CALL, enabled=None):
         for first in range(0, len(layers), chunk):
             pending = _PendingChunk(gate, first, layers[first : first + chunk])
             for layer in pending.layers:
-                layer.pending = pending
+                layer.set_pass_state(pending=pending)
     try:
         yield
     finally:
         for layer in layers:
-            layer.pregated = layer.pending = None
+            layer.set_pass_state()
 
 
 def _read_back_groups(gate, incompatible_keys):
@@ -661,6 +761,36 @@ class GatedLinear(nn.Linear):
         self._cache = None
         self.register_state_dict_post_hook(_save_pruned_weights_as_zeros)
 
+    def set_pass_state(self, pending=None, pregated=None):
+        """Sets the state ``pregated_weights`` gives the layer for one
+        forward pass: the chunk to gate on first use, or the gated weight.
+
+        They are plain attributes: set without ``nn.Module.__setattr__``,
+        whose checks for parameters, buffers and submodules cost
+        microseconds each, several times per layer and step (host time, see
+        ``benchmarks/gate_host_overhead.py``).
+
+        Arguments
+        ---------
+        pending : _PendingChunk, optional
+            The chunk that gates this layer's weight on first use.
+        pregated : torch.Tensor, optional
+            This layer's gated weight for the pass.
+
+        Example
+        -------
+        >>> gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5)
+        >>> layer = GatedLinear(nn.Linear(2, 2), gate, 0)
+        >>> layer.set_pass_state(pregated=torch.zeros(2, 2))
+        >>> layer(torch.ones(1, 2)) - layer.bias
+        tensor([[0., 0.]], grad_fn=<SubBackward0>)
+        >>> layer.set_pass_state()
+        >>> layer.pending is None and layer.pregated is None
+        True
+        """
+        object.__setattr__(self, "pending", pending)
+        object.__setattr__(self, "pregated", pregated)
+
     def effective_weight(
         self, overwrite_grad=False, recompute_mask=None, out_dtype=None
     ):
@@ -707,7 +837,8 @@ class GatedLinear(nn.Linear):
         # a pass of its own: the gate returns it in the autocast dtype.
         dtype = autocast_dtype(self.weight)
         if self.training or torch.is_grad_enabled():
-            self._cache = None
+            if self._cache is not None:
+                self._cache = None
             # The product keeps the gated weight for its backward only if
             # x needs a gradient; otherwise reading the mask back from it
             # would keep it alive just for that: recompute instead.
@@ -716,6 +847,15 @@ class GatedLinear(nn.Linear):
                 recompute_mask=None if x.requires_grad else True,
                 out_dtype=dtype,
             )
+            return F.linear(x, weight, self.bias)
+        if (
+            self.weight.is_inference()
+            or self.gate.threshold_param.is_inference()
+        ):
+            # Made under torch.inference_mode: no version counters tell a
+            # change, so nothing is cached.
+            weight = self.effective_weight()
+            weight = weight if dtype is None else weight.to(dtype)
             return F.linear(x, weight, self.bias)
         key = (
             self.weight._version,

@@ -320,7 +320,7 @@ class SPGLobeMixin:
     @property
     def is_pruned(self):
         """Whether ``hard_prune`` has been applied."""
-        return bool(self.gate.pruned)
+        return self.gate.is_pruned
 
     def forward(self, wav, wav_lens=None):
         """Encodes a batch of waveforms through the gated model.
@@ -342,9 +342,9 @@ class SPGLobeMixin:
         training = self.training and torch.is_grad_enabled()
         self.gate.soft_zeros.clear()
         if training:
-            self.gate.step += 1
-        # Fused paths: every matrix gated in one call (little host work per
-        # matrix).
+            self.gate.advance()
+        # Fused paths on a GPU: a block's matrices gated in one call (little
+        # host work per matrix).
         with (
             pregated_weights(self.gate, self.gated_layers())
             if training
@@ -426,7 +426,7 @@ class SPGLobeMixin:
         torch.Tensor
             Scalar loss.
         """
-        return self.regularizer(self.soft_sparsity(), int(self.gate.step))
+        return self.regularizer(self.soft_sparsity(), self.gate.step_count)
 
     def sparsity_report(self):
         """Sparsity overall and per gated matrix.

@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -25,6 +26,17 @@ MODEL_TYPES = ("wav2vec2", "hubert", "wavlm")
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_DIR = REPO / "recipes" / "LibriSpeech" / "spg"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def device_reads(fn):
+    """How many times ``fn`` reads a tensor value back to Python
+    (``aten::_local_scalar_dense``: ``.item()``, ``int(t)``, indexing with a
+    0-d tensor); on a GPU each is a synchronisation."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU]
+    ) as prof:
+        fn()
+    return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
 
 
 def recipe_env():

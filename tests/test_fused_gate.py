@@ -11,6 +11,8 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import device_reads
+from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
 from speechbrain_spg import gates
 from speechbrain_spg.fused_gate import FusedPinchFunction, compiled_kernels
@@ -291,6 +293,44 @@ def test_lobe_step_matches_reference(wav2vec2_source, impl, device, per_block):
         torch.testing.assert_close(
             grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name
         )
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_lobe_training_step_reads_back_no_more_than_the_dense_lobe(
+    wav2vec2_source, per_block
+):
+    """A training step of the SPG lobe (forward, sparsity loss, backward)
+    reads no value back from the device beyond what the dense model
+    does: no step counter, no pruned flag, no threshold (each would stall
+    a GPU step)."""
+    torch.manual_seed(0)
+    dense = Wav2Vec2(wav2vec2_source, save_path="")
+    spg = SPGWav2Vec2(
+        wav2vec2_source,
+        save_path="",
+        target_sparsity=0.5,
+        gate_impl="compiled",
+    )
+    wav = torch.randn(2, 4000)
+
+    def step(lobe):
+        def run():
+            out = lobe(wav).pow(2).mean()
+            if lobe is spg:
+                out = out + lobe.sparsity_loss()
+            out.backward()
+
+        return run
+
+    reads = {}
+    with mock.patch.object(gates, "default_pregating", lambda w: per_block):
+        for name, lobe in (("dense", dense), ("spg", spg)):
+            lobe.model.config.layerdrop = 0.0
+            lobe.train()
+            step(lobe)()  # compiles the kernels first
+            reads[name] = device_reads(step(lobe))
+    assert reads["spg"] == reads["dense"]
+    assert spg.gate.step_count == 2
 
 
 def test_per_matrix_training_reuses_the_probe_compiled_kernels():

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import device_reads
 from torch import nn
 
 from speechbrain_spg.gates import (
@@ -275,17 +276,6 @@ def test_no_cache_in_training_or_with_gradients():
     assert gated._cache is None and y.requires_grad
 
 
-def _device_reads(fn):
-    """How many times ``fn`` reads a tensor value back to Python
-    (``aten::_local_scalar_dense``: ``.item()``, ``int(t)``, indexing with a
-    0-d tensor); on a GPU each is a synchronisation."""
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU]
-    ) as prof:
-        fn()
-    return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["reference", "fused", "compiled"])
 def test_gating_reads_nothing_back_from_the_device(impl, device):
@@ -303,8 +293,47 @@ def test_gating_reads_nothing_back_from_the_device(impl, device):
         sum(layer(x).sum() for layer in gated).backward()
 
     step()  # compiles the kernels of the compiled path first
-    assert _device_reads(step) == 0
+    assert device_reads(step) == 0
     assert gate.threshold_param.grad.abs().min() > 0
+
+
+def test_step_count_and_pruned_flag_follow_their_buffers():
+    """The gate keeps ``step`` and ``pruned`` as Python values: ``advance``
+    needs no read-back, and any other write to the buffers (in place, a
+    loaded state dict, a new tensor) is seen on the next read."""
+    gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5)
+    assert gate.step_count == 0 and not gate.is_pruned
+    assert device_reads(lambda: [gate.advance() for _ in range(3)]) == 0
+    assert gate.step_count == 3 and int(gate.step) == 3
+    gate.step += 4  # written behind the gate's back
+    assert gate.step_count == 7
+    gate.advance(-2)
+    assert gate.step_count == 5 and int(gate.step) == 5
+    gate.pruned.fill_(True)
+    assert gate.is_pruned
+    state = gate.state_dict()
+    state["step"], state["pruned"] = torch.tensor(40), torch.tensor(False)
+    gate.load_state_dict(state)
+    assert gate.step_count == 40 and not gate.is_pruned
+    gate.step = torch.tensor(9)  # a new tensor
+    assert gate.step_count == 9
+    # Values seen once are not read back again.
+    assert device_reads(lambda: (gate.step_count, gate.is_pruned)) == 0
+
+
+def test_gated_layer_made_in_inference_mode_evaluates_without_a_cache():
+    """Tensors made under torch.inference_mode have no version counter to
+    tell a change: such a layer evaluates, gate flags read, no cache."""
+    with torch.inference_mode():
+        layer = nn.Linear(3, 2)
+        gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5)
+        gated = GatedLinear(layer, gate, 0).eval()
+        x = torch.randn(4, 3)
+        expected = F.linear(x, gate(0, layer.weight), layer.bias)
+        torch.testing.assert_close(gated(x), expected)
+        assert gated._cache is None
+        gate.advance()
+        assert gate.step_count == 1 and not gate.is_pruned
 
 
 def test_group_of_each_matrix_follows_a_loaded_state_dict():

@@ -209,7 +209,7 @@ class ASR(sb.Brain):
                 if self.is_gated:
                     # The schedule follows the steps that trained; the
                     # soft-zero counts of the dropped graph go with it.
-                    self.ssl.gate.step -= 1
+                    self.ssl.gate.advance(-1)
                     self.ssl.gate.soft_zeros.clear()
                 return torch.tensor(0.0)
             scaled = self.scaler.scale(loss / self.grad_accumulation_factor)
@@ -238,7 +238,7 @@ class ASR(sb.Brain):
             with torch.no_grad():
                 point["soft_sparsity"] = float(self.ssl.soft_sparsity())
             point["target"] = self.ssl.regularizer.target_at(
-                int(self.ssl.gate.step)
+                self.ssl.gate.step_count
             )
         return point
 
@@ -279,7 +279,7 @@ class ASR(sb.Brain):
                 hard_sparsity=round(report.hard, 5),
                 soft_sparsity=round(report.soft, 5),
                 target=round(
-                    self.ssl.regularizer.target_at(int(self.ssl.gate.step)), 5
+                    self.ssl.regularizer.target_at(self.ssl.gate.step_count), 5
                 ),
             )
             if hasattr(self, "last_sparsity_loss"):
