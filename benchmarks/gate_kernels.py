@@ -1,17 +1,20 @@
 #!/usr/bin/env python3
-"""Cost per weight of the fused gate's kernels, on one weight matrix.
+"""Cost per weight of the fused gate's kernels, on FFN-sized matrices.
 
-Times, on one thread (``--threads``) and one 3072 x 768 matrix (an FFN
-matrix of wav2vec2-base), the compiled kernels of
+Times, on one thread (``--threads``), the compiled kernels of
 ``speechbrain_spg.fused_gate``: the forward, the backward that recomputes
 the mask (CUDA default) and the backward that reads it back from the gated
-weight (CPU default); next to two yardsticks on the same matrix: an eager
-ATen sigmoid (arithmetic) and a copy (memory traffic: one read and one
-write per weight, where the forward also reads one and writes one and the
-backward from the gated weight reads three and writes one). Prints
-nanoseconds per weight (best of ``--repeats`` runs). The backward kernels
-write into the gradient buffer, as in training; repeated runs rewrite the
-same buffer (denormals are flushed so that shrinking values cost nothing
+weight (CPU default); next to two yardsticks: an eager ATen sigmoid
+(arithmetic) and a copy (memory traffic: one read per weight and one write
+into newly allocated memory, as the forward reads the weight and writes
+its output; the backward from the gated weight reads three values and
+writes one in place). Every timed run passes over
+``--matrices`` matrices of 3072 x 768 (an FFN matrix of wav2vec2-base),
+more than the CPU caches hold, so data comes from memory as in a training
+step (one matrix alone would be timed from the cache). Prints nanoseconds
+per weight (best of ``--repeats`` runs). The backward kernels write into
+the gradient buffers, as in training; repeated runs rewrite the same
+buffers (denormals are flushed so that shrinking values cost nothing
 extra).
 
 Usage:
@@ -32,7 +35,7 @@ from speechbrain_spg.fused_gate import compiled_kernels
 
 def best_ns_per_weight(fn, numel, repeats):
     """Best wall time of ``fn()`` over ``repeats`` runs, per weight."""
-    for _ in range(3):
+    for _ in range(2):
         fn()
     best = float("inf")
     for _ in range(repeats):
@@ -45,36 +48,50 @@ def best_ns_per_weight(fn, numel, repeats):
 def main(argv=None):
     """Prints the per-weight cost of each kernel."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--matrices",
+        type=int,
+        default=16,
+        help="matrices per timed run (16: 151 MB of weights)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
-    weight = torch.randn(3072, 768) * 0.05
-    grad = torch.randn_like(weight)
+    weights = [torch.randn(3072, 768) * 0.05 for _ in range(args.matrices)]
+    grads = [torch.randn_like(weight) for weight in weights]
     threshold, tau = torch.tensor(0.03), torch.tensor(0.02 * 0.05**2)
     zeros_grad = torch.tensor(1.0)
     kernels = compiled_kernels("cpu")
-    gated, _ = kernels.forward(weight, threshold, tau)
+    gated = [kernels.forward(w, threshold, tau)[0] for w in weights]
+    pairs = list(zip(weights, gated, grads))
     cases = {
-        "forward": lambda: kernels.forward(weight, threshold, tau),
-        "backward recomputing the mask": lambda: kernels.backward(
-            weight, threshold, tau, grad, zeros_grad
-        ),
-        "backward from the gated weight": lambda: kernels.backward_from_gated(
-            weight, gated, threshold, tau, grad, zeros_grad
-        ),
-        "eager torch.sigmoid (yardstick)": lambda: torch.sigmoid(weight),
-        "copy (yardstick)": lambda: weight.clone(),
+        "forward": lambda: [
+            kernels.forward(w, threshold, tau) for w in weights
+        ],
+        "backward recomputing the mask": lambda: [
+            kernels.backward(w, threshold, tau, g, zeros_grad)
+            for w, _, g in pairs
+        ],
+        "backward from the gated weight": lambda: [
+            kernels.backward_from_gated(w, wm, threshold, tau, g, zeros_grad)
+            for w, wm, g in pairs
+        ],
+        "eager torch.sigmoid (yardstick)": lambda: [
+            torch.sigmoid(w) for w in weights
+        ],
+        "copy (yardstick)": lambda: [w.clone() for w in weights],
     }
+    numel = sum(weight.numel() for weight in weights)
     print(
-        f"{args.threads} thread(s), one {tuple(weight.shape)} matrix, "
-        "compiled: "
-        f"{kernels.compiled}, best of {args.repeats}"
+        f"{args.threads} thread(s), {args.matrices} matrices of "
+        f"{tuple(weights[0].shape)} per run, compiled: {kernels.compiled}, "
+        f"best of {args.repeats}"
     )
     for name, fn in cases.items():
-        cost = best_ns_per_weight(fn, weight.numel(), args.repeats)
+        cost = best_ns_per_weight(fn, numel, args.repeats)
         print(f"{name:>32}: {cost:5.2f} ns per weight")
 
 
