@@ -20,6 +20,9 @@ fine-tuning step (forward, CTC loss + sparsity loss, backward, Adam step) of
   ``compiled_per_block``) the compiled gate called once per matrix or once
   per transformer block (``gates.pregated_weights``), whatever the device's
   default (per block on CUDA, per matrix on CPU),
+- optionally (``--variants ... compiled_recompute_gated``) the compiled gate
+  with ``recompute_gated_weights: True`` (no gated weight kept for the
+  backward pass; computed again there),
 
 plus evaluation-mode inference (cached gated weights) and peak memory. The
 CNN front end is frozen, as in the recipes. The step runs in the order of
@@ -85,6 +88,10 @@ def build(variant, source, device):
         per_block = variant == "compiled_per_block"
         gates.default_pregating = lambda weight: per_block
         variant = "compiled"
+    options = {}
+    if variant == "compiled_recompute_gated":
+        options["recompute_gated_weights"] = True
+        variant = "compiled"
     if variant == "dense":
         lobe = Wav2Vec2(source, save_path="", freeze_feature_extractor=True)
     else:
@@ -94,6 +101,7 @@ def build(variant, source, device):
             freeze_feature_extractor=True,
             target_sparsity=0.65,
             gate_impl=variant,
+            **options,
         )
     head = torch.nn.Linear(lobe.model.config.hidden_size, 32)
     return lobe.to(device), head.to(device)
@@ -274,7 +282,7 @@ def median_ratio(rounds, variant, key):
 def print_table(rounds):
     """One row per variant: medians over rounds; the step ratio's range."""
     header = (
-        f"{'variant':>18} {'step s':>8} {'ratio':>6} {'eval s':>8}"
+        f"{'variant':>24} {'step s':>8} {'ratio':>6} {'eval s':>8}"
         f" {'ratio':>6} {'peak mem ratio':>14}"
     )
     many = len(rounds) > 1
@@ -285,7 +293,7 @@ def print_table(rounds):
         memory = median_ratio(rounds, variant, "peak")
         memory = f"{memory:>14.3f}" if memory else f"{'n/a':>14}"
         row = (
-            f"{variant:>18} {step:>8.3f} "
+            f"{variant:>24} {step:>8.3f} "
             f"{median_ratio(rounds, variant, 'step'):>6.3f} {evaluation:>8.3f} "
             f"{median_ratio(rounds, variant, 'eval'):>6.3f} {memory}"
         )

@@ -29,7 +29,14 @@ from speechbrain_spg.batched_gate import (
     FusedPinchAllFunction,
     compiled_batch_kernels,
 )
-from speechbrain_spg.fused_gate import FusedPinchFunction, autocast_dtype
+from speechbrain_spg.fused_gate import (
+    EAGER_KERNELS,
+    FusedPinchFunction,
+    _resolve_policy,
+    _run_forward,
+    autocast_dtype,
+    compiled_kernels,
+)
 
 #: Smallest weight standard deviation a gate uses as a matrix's ``scale``.
 #: A matrix of (almost) only zeros, such as a layer pruned entirely in an
@@ -386,6 +393,12 @@ class SelfPinchingGate(nn.Module):
         pass that also yields the soft-zero count used by the sparsity
         regulariser; eager PyTorch) or ``"compiled"`` (the fused math through
         ``torch.compile``, eager if compiling fails).
+    recompute_gated : bool
+        Training passes keep no gated weight for the backward pass: the
+        matrix product's backward computes ``W * M`` again (``regate``) and
+        the gate's backward recomputes the mask. Saves one copy of the
+        gated weights in memory from the forward pass to the backward pass,
+        at the cost of about one more pass over them (see ``GatedLinear``).
 
     Example
     -------
@@ -405,12 +418,14 @@ class SelfPinchingGate(nn.Module):
         threshold_init,
         lr_scale=1.0,
         impl="reference",
+        recompute_gated=False,
     ):
         super().__init__()
         num_groups = max(groups) + 1
         self.tau_scale = float(tau_scale)
         self.lr_scale = float(lr_scale)
         self.impl = impl
+        self.recompute_gated = bool(recompute_gated)
         self.soft_zeros = {}
         self.threshold_param = nn.Parameter(
             torch.full((num_groups,), threshold_init / self.lr_scale)
@@ -513,13 +528,7 @@ class SelfPinchingGate(nn.Module):
         torch.Tensor
             ``W * M``.
         """
-        # Python-int indexing only (views, no device read-back); the same
-        # arithmetic as ``thresholds()[index]`` and ``taus()[index]``.
-        scale = self.scale[index]
-        threshold = (
-            self.threshold_param[self._groups[index]] * self.lr_scale * scale
-        )
-        tau = self.tau_scale * scale * scale
+        threshold, tau = self._threshold_and_tau(index)
         if self.impl == "reference" or not torch.is_grad_enabled():
             return PinchFunction.apply(weight, threshold, tau)
         gated, soft_zeros = FusedPinchFunction.apply(
@@ -527,12 +536,61 @@ class SelfPinchingGate(nn.Module):
             threshold,
             tau,
             self.impl == "compiled",
-            recompute_mask,
+            True if self.recompute_gated else recompute_mask,
             overwrite_grad,
             out_dtype,
         )
         self.soft_zeros[index] = soft_zeros
         return gated
+
+    def _threshold_and_tau(self, index):
+        """Threshold and temperature of one matrix, indexed with Python ints
+        only (views, no device read-back); the same arithmetic as
+        ``thresholds()[index]`` and ``taus()[index]``."""
+        scale = self.scale[index]
+        threshold = (
+            self.threshold_param[self._groups[index]] * self.lr_scale * scale
+        )
+        return threshold, self.tau_scale * scale * scale
+
+    def regate(self, index, weight, out_dtype=None):
+        """``W * M`` of one matrix computed again, outside autograd, with
+        the kernel of ``forward`` (what ``recompute_gated`` gives the
+        backward pass of a matrix product).
+
+        Arguments
+        ---------
+        index : int
+            Position of the matrix in the gate.
+        weight : torch.Tensor
+            Its weights (unchanged since the forward pass).
+        out_dtype : torch.dtype, optional
+            The dtype ``forward`` returned (autocast's); the reference path
+            returns ``W``'s dtype.
+
+        Returns
+        -------
+        torch.Tensor
+            ``W * M``, no gradient.
+
+        Example
+        -------
+        >>> gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5, impl="fused")
+        >>> w = torch.tensor([0.1, 2.0], requires_grad=True)
+        >>> torch.equal(gate.regate(0, w), gate(0, w).detach())
+        True
+        """
+        with torch.no_grad():
+            threshold, tau = self._threshold_and_tau(index)
+            if self.impl == "reference":
+                return PinchFunction.apply(weight, threshold, tau)
+            kernels = (
+                compiled_kernels(weight.device.type)
+                if self.impl == "compiled"
+                else EAGER_KERNELS
+            )
+            out_dtype, _ = _resolve_policy(weight, out_dtype, None)
+            return _run_forward(kernels, weight, threshold, tau, out_dtype)[0]
 
     def forward_many(self, first, weights, out_dtype=None):
         """Gates consecutive matrices in one call (fused paths only).
@@ -577,7 +635,7 @@ class SelfPinchingGate(nn.Module):
             self.thresholds()[first:stop],
             self.taus()[first:stop],
             kernels,
-            None,
+            True if self.recompute_gated else None,
             out_dtype,
             *weights,
         )
@@ -847,7 +905,18 @@ class GatedLinear(nn.Linear):
                 recompute_mask=None if x.requires_grad else True,
                 out_dtype=dtype,
             )
-            return F.linear(x, weight, self.bias)
+            if not (
+                self.gate.recompute_gated
+                and self.mask is None
+                and weight.requires_grad
+                and weight.is_contiguous()
+            ):
+                return F.linear(x, weight, self.bias)
+            hooks = _RegateHooks(self, weight, dtype)
+            with torch.autograd.graph.saved_tensors_hooks(
+                hooks.pack, hooks.unpack
+            ):
+                return F.linear(x, weight, self.bias)
         if (
             self.weight.is_inference()
             or self.gate.threshold_param.is_inference()
@@ -872,6 +941,36 @@ class GatedLinear(nn.Linear):
     def extra_repr(self):
         """Shows the gate position next to the layer sizes."""
         return super().extra_repr() + f", gate_index={self.index}"
+
+
+class _RegateHooks:
+    """Saved-tensor hooks of one matrix product with a gated weight: what
+    autograd would keep of the gated weight (itself or a view) is kept as
+    its shape only, and computed again (``SelfPinchingGate.regate``) when
+    the backward pass needs it."""
+
+    def __init__(self, layer, gated, out_dtype):
+        self.layer, self.out_dtype = layer, out_dtype
+        self.storage = gated.untyped_storage().data_ptr()
+        self.dtype = gated.dtype
+
+    def pack(self, tensor):
+        """A view of the gated weight becomes its layout; anything else
+        is kept."""
+        if (
+            tensor.dtype == self.dtype
+            and tensor.untyped_storage().data_ptr() == self.storage
+        ):
+            return (tensor.size(), tensor.stride(), tensor.storage_offset())
+        return tensor
+
+    def unpack(self, packed):
+        """The gated weight computed again, in the saved view's layout."""
+        if isinstance(packed, torch.Tensor):
+            return packed
+        layer = self.layer
+        gated = layer.gate.regate(layer.index, layer.weight, self.out_dtype)
+        return gated.as_strided(*packed)
 
 
 def _save_pruned_weights_as_zeros(module, state_dict, prefix, local_metadata):

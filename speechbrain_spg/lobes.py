@@ -128,6 +128,7 @@ def install_gates(model, options):
         options.threshold_init,
         lr_scale=options.gate_lr_scale,
         impl=options.gate_impl,
+        recompute_gated=options.recompute_gated_weights,
     )
     for index, (name, linear) in enumerate(found):
         parent_name, _, child = name.rpartition(".")

@@ -47,6 +47,7 @@ def test_gate_overhead_prints_a_table_and_the_ratio_line(monkeypatch, capsys):
         "compiled_recompute",
         "compiled_float32_gate",
         "compiled_per_block",
+        "compiled_recompute_gated",
     ]
     gate_overhead.main(
         ["--models", "facebook/wav2vec2-base", "--variants", *variants]

@@ -232,6 +232,7 @@ def lobe_step(
     device="cpu",
     lobe_class=SPGWav2Vec2,
     per_block=False,
+    **options,
 ):
     """One training step of a tiny lobe; returns outputs and gradients.
 
@@ -247,6 +248,7 @@ def lobe_step(
         target_sparsity=0.5,
         threshold_init=0.6,
         gate_impl=impl,
+        **options,
     )
     lobe.model.config.layerdrop = layerdrop
     lobe.to(device).train()
@@ -289,6 +291,32 @@ def test_lobe_step_matches_reference(wav2vec2_source, impl, device, per_block):
     assert set(grads) == set(ref_grads)
     assert "gate.threshold_param" in grads
     assert "regularizer.multiplier_param" in grads
+    for name in ref_grads:
+        torch.testing.assert_close(
+            grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name
+        )
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_lobe_step_recomputing_gated_weights_matches_reference(
+    wav2vec2_source, per_block
+):
+    """``recompute_gated_weights``: the lobe's step (with LayerDrop) gives
+    the reference numbers."""
+    ref_out, ref_loss, ref_grads, _ = lobe_step(
+        wav2vec2_source, "reference", layerdrop=0.5, seed=3
+    )
+    out, loss, grads, _ = lobe_step(
+        wav2vec2_source,
+        "compiled",
+        layerdrop=0.5,
+        seed=3,
+        per_block=per_block,
+        recompute_gated_weights=True,
+    )
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+    assert set(grads) == set(ref_grads)
     for name in ref_grads:
         torch.testing.assert_close(
             grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name

@@ -2,6 +2,8 @@
 
 import contextlib
 import math
+import weakref
+from unittest import mock
 
 import pytest
 import torch
@@ -351,6 +353,78 @@ def test_group_of_each_matrix_follows_a_loaded_state_dict():
         torch.testing.assert_close(
             gate(index, weight),
             pinch_reference(weight, expected, gate.taus()[index]),
+        )
+
+
+def _gated_layer_step(impl, recompute, per_block=False, dtype=None):
+    """One training step of two gated layers (3-D input, one per block
+    call when ``per_block``); returns output, gradients and whether the
+    gated weights were still alive after the forward pass."""
+    torch.manual_seed(21)
+    linears = [nn.Linear(6, 5), nn.Linear(5, 4)]
+    scales = torch.stack([layer.weight.detach().std() for layer in linears])
+    gate = SelfPinchingGate(
+        scales, [0, 1], 0.05, 0.8, impl=impl, recompute_gated=recompute
+    )
+    layers = [GatedLinear(layer, gate, i) for i, layer in enumerate(linears)]
+    x = torch.randn(2, 3, 6, requires_grad=True)
+    alive = []
+    effective_weight = GatedLinear.effective_weight
+
+    def watched(self, *args, **kwargs):
+        weight = effective_weight(self, *args, **kwargs)
+        alive.append(weakref.ref(weight))
+        return weight
+
+    context = (
+        pregated_weights(gate, layers, enabled=True)
+        if per_block
+        else contextlib.nullcontext()
+    )
+    with (
+        mock.patch.object(GatedLinear, "effective_weight", watched),
+        torch.autocast("cpu", dtype=dtype, enabled=dtype is not None),
+        context,
+    ):
+        out = layers[1](layers[0](x))
+    kept = [ref() is not None for ref in alive]
+    zeros = sum(gate.recorded_soft_zeros(2).values())
+    (out.float().pow(2).sum() + 1e-3 * zeros).backward()
+    grads = [x.grad] + [p.grad for layer in linears for p in layer.parameters()]
+    return out.detach(), grads + [gate.threshold_param.grad], kept
+
+
+@pytest.mark.parametrize(
+    "impl, per_block, dtype",
+    [
+        ("reference", False, None),
+        ("fused", False, None),
+        ("compiled", False, None),
+        ("compiled", True, None),
+        ("compiled", False, torch.bfloat16),
+        ("fused", True, torch.bfloat16),
+    ],
+)
+def test_recompute_gated_keeps_no_gated_weight_and_matches(
+    impl, per_block, dtype
+):
+    """With ``recompute_gated`` no gated weight survives the forward pass
+    (the matrix product's backward computes it again), and the step gives
+    the same output and, within float32 rounding, the same gradients."""
+    out, grads, kept = _gated_layer_step(impl, False, per_block, dtype)
+    out_r, grads_r, kept_r = _gated_layer_step(impl, True, per_block, dtype)
+    assert all(kept) and not any(kept_r)
+    torch.testing.assert_close(out_r, out, rtol=0, atol=0)
+    # Under autocast both recompute the mask in the backward: identical.
+    # In float32 on CPU the default reads it back from the gated weight:
+    # the same numbers to float32 rounding.
+    exact = dtype is not None or impl == "reference"
+    for given, expected in zip(grads_r, grads):
+        torch.testing.assert_close(
+            given,
+            expected,
+            rtol=0 if exact else 1e-5,
+            atol=0 if exact else 1e-6,
         )
 
 

@@ -202,6 +202,10 @@ def test_step_counter_counts_training_forwards_only(wav2vec2_source):
             r"inject_sparsity_loss: must be true or false, got 'yes'.",
         ),
         (
+            {"recompute_gated_weights": 1},
+            r"recompute_gated_weights: must be true or false, got 1.",
+        ),
+        (
             {"gate_lr_scale": 0},
             r"gate_lr_scale: must be a finite number > 0, got 0.",
         ),
