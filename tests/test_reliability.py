@@ -438,8 +438,8 @@ BAD_SPG_VALUES = [
         {"ssl": {"target_sparsty": 0.5}},
         "target_sparsty: unknown option; did you mean 'target_sparsity'? SPG "
         "options: gate_impl, gate_lr_scale, inject_sparsity_loss, "
-        "prune_modules, ramp_steps, target_scope, target_sparsity, tau_scale,"
-        " threshold_init, tie, warmup_steps.",
+        "prune_modules, ramp_steps, recompute_gated_weights, target_scope, "
+        "target_sparsity, tau_scale, threshold_init, tie, warmup_steps.",
     ),
     (
         {"ssl": {"freeze": True}},
