@@ -421,6 +421,10 @@ BAD_SPG_VALUES = [
         "inject_sparsity_loss: must be true or false, got 1.",
     ),
     (
+        {"ssl": {"recompute_gated_weights": "yes"}},
+        "recompute_gated_weights: must be true or false, got 'yes'.",
+    ),
+    (
         {"ssl": {"prune_modules": "(q_proj"}},
         "prune_modules: '(q_proj' is not a valid regular expression "
         "(missing ), unterminated subpattern at position 0).",
