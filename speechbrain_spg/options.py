@@ -66,9 +66,9 @@ class SPGOptions:
         Keep no gated weight from the forward pass to the backward pass:
         the matrix product's backward computes ``W * M`` again. Saves memory
         the size of the gated weights, for one more gate pass per matrix
-        and step. Measured on CPU, float32, wav2vec2-base, 2 x 4 s: peak
-        memory 1.10 -> 1.05x dense, step time 1.05 -> 1.14x
-        (``benchmarks/RESULTS.md``). WavLM's attention projections, which
+        and step. Measured on CPU, float32, 2 x 4 s, wav2vec2-base /
+        HuBERT-large: peak memory 1.10 -> 1.05 / 1.03x dense, step time
+        1.05 -> 1.14x / 1.06 -> 1.09x (``benchmarks/RESULTS.md``). WavLM's attention projections, which
         do not go through ``GatedLinear.forward``, keep theirs.
 
     Example
