@@ -414,6 +414,45 @@ def _run_backward(
     )
 
 
+def _kernels_for(weight, compiled):
+    """The compiled kernels of ``weight``'s device, or the eager ones."""
+    return compiled_kernels(weight.device.type) if compiled else EAGER_KERNELS
+
+
+def gated_value(weight, threshold, tau, compiled=False, out_dtype=None):
+    """``W * M`` from the forward kernel of ``FusedPinchFunction``, outside
+    autograd (no soft-zero count, nothing saved).
+
+    Arguments
+    ---------
+    weight : torch.Tensor
+        The weight matrix.
+    threshold : torch.Tensor
+        Scalar threshold ``t``.
+    tau : torch.Tensor
+        Scalar temperature.
+    compiled : bool
+        Use the ``torch.compile`` kernels when they are available.
+    out_dtype : torch.dtype, optional
+        Cast ``W * M`` to this dtype in the same kernel.
+
+    Returns
+    -------
+    torch.Tensor
+        ``W * M``, no gradient.
+
+    Example
+    -------
+    >>> w, t, tau = torch.tensor([0.1, 2.0]), torch.tensor(0.5), torch.tensor(0.05)
+    >>> gated_value(w, t, tau)
+    tensor([0.0083, 2.0000])
+    """
+    out_dtype, _ = _resolve_policy(weight, out_dtype, None)
+    with torch.no_grad():
+        kernels = _kernels_for(weight, compiled)
+        return _run_forward(kernels, weight, threshold, tau, out_dtype)[0]
+
+
 def _can_overwrite(grad, weight):
     """Whether ``grad`` has the layout the in-place backward writes into.
 
@@ -501,9 +540,7 @@ class FusedPinchFunction(torch.autograd.Function):
         soft_zeros : torch.Tensor
             Scalar ``sum(1 - M)``.
         """
-        kernels = (
-            compiled_kernels(weight.device.type) if compiled else EAGER_KERNELS
-        )
+        kernels = _kernels_for(weight, compiled)
         out_dtype, recompute_mask = _resolve_policy(
             weight, out_dtype, recompute_mask
         )
@@ -611,9 +648,7 @@ class FusedSoftZerosFunction(torch.autograd.Function):
         torch.Tensor
             Scalar ``sum(1 - M)``.
         """
-        kernels = (
-            compiled_kernels(weight.device.type) if compiled else EAGER_KERNELS
-        )
+        kernels = _kernels_for(weight, compiled)
         mask_rows, slope_rows = kernels.soft_zeros(weight, threshold, tau)
         ctx.save_for_backward(threshold, slope_rows.sum())
         return weight.numel() - mask_rows.sum()

@@ -30,12 +30,9 @@ from speechbrain_spg.batched_gate import (
     compiled_batch_kernels,
 )
 from speechbrain_spg.fused_gate import (
-    EAGER_KERNELS,
     FusedPinchFunction,
-    _resolve_policy,
-    _run_forward,
     autocast_dtype,
-    compiled_kernels,
+    gated_value,
 )
 
 #: Smallest weight standard deviation a gate uses as a matrix's ``scale``.
@@ -584,13 +581,9 @@ class SelfPinchingGate(nn.Module):
             threshold, tau = self._threshold_and_tau(index)
             if self.impl == "reference":
                 return PinchFunction.apply(weight, threshold, tau)
-            kernels = (
-                compiled_kernels(weight.device.type)
-                if self.impl == "compiled"
-                else EAGER_KERNELS
+            return gated_value(
+                weight, threshold, tau, self.impl == "compiled", out_dtype
             )
-            out_dtype, _ = _resolve_policy(weight, out_dtype, None)
-            return _run_forward(kernels, weight, threshold, tau, out_dtype)[0]
 
     def forward_many(self, first, weights, out_dtype=None):
         """Gates consecutive matrices in one call (fused paths only).
@@ -923,9 +916,7 @@ class GatedLinear(nn.Linear):
         ):
             # Made under torch.inference_mode: no version counters tell a
             # change, so nothing is cached.
-            weight = self.effective_weight()
-            weight = weight if dtype is None else weight.to(dtype)
-            return F.linear(x, weight, self.bias)
+            return F.linear(x, self._eval_weight(dtype), self.bias)
         key = (
             self.weight._version,
             self.weight.data_ptr(),
@@ -934,9 +925,13 @@ class GatedLinear(nn.Linear):
             dtype,
         )
         if self._cache is None or self._cache[0] != key:
-            weight = self.effective_weight()
-            self._cache = (key, weight if dtype is None else weight.to(dtype))
+            self._cache = (key, self._eval_weight(dtype))
         return F.linear(x, self._cache[1], self.bias)
+
+    def _eval_weight(self, dtype):
+        """The effective weight, cast to ``dtype`` if given."""
+        weight = self.effective_weight()
+        return weight if dtype is None else weight.to(dtype)
 
     def extra_repr(self):
         """Shows the gate position next to the layer sizes."""
