@@ -128,28 +128,18 @@ def measure(source, args):
 def main(argv=None):
     """Measures every model and prints the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    gate_overhead.add_batch_arguments(parser)
     parser.add_argument(
         "--models", nargs="+", default=list(gate_overhead.MODELS)
     )
     parser.add_argument("--pairs", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument(
-        "--batch", type=int, default=None, help="default: 8 (cuda), 2 (cpu)"
-    )
-    parser.add_argument(
-        "--seconds",
-        type=float,
-        default=None,
-        help="audio per utterance; default: 15 (cuda), 1 (cpu)",
-    )
     args = parser.parse_args(argv)
     if args.pairs < 2:
         parser.error(f"--pairs must be at least 2, got {args.pairs}")
     gate_overhead.quiet()
+    gate_overhead.resolve_batch(args)
     gpu = args.device == "cuda"
-    args.batch = args.batch or (8 if gpu else 2)
-    args.seconds = args.seconds or (15.0 if gpu else 1.0)
     print(
         f"device {args.device}, batch {args.batch} x {args.seconds} s"
         f"{' (bf16 autocast)' if gpu else ''}, {args.pairs} alternating "

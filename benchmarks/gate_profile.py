@@ -120,7 +120,7 @@ def profile_variant(variant, source, args):
 def main(argv=None):
     """Profiles every model x variant."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    gate_overhead.add_batch_arguments(parser)
     parser.add_argument(
         "--models", nargs="+", default=["facebook/hubert-large-ll60k"]
     )
@@ -128,13 +128,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--top", type=int, default=15, help="rows per table")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--seconds", type=float, default=None)
     args = parser.parse_args(argv)
     gate_overhead.quiet()
-    gpu = args.device == "cuda"
-    args.batch = args.batch or (8 if gpu else 2)
-    args.seconds = args.seconds or (15.0 if gpu else 1.0)
+    gate_overhead.resolve_batch(args)
     print(
         f"device {args.device}, batch {args.batch} x {args.seconds} s, "
         f"{args.steps} profiled steps after {args.warmup} warm-up"
