@@ -23,6 +23,10 @@ fine-tuning step (forward, CTC loss + sparsity loss, backward, Adam step) of
 - optionally (``--variants ... compiled_recompute_gated``) the compiled gate
   with ``recompute_gated_weights: True`` (no gated weight kept for the
   backward pass; computed again there),
+- optionally (``--variants ... compiled_unclipped_sigmoid``) the compiled
+  gate without the clip of its sigmoid's argument
+  (``fused_gate.SIGMOID_SATURATION``; the same numbers, with subnormal
+  intermediates on CPU),
 
 plus evaluation-mode inference (cached gated weights) and peak memory. The
 CNN front end is frozen, as in the recipes. The step runs in the order of
@@ -87,6 +91,9 @@ def build(variant, source, device):
     if variant in ("compiled_per_matrix", "compiled_per_block"):
         per_block = variant == "compiled_per_block"
         gates.default_pregating = lambda weight: per_block
+        variant = "compiled"
+    if variant == "compiled_unclipped_sigmoid":
+        fused_gate.SIGMOID_SATURATION = float("inf")
         variant = "compiled"
     options = {}
     if variant == "compiled_recompute_gated":

@@ -15,7 +15,12 @@ from conftest import device_reads
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
 from speechbrain_spg import gates
-from speechbrain_spg.fused_gate import FusedPinchFunction, compiled_kernels
+from speechbrain_spg.fused_gate import (
+    SIGMOID_SATURATION,
+    FusedPinchFunction,
+    _pinch_argument,
+    compiled_kernels,
+)
 from speechbrain_spg.gates import (
     GatedLinear,
     PinchFunction,
@@ -62,6 +67,50 @@ def test_fused_function_matches_reference_functions(
         tolerance = {"rtol": 1e-4, "atol": 1e-4}
     for ref, fast in zip(run(False), run(True)):
         torch.testing.assert_close(fast, ref, **tolerance)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+)
+def test_sigmoid_saturation_changes_no_mask_value(dtype):
+    # Clipping the argument there is exact: the sigmoid is already 1.
+    at = torch.tensor(SIGMOID_SATURATION, dtype=dtype)
+    assert torch.sigmoid(at).item() == 1.0
+    assert torch.sigmoid(at - 1).item() == 1.0
+
+
+def test_sigmoid_saturation_keeps_the_exponential_a_normal_number():
+    # exp(-x) of every clipped argument is at least exp(-80), a normal
+    # float32 number (exp(-88) would already be subnormal).
+    smallest = torch.exp(torch.tensor(-SIGMOID_SATURATION))
+    assert smallest.item() >= torch.finfo(torch.float32).tiny
+    weight = torch.tensor([0.0, 0.01, 1.0, 100.0])
+    x = _pinch_argument(weight, torch.tensor(0.01), torch.tensor(1e-6))
+    assert x.tolist() == [-50.0, 0.0, SIGMOID_SATURATION, SIGMOID_SATURATION]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("recompute_mask", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_weights_far_above_the_threshold_pass_unchanged(
+    compiled, recompute_mask, dtype
+):
+    # (W^2 - t^2) / (2 tau) from 80 (the clip) to about 5000: M = 1
+    # exactly, so W * M = W, M sums to the size, and the weight gradient
+    # is the upstream gradient itself, as on the reference path.
+    weight = torch.linspace(0.04, 0.3, 600, dtype=dtype).reshape(20, 30)
+    threshold = torch.tensor(0.01, dtype=dtype, requires_grad=True)
+    tau = torch.tensor(8e-6, dtype=dtype)
+    upstream = torch.randn(20, 30, dtype=dtype)
+    w = weight.clone().requires_grad_()
+    gated, zeros = FusedPinchFunction.apply(
+        w, threshold, tau, compiled, recompute_mask
+    )
+    (gated * upstream).sum().backward()
+    assert torch.equal(gated.detach(), weight)
+    assert zeros.item() == 0.0
+    assert torch.equal(w.grad, upstream)
+    assert threshold.grad.item() == 0.0
 
 
 def _gate_inputs():
