@@ -311,8 +311,9 @@ def median_ratio(rounds, variant, key):
 
 def print_table(rounds):
     """One row per variant: medians over rounds; the step ratio's range."""
+    width = max(len(name) for name in ("variant", *rounds[0]))
     header = (
-        f"{'variant':>24} {'step s':>8} {'ratio':>6} {'eval s':>8}"
+        f"{'variant':>{width}} {'step s':>8} {'ratio':>6} {'eval s':>8}"
         f" {'ratio':>6} {'peak mem ratio':>14}"
     )
     many = len(rounds) > 1
@@ -323,7 +324,7 @@ def print_table(rounds):
         memory = median_ratio(rounds, variant, "peak")
         memory = f"{memory:>14.3f}" if memory else f"{'n/a':>14}"
         row = (
-            f"{variant:>24} {step:>8.3f} "
+            f"{variant:>{width}} {step:>8.3f} "
             f"{median_ratio(rounds, variant, 'step'):>6.3f} {evaluation:>8.3f} "
             f"{median_ratio(rounds, variant, 'eval'):>6.3f} {memory}"
         )
