@@ -188,6 +188,64 @@ def test_eval_overhead_alternates_the_lobes_and_prints_the_ratio_line(
     assert match and float(match.group(1)) == median
 
 
+def test_step_overhead_alternates_training_steps_and_prints_the_ratio_line(
+    monkeypatch, capsys
+):
+    step_overhead = load_benchmark("step_overhead", monkeypatch)
+    monkeypatch.setattr(
+        step_overhead,
+        "hub_config",
+        lambda hub_id: build_config("wav2vec2", **TINY_OVERRIDES),
+    )
+    order, steps = [], {}
+    timed_step = step_overhead.timed_step
+
+    def recording_step(setup, device):
+        name = "spg" if hasattr(setup[0], "gate") else "dense"
+        order.append(name)
+        before = setup[0].gate.step_count if name == "spg" else None
+        seconds = timed_step(setup, device)
+        if name == "spg":
+            steps.setdefault("spg", []).append(setup[0].gate.step_count)
+            assert setup[0].gate.step_count == before + 1
+        # Gradients are cleared after each step (SpeechBrain's order).
+        assert all(p.grad is None for p in setup[0].parameters())
+        return seconds
+
+    monkeypatch.setattr(step_overhead, "timed_step", recording_step)
+    step_overhead.main(
+        ["--models", "facebook/wav2vec2-base", "--pairs", "4", "--warmup", "1"]
+    )
+    # One warm-up step each, then pairs in alternating order.
+    assert order == ["dense", "spg"] + ["dense", "spg", "spg", "dense"] * 2
+    assert steps["spg"] == [1, 2, 3, 4, 5]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(
+        "device cpu, batch 2 x 1.0 s, SPG variant compiled, 4 alternating"
+    )
+    stats = re.search(
+        r"median (\d+\.\d{3}), quartiles (\d+\.\d{3})-(\d+\.\d{3}), "
+        r"range (\d+\.\d{3})-(\d+\.\d{3})",
+        lines[-2],
+    )
+    median, q1, q3, low, high = map(float, stats.groups())
+    assert low <= q1 <= median <= q3 <= high
+    match = re.fullmatch(
+        r"step-time ratio spg/dense: facebook/wav2vec2-base (\d+\.\d{3})",
+        lines[-1],
+    )
+    assert match and float(match.group(1)) == median
+
+
+def test_step_overhead_refuses_dense_as_the_spg_variant(monkeypatch, capsys):
+    step_overhead = load_benchmark("step_overhead", monkeypatch)
+    with pytest.raises(SystemExit):
+        step_overhead.main(["--variant", "dense"])
+    assert "--variant must be an SPG variant, got 'dense'" in (
+        capsys.readouterr().err
+    )
+
+
 def test_eval_overhead_refuses_a_lobe_that_does_not_cache(monkeypatch):
     eval_overhead = load_benchmark("eval_overhead", monkeypatch)
     monkeypatch.setattr(

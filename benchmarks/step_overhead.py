@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Training-step cost of an SPG lobe vs the dense lobe, in one process.
+
+``gate_overhead.py`` measures each variant in a process of its own (which
+its peak-memory figure needs). On a shared CPU, steps of separate processes
+differ by up to 10% from run to run, more than the effects worth measuring
+now. This benchmark builds the dense lobe and the SPG lobe of the same
+random-weight model in ONE process, each with its CTC head and Adam
+optimiser, and times their training steps (those of ``gate_overhead.py``)
+alternately, dense-SPG then SPG-dense, so that both see the same machine
+state. It prints the median of the per-pair ratios and their interquartile
+range. The last line reads ``step-time ratio spg/dense: MODEL R, MODEL R``.
+
+``--variant`` picks the SPG variant among those of ``gate_overhead.py``
+(default ``compiled``); a variant that patches the gate for its process
+(e.g. ``compiled_unclipped_sigmoid``) changes only the SPG lobe, so
+comparing two variants takes two runs, each against its own dense steps.
+Both models are in memory at once: about 10 GB for HuBERT-large.
+
+Usage:
+    python benchmarks/step_overhead.py --device cpu
+    python benchmarks/step_overhead.py --device cuda
+
+Authors
+ * speechbrain-spg developers 2026
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import gate_overhead  # noqa: E402 - the benchmark next to this file
+from eval_overhead import pass_order, quartiles  # noqa: E402
+
+from speechbrain_spg.architectures import hub_config, save_random_model  # noqa: E402
+
+
+def timed_step(setup, device):
+    """Seconds of one training step of a ``gate_overhead.training_setup``
+    (forward, losses, backward, Adam step, gradients cleared)."""
+    lobe, head, optimizer, wav, targets, autocast = setup
+    gate_overhead.synchronize(device)
+    start = time.perf_counter()
+    gate_overhead.step_fn(
+        lobe, head, optimizer, wav, targets, autocast, "after-step"
+    )
+    gate_overhead.synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(source, args):
+    """Alternating training steps of the dense and SPG lobes of one model;
+    returns their times and the per-pair ratios."""
+    setups = {
+        "dense": gate_overhead.training_setup("dense", source, args),
+        "spg": gate_overhead.training_setup(args.variant, source, args),
+    }
+    for setup in setups.values():
+        for _ in range(args.warmup):
+            timed_step(setup, args.device)
+    times = {"dense": [], "spg": []}
+    for pair in range(args.pairs):
+        for name in pass_order(pair):
+            times[name].append(timed_step(setups[name], args.device))
+    ratios = [s / d for s, d in zip(times["spg"], times["dense"])]
+    return times, ratios
+
+
+def main(argv=None):
+    """Measures every model and prints the ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    gate_overhead.add_batch_arguments(parser)
+    parser.add_argument(
+        "--models", nargs="+", default=list(gate_overhead.MODELS)
+    )
+    parser.add_argument(
+        "--variant",
+        default="compiled",
+        help="SPG variant of gate_overhead.py (default: compiled)",
+    )
+    parser.add_argument("--pairs", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.pairs < 2:
+        parser.error(f"--pairs must be at least 2, got {args.pairs}")
+    if args.variant == "dense":
+        parser.error("--variant must be an SPG variant, got 'dense'")
+    gate_overhead.quiet()
+    gate_overhead.resolve_batch(args)
+    gpu = args.device == "cuda"
+    print(
+        f"device {args.device}, batch {args.batch} x {args.seconds} s"
+        f"{' (bf16 autocast)' if gpu else ''}, SPG variant {args.variant}, "
+        f"{args.pairs} alternating pairs of training steps after "
+        f"{args.warmup} warm-up steps each, one process; "
+        f"{torch.get_num_threads()} CPU threads"
+    )
+    medians = {}
+    with tempfile.TemporaryDirectory() as work:
+        for hub_id in args.models:
+            source = save_random_model(hub_config(hub_id), f"{work}/{hub_id}")
+            times, ratios = measure(source, args)
+            low, median, high = quartiles(ratios)
+            medians[hub_id] = median
+            print(
+                f"\n{hub_id} (random weights): dense "
+                f"{statistics.median(times['dense']):.4f} s, spg "
+                f"{statistics.median(times['spg']):.4f} s per step (medians)"
+                f"\n  spg/dense per pair: median {median:.3f}, quartiles "
+                f"{low:.3f}-{high:.3f}, range {min(ratios):.3f}-"
+                f"{max(ratios):.3f}"
+            )
+    ratios = ", ".join(f"{hub_id} {r:.3f}" for hub_id, r in medians.items())
+    print(f"step-time ratio spg/dense: {ratios}")
+
+
+if __name__ == "__main__":
+    main()
