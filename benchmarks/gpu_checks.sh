@@ -15,9 +15,13 @@
 #      (evaluation passes of the dense and SPG lobes, alternating, in one
 #      process);
 #   5. python benchmarks/gate_profile.py --device cuda (HuBERT-large, dense
-#      and compiled: wall vs device-busy time per step, top kernels).
+#      and compiled: wall vs device-busy time per step, top kernels);
+#   6. python benchmarks/step_overhead.py --device cuda --pairs 20 (training
+#      steps of the dense and SPG lobes, alternating, in one process; last,
+#      as it has not run on a GPU yet).
 # The first run (2026-11-27, H100) took 407 s with a slower variant list,
-# the second 248 s without step 4; budget about 6 minutes for this one.
+# the second 248 s without steps 4 and 6; budget about 8 minutes for this
+# one.
 #
 # The GPU image has torch, transformers and pytest but not SpeechBrain. On the
 # CPU machine, once, in the repository root:
@@ -64,8 +68,11 @@ timeout 90 python3 benchmarks/gate_profile.py --device cuda 2>&1 \
     > "$out/gate_profile.txt"
 profile=$?
 grep "^== " "$out/gate_profile.txt"
+timeout 100 python3 benchmarks/step_overhead.py --device cuda --pairs 20 2>&1 \
+    | grep -v "feature extractor is frozen" | tee "$out/step_overhead.txt"
+steps=${PIPESTATUS[0]}
 echo "tests exit $tests, gate_host_overhead exit $host, gate_overhead exit" \
-    "$bench, eval_overhead exit $evaluation, gate_profile exit $profile" \
-    | tee -a "$out/device.txt"
+    "$bench, eval_overhead exit $evaluation, gate_profile exit $profile," \
+    "step_overhead exit $steps" | tee -a "$out/device.txt"
 [ "$tests" -eq 0 ] && [ "$host" -eq 0 ] && [ "$bench" -eq 0 ] \
-    && [ "$evaluation" -eq 0 ] && [ "$profile" -eq 0 ]
+    && [ "$evaluation" -eq 0 ] && [ "$profile" -eq 0 ] && [ "$steps" -eq 0 ]
