@@ -9,13 +9,13 @@ reads it back from the gated weight (CPU default); next to two
 yardsticks: an eager ATen sigmoid (arithmetic) and a copy (memory traffic:
 one read per weight and one write into newly allocated memory, as the
 forward reads the weight and writes its output; the backward from the
-gated weight reads three values and writes one into new memory). Every timed run
+gated weight reads three values and writes one in place). Every timed run
 passes over ``--matrices`` matrices of 3072 x 768 (an FFN matrix of
 wav2vec2-base), more than the CPU caches hold, so data comes from memory as
 in a training step (one matrix alone would be timed from the cache). The
 weights are those of a fresh model (std 0.02, default threshold and
-temperature). Denormals are not flushed, as in training. The recomputing
-backward writes into the gradient buffers, as in training; these are
+temperature). Denormals are not flushed, as in training. The backward
+kernels write into the gradient buffers, as in training; these are
 restored before each timed run, untimed. Prints nanoseconds per weight
 (best of ``--repeats`` runs).
 

@@ -26,7 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from speechbrain_spg.fused_gate import (
-    _backward_from_gated_math,
+    _backward_from_gated_math_inplace,
     _backward_math_inplace,
     _backward_upcast_math,
     _can_overwrite,
@@ -35,7 +35,6 @@ from speechbrain_spg.fused_gate import (
     _run_backward,
     _run_forward,
     _with_eager_fallback,
-    in_place_backward,
 )
 
 
@@ -76,19 +75,25 @@ def _backward_all_upcast_math(weights, thresholds, taus, grads, grad_zeros):
     return grad_weights, torch.stack(grad_thresholds)
 
 
-def _backward_all_from_gated_math(
+def _backward_all_from_gated_math_inplace(
     weights, gated, thresholds, taus, grads, grad_zeros
 ):
-    """Backward of every matrix reading the mask back from ``W * M``:
-    weight gradients (new tensors) and threshold gradients."""
-    grad_weights, grad_thresholds = [], []
-    for i, weight in enumerate(weights):
-        grad_weight, rows = _backward_from_gated_math(
-            weight, gated[i], thresholds[i], taus[i], grads[i], grad_zeros[i]
-        )
-        grad_weights.append(grad_weight)
-        grad_thresholds.append(rows.sum())
-    return grad_weights, torch.stack(grad_thresholds)
+    """Backward of every matrix reading the mask back from ``W * M``;
+    ``grads`` become the weight gradients; returns the threshold
+    gradients."""
+    return torch.stack(
+        [
+            _backward_from_gated_math_inplace(
+                weight,
+                gated[i],
+                thresholds[i],
+                taus[i],
+                grads[i],
+                grad_zeros[i],
+            ).sum()
+            for i, weight in enumerate(weights)
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -106,8 +111,8 @@ class BatchKernels:
         ``(Ws, ts, taus, grads, grad_zeros) -> (grad_Ws, grad_ts)`` for
         lower-precision ``grads``.
     backward_from_gated : callable
-        ``(Ws, gated Ws, ts, taus, grads, grad_zeros) -> (grad_Ws,
-        grad_ts)``; ``grad_Ws`` new tensors.
+        ``(Ws, gated Ws, ts, taus, grads, grad_zeros) -> grad_ts``, same
+        contract as ``backward``.
     compiled : bool
         Whether ``torch.compile`` is asked for (each call falls back to
         the eager math if compiling fails).
@@ -134,7 +139,7 @@ EAGER_BATCH_KERNELS = BatchKernels(
     _forward_all_math,
     _backward_all_math_inplace,
     _backward_all_upcast_math,
-    _backward_all_from_gated_math,
+    _backward_all_from_gated_math_inplace,
     compiled=False,
 )
 
@@ -273,9 +278,7 @@ class FusedPinchAllFunction(torch.autograd.Function):
         for weight, grad in zip(weights, grad_gated):
             if grad is None:
                 grad = torch.zeros_like(weight, dtype=ctx.gated_dtype)
-            if not in_place_backward(upcast, ctx.recompute_mask):
-                grad = grad.contiguous()
-            elif not _can_overwrite(grad, weight):
+            if not upcast and not _can_overwrite(grad, weight):
                 grad = grad.to(weight.dtype, copy=True).contiguous()
             grads.append(grad)
         grads, grad_thresholds = _run_backward(

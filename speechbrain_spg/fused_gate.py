@@ -8,11 +8,10 @@ the gated weight AND the expected number of pinched weights from the same
 mask in one forward pass, and produces the gradients of both outputs
 (weights and threshold) in one backward pass. Where the caller knows the
 gated weight feeds one matrix product and nothing else (``GatedLinear``),
-``overwrite_grad=True`` lets the backward that recomputes the mask write the
-weight gradient into the buffer autograd hands it (no new weight-sized
-tensor; the backward from the gated weight writes a new one, which measured
-faster on CPU). The backward passes are not themselves differentiable (no
-double backward; the reference path is).
+``overwrite_grad=True`` lets the backward write the weight gradient into the
+buffer autograd hands it (no new weight-sized tensor). The backward passes
+are not themselves differentiable (no double backward; the reference path
+is).
 
 What the backward starts from depends on the device:
 
@@ -159,29 +158,23 @@ def _backward_upcast_math(weight, threshold, tau, grad, grad_zeros):
     return grad * factor, grad_threshold
 
 
-def _backward_from_gated_math(weight, gated, threshold, tau, grad, grad_zeros):
-    """Backward that reads the mask back from ``gated = W * M``: the
-    weight gradient (a new tensor) and the threshold gradient.
+def _backward_from_gated_math_inplace(
+    weight, gated, threshold, tau, grad_out, grad_zeros
+):
+    """Backward that reads the mask back from ``gated = W * M``.
 
     Where ``|W * M|`` is below the smallest normal number of its dtype
     (``W`` zero or tiny, or ``M`` negligible), the quotient loses its
     precision; there ``M`` is taken as the mask at ``W = 0``, which equals
     ``M`` to float32 precision when ``W`` is tiny, and both are negligible
     otherwise.
-
-    The weight gradient goes to a new tensor, not into ``grad``: the
-    threshold gradient's sum reads ``grad``, and a kernel that also
-    overwrote it would have to finish that sum in a first pass over the
-    matrix before writing in a second (Inductor does so); out of place,
-    one pass does both (``benchmarks/RESULTS.md``).
     """
     at_zero = torch.sigmoid(-threshold * threshold / (2 * tau))
     tiny = torch.finfo(gated.dtype).tiny
     mask = torch.where(gated.abs() >= tiny, gated / weight, at_zero)
-    factor, grad_threshold = _chain_rule(
-        weight, mask, threshold, tau, grad, grad_zeros
+    return _gradients_inplace(
+        weight, mask, threshold, tau, grad_out, grad_zeros
     )
-    return grad * factor, grad_threshold
 
 
 @dataclass(frozen=True)
@@ -200,9 +193,8 @@ class GateKernels:
         ``(W, t, tau, grad, grad_zeros) -> (grad_W, sums of grad_t)`` for a
         lower-precision ``grad``; ``grad_W`` in ``W``'s dtype.
     backward_from_gated : callable
-        ``(W, W * M, t, tau, grad, grad_zeros) -> (grad_W, sums of
-        grad_t)``; ``grad_W`` a new tensor (see
-        ``_backward_from_gated_math``).
+        ``(W, W * M, t, tau, grad, grad_zeros) -> sums of grad_t``, same
+        contract.
     soft_zeros : callable
         ``(W, t, tau) -> (sums of M, sums of M (1 - M) / tau)``.
     compiled : bool
@@ -215,7 +207,7 @@ class GateKernels:
     -------
     >>> kernels = GateKernels(
     ...     _forward_math, _backward_math_inplace, _backward_upcast_math,
-    ...     _backward_from_gated_math, _soft_zeros_math,
+    ...     _backward_from_gated_math_inplace, _soft_zeros_math,
     ...     compiled=False,
     ... )
     >>> kernels.compiled
@@ -234,7 +226,7 @@ EAGER_KERNELS = GateKernels(
     _forward_math,
     _backward_math_inplace,
     _backward_upcast_math,
-    _backward_from_gated_math,
+    _backward_from_gated_math_inplace,
     _soft_zeros_math,
     compiled=False,
 )
@@ -437,44 +429,17 @@ def _run_backward(
 ):
     """The backward kernel the policy picks: ``(weight gradient, threshold
     gradient sums)``. Works for one matrix (``GateKernels``) and for lists
-    (``batched_gate.BatchKernels``); ``grad`` is overwritten by the
-    recomputing backward (``in_place_backward``), the others return new
-    tensors."""
+    (``batched_gate.BatchKernels``); ``grad`` is overwritten except when
+    up-casting."""
     if upcast:
         # One pass reads the low-precision gradient and writes the weight
         # gradient in W's dtype (no separate up-cast).
         return kernels.backward_upcast(weight, threshold, tau, grad, grad_zeros)
     if recompute_mask:
         return grad, kernels.backward(weight, threshold, tau, grad, grad_zeros)
-    return kernels.backward_from_gated(
+    return grad, kernels.backward_from_gated(
         weight, gated, threshold, tau, grad, grad_zeros
     )
-
-
-def in_place_backward(upcast, recompute_mask):
-    """Whether the backward kernel of this policy writes the weight
-    gradient into the gradient it receives (see ``_run_backward``).
-
-    Arguments
-    ---------
-    upcast : bool
-        The gradient is in a lower precision than ``W``.
-    recompute_mask : bool
-        The backward recomputes the mask.
-
-    Returns
-    -------
-    bool
-        True for the recomputing backward in ``W``'s dtype only.
-
-    Example
-    -------
-    >>> in_place_backward(upcast=False, recompute_mask=True)
-    True
-    >>> in_place_backward(upcast=False, recompute_mask=False)
-    False
-    """
-    return recompute_mask and not upcast
 
 
 def _kernels_for(weight, compiled):
@@ -584,8 +549,8 @@ class FusedPinchFunction(torch.autograd.Function):
             of dividing the kept ``W * M`` by ``W`` (default:
             ``default_recompute_mask(weight)``).
         overwrite_grad : bool
-            The backward that recomputes the mask may write the weight
-            gradient into the gradient of ``W * M`` it receives. Only for a caller that feeds ``W * M``
+            The backward may write the weight gradient into the gradient
+            of ``W * M`` it receives. Only for a caller that feeds ``W * M``
             to one operation and nothing else (the gradient buffer is then
             autograd's alone); never when user code can see that gradient
             (hooks, ``autograd.grad`` with given ``grad_outputs``).
@@ -649,9 +614,9 @@ class FusedPinchFunction(torch.autograd.Function):
         )
         if grad_gated is None:
             grad_gated = torch.zeros_like(weight)
-        elif not in_place_backward(upcast, ctx.recompute_mask):
-            grad_gated = grad_gated.contiguous()
-        elif not (ctx.overwrite_grad and _can_overwrite(grad_gated, weight)):
+        elif not upcast and not (
+            ctx.overwrite_grad and _can_overwrite(grad_gated, weight)
+        ):
             grad_gated = grad_gated.to(weight.dtype, copy=True).contiguous()
         grad_gated, grad_threshold = _run_backward(
             ctx.kernels,
