@@ -79,6 +79,91 @@ def quartiles(values):
     return low, median, high
 
 
+def alternate(time_one, pairs):
+    """Times the two lobes in ``pairs`` alternating pairs (``pass_order``).
+
+    Arguments
+    ---------
+    time_one : callable
+        ``time_one(name)``: seconds of one pass of lobe ``"dense"`` or
+        ``"spg"``.
+    pairs : int
+        Number of pairs.
+
+    Returns
+    -------
+    times : dict
+        The seconds of each lobe, in order.
+    ratios : list of float
+        ``spg / dense`` of each pair.
+
+    Example
+    -------
+    >>> seconds = {"dense": 2.0, "spg": 3.0}
+    >>> alternate(seconds.get, 2)
+    ({'dense': [2.0, 2.0], 'spg': [3.0, 3.0]}, [1.5, 1.5])
+    """
+    times = {"dense": [], "spg": []}
+    for pair in range(pairs):
+        for name in pass_order(pair):
+            times[name].append(time_one(name))
+    ratios = [s / d for s, d in zip(times["spg"], times["dense"])]
+    return times, ratios
+
+
+def add_pair_arguments(parser, pairs, warmup):
+    """``--models``, ``--pairs`` and ``--warmup`` (defaults ``pairs`` and
+    ``warmup``), shared by the benchmarks that alternate two lobes."""
+    parser.add_argument(
+        "--models", nargs="+", default=list(gate_overhead.MODELS)
+    )
+    parser.add_argument("--pairs", type=int, default=pairs)
+    parser.add_argument("--warmup", type=int, default=warmup)
+
+
+def check_pairs(parser, args):
+    """Refuses fewer than two pairs (no quartiles)."""
+    if args.pairs < 2:
+        parser.error(f"--pairs must be at least 2, got {args.pairs}")
+
+
+def print_pairs(hub_id, times, ratios, unit):
+    """Prints one model's median times and per-pair ratio statistics;
+    returns the median ratio.
+
+    Arguments
+    ---------
+    hub_id : str
+        The model.
+    times : dict
+        Seconds of each lobe (``alternate``).
+    ratios : list of float
+        Per-pair ratios.
+    unit : str
+        What one timing is (``"pass"``, ``"step"``).
+
+    Returns
+    -------
+    float
+        The median of ``ratios``.
+    """
+    low, median, high = quartiles(ratios)
+    print(
+        f"\n{hub_id} (random weights): dense "
+        f"{statistics.median(times['dense']):.4f} s, spg "
+        f"{statistics.median(times['spg']):.4f} s per {unit} (medians)"
+        f"\n  spg/dense per pair: median {median:.3f}, quartiles "
+        f"{low:.3f}-{high:.3f}, range {min(ratios):.3f}-{max(ratios):.3f}"
+    )
+    return median
+
+
+def print_ratio_line(label, medians):
+    """The last line: ``LABEL ratio spg/dense: MODEL R, MODEL R``."""
+    ratios = ", ".join(f"{hub_id} {r:.3f}" for hub_id, r in medians.items())
+    print(f"{label} ratio spg/dense: {ratios}")
+
+
 def cached_layers(lobe):
     """How many gated layers of ``lobe`` hold a cached weight, and of how
     many."""
@@ -115,28 +200,19 @@ def measure(source, args):
             f"only {cached} of {total} gated layers cached their weight "
             "after the warm-up passes: the evaluation cache is not in use"
         )
-    times = {"dense": [], "spg": []}
-    for pair in range(args.pairs):
-        for name in pass_order(pair):
-            times[name].append(
-                timed_pass(lobes[name], wav, autocast, args.device)
-            )
-    ratios = [s / d for s, d in zip(times["spg"], times["dense"])]
-    return times, ratios
+    return alternate(
+        lambda name: timed_pass(lobes[name], wav, autocast, args.device),
+        args.pairs,
+    )
 
 
 def main(argv=None):
     """Measures every model and prints the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     gate_overhead.add_batch_arguments(parser)
-    parser.add_argument(
-        "--models", nargs="+", default=list(gate_overhead.MODELS)
-    )
-    parser.add_argument("--pairs", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=3)
+    add_pair_arguments(parser, pairs=40, warmup=3)
     args = parser.parse_args(argv)
-    if args.pairs < 2:
-        parser.error(f"--pairs must be at least 2, got {args.pairs}")
+    check_pairs(parser, args)
     gate_overhead.quiet()
     gate_overhead.resolve_batch(args)
     gpu = args.device == "cuda"
@@ -151,18 +227,8 @@ def main(argv=None):
         for hub_id in args.models:
             source = save_random_model(hub_config(hub_id), f"{work}/{hub_id}")
             times, ratios = measure(source, args)
-            low, median, high = quartiles(ratios)
-            medians[hub_id] = median
-            print(
-                f"\n{hub_id} (random weights): dense "
-                f"{statistics.median(times['dense']):.4f} s, spg "
-                f"{statistics.median(times['spg']):.4f} s per pass (medians)"
-                f"\n  spg/dense per pair: median {median:.3f}, quartiles "
-                f"{low:.3f}-{high:.3f}, range {min(ratios):.3f}-"
-                f"{max(ratios):.3f}"
-            )
-    ratios = ", ".join(f"{hub_id} {r:.3f}" for hub_id, r in medians.items())
-    print(f"eval-time ratio spg/dense: {ratios}")
+            medians[hub_id] = print_pairs(hub_id, times, ratios, "pass")
+    print_ratio_line("eval-time", medians)
 
 
 if __name__ == "__main__":

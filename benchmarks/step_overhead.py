@@ -26,7 +26,6 @@ Authors
 """
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +35,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gate_overhead  # noqa: E402 - the benchmark next to this file
-from eval_overhead import pass_order, quartiles  # noqa: E402
+from eval_overhead import (  # noqa: E402
+    add_pair_arguments,
+    alternate,
+    check_pairs,
+    print_pairs,
+    print_ratio_line,
+)
 
 from speechbrain_spg.architectures import hub_config, save_random_model  # noqa: E402
 
@@ -64,31 +69,23 @@ def measure(source, args):
     for setup in setups.values():
         for _ in range(args.warmup):
             timed_step(setup, args.device)
-    times = {"dense": [], "spg": []}
-    for pair in range(args.pairs):
-        for name in pass_order(pair):
-            times[name].append(timed_step(setups[name], args.device))
-    ratios = [s / d for s, d in zip(times["spg"], times["dense"])]
-    return times, ratios
+    return alternate(
+        lambda name: timed_step(setups[name], args.device), args.pairs
+    )
 
 
 def main(argv=None):
     """Measures every model and prints the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     gate_overhead.add_batch_arguments(parser)
-    parser.add_argument(
-        "--models", nargs="+", default=list(gate_overhead.MODELS)
-    )
+    add_pair_arguments(parser, pairs=20, warmup=2)
     parser.add_argument(
         "--variant",
         default="compiled",
         help="SPG variant of gate_overhead.py (default: compiled)",
     )
-    parser.add_argument("--pairs", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
-    if args.pairs < 2:
-        parser.error(f"--pairs must be at least 2, got {args.pairs}")
+    check_pairs(parser, args)
     if args.variant == "dense":
         parser.error("--variant must be an SPG variant, got 'dense'")
     gate_overhead.quiet()
@@ -106,18 +103,8 @@ def main(argv=None):
         for hub_id in args.models:
             source = save_random_model(hub_config(hub_id), f"{work}/{hub_id}")
             times, ratios = measure(source, args)
-            low, median, high = quartiles(ratios)
-            medians[hub_id] = median
-            print(
-                f"\n{hub_id} (random weights): dense "
-                f"{statistics.median(times['dense']):.4f} s, spg "
-                f"{statistics.median(times['spg']):.4f} s per step (medians)"
-                f"\n  spg/dense per pair: median {median:.3f}, quartiles "
-                f"{low:.3f}-{high:.3f}, range {min(ratios):.3f}-"
-                f"{max(ratios):.3f}"
-            )
-    ratios = ", ".join(f"{hub_id} {r:.3f}" for hub_id, r in medians.items())
-    print(f"step-time ratio spg/dense: {ratios}")
+            medians[hub_id] = print_pairs(hub_id, times, ratios, "step")
+    print_ratio_line("step-time", medians)
 
 
 if __name__ == "__main__":

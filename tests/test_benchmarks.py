@@ -150,6 +150,23 @@ def test_gate_host_overhead_prints_the_cost_per_matrix(monkeypatch, capsys):
     assert match, lines[-1]
 
 
+def assert_pair_summary(lines, label):
+    """The last two lines of an alternating benchmark on wav2vec2-base:
+    ordered per-pair statistics, then ``LABEL ratio`` with their median."""
+    stats = re.search(
+        r"median (\d+\.\d{3}), quartiles (\d+\.\d{3})-(\d+\.\d{3}), "
+        r"range (\d+\.\d{3})-(\d+\.\d{3})",
+        lines[-2],
+    )
+    median, q1, q3, low, high = map(float, stats.groups())
+    assert low <= q1 <= median <= q3 <= high
+    match = re.fullmatch(
+        rf"{label} ratio spg/dense: facebook/wav2vec2-base (\d+\.\d{{3}})",
+        lines[-1],
+    )
+    assert match and float(match.group(1)) == median
+
+
 def test_eval_overhead_alternates_the_lobes_and_prints_the_ratio_line(
     monkeypatch, capsys
 ):
@@ -174,18 +191,7 @@ def test_eval_overhead_alternates_the_lobes_and_prints_the_ratio_line(
     assert order == ["dense", "spg"] + ["dense", "spg", "spg", "dense"] * 2
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("device cpu, batch 2 x 1.0 s, 4 alternating")
-    quartiles = re.search(
-        r"median (\d+\.\d{3}), quartiles (\d+\.\d{3})-(\d+\.\d{3}), "
-        r"range (\d+\.\d{3})-(\d+\.\d{3})",
-        lines[-2],
-    )
-    median, q1, q3, low, high = map(float, quartiles.groups())
-    assert low <= q1 <= median <= q3 <= high
-    match = re.fullmatch(
-        r"eval-time ratio spg/dense: facebook/wav2vec2-base (\d+\.\d{3})",
-        lines[-1],
-    )
-    assert match and float(match.group(1)) == median
+    assert_pair_summary(lines, "eval-time")
 
 
 def test_step_overhead_alternates_training_steps_and_prints_the_ratio_line(
@@ -223,18 +229,7 @@ def test_step_overhead_alternates_training_steps_and_prints_the_ratio_line(
     assert lines[0].startswith(
         "device cpu, batch 2 x 1.0 s, SPG variant compiled, 4 alternating"
     )
-    stats = re.search(
-        r"median (\d+\.\d{3}), quartiles (\d+\.\d{3})-(\d+\.\d{3}), "
-        r"range (\d+\.\d{3})-(\d+\.\d{3})",
-        lines[-2],
-    )
-    median, q1, q3, low, high = map(float, stats.groups())
-    assert low <= q1 <= median <= q3 <= high
-    match = re.fullmatch(
-        r"step-time ratio spg/dense: facebook/wav2vec2-base (\d+\.\d{3})",
-        lines[-1],
-    )
-    assert match and float(match.group(1)) == median
+    assert_pair_summary(lines, "step-time")
 
 
 def test_step_overhead_refuses_dense_as_the_spg_variant(monkeypatch, capsys):
