@@ -13,7 +13,10 @@ negligible) trained one step at a time
 - through the compiled gate one matrix at a time (``per_matrix``),
 - through the compiled gate with the matrices gated six per call
   (``per_block``: one transformer block's worth; ``gates.pregated_weights``,
-  what the lobes do),
+  what the lobes do; on CUDA one launch of the hand-written Triton kernels
+  per call, ``triton_gate``),
+- the same with the ``torch.compile`` batch kernels instead of Triton's
+  (``per_block_no_triton``; on CPU the same as ``per_block``),
 
 and prints the median step time and the extra time per gated matrix over
 dense. The last line reads
@@ -31,16 +34,18 @@ import argparse
 import contextlib
 import statistics
 import time
+from unittest import mock
 
 import torch
 
+from speechbrain_spg import triton_gate
 from speechbrain_spg.gates import (
     GatedLinear,
     SelfPinchingGate,
     pregated_weights,
 )
 
-MODES = ("dense", "per_matrix", "per_block")
+MODES = ("dense", "per_matrix", "per_block", "per_block_no_triton")
 
 
 def build(mode, count, device):
@@ -70,7 +75,7 @@ def step_time(mode, args):
         context = contextlib.nullcontext()
         if gate is not None:
             gate.soft_zeros.clear()
-            if mode == "per_block":
+            if mode.startswith("per_block"):
                 context = pregated_weights(gate, layers, enabled=True)
         with context:
             h = x
@@ -113,14 +118,21 @@ def main(argv=None):
         f"median of {args.steps} steps after {args.warmup} warm-up, "
         f"{torch.get_num_threads()} CPU threads"
     )
-    times = {mode: step_time(mode, args) for mode in MODES}
+    times = {}
+    for mode in MODES:
+        with (
+            mock.patch.object(triton_gate, "supports", lambda weights: False)
+            if mode == "per_block_no_triton"
+            else contextlib.nullcontext()
+        ):
+            times[mode] = step_time(mode, args)
     extra = {
         mode: (times[mode] - times["dense"]) / args.matrices * 1e6
         for mode in MODES
     }
     for mode in MODES:
         print(
-            f"{mode:>12}: {times[mode] * 1e3:8.2f} ms per step, "
+            f"{mode:>19}: {times[mode] * 1e3:8.2f} ms per step, "
             f"{extra[mode]:7.1f} us per gated matrix over dense"
         )
     print(

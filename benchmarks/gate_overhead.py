@@ -20,6 +20,10 @@ fine-tuning step (forward, CTC loss + sparsity loss, backward, Adam step) of
   ``compiled_per_block``) the compiled gate called once per matrix or once
   per transformer block (``gates.pregated_weights``), whatever the device's
   default (per block on CUDA, per matrix on CPU),
+- optionally (``--variants ... compiled_no_triton``) the compiled gate
+  without the hand-written Triton kernels (``triton_gate``): a block's
+  matrices gated by the ``torch.compile`` batch kernels instead (CUDA mode;
+  on CPU the same as ``compiled``),
 - optionally (``--variants ... compiled_recompute_gated``) the compiled gate
   with ``recompute_gated_weights: True`` (no gated weight kept for the
   backward pass; computed again there),
@@ -67,7 +71,7 @@ import torch.nn.functional as F
 import transformers
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
-from speechbrain_spg import fused_gate, gates
+from speechbrain_spg import fused_gate, gates, triton_gate
 from speechbrain_spg.architectures import hub_config, save_random_model
 from speechbrain_spg.lobes import SPGWav2Vec2
 
@@ -91,6 +95,9 @@ def build(variant, source, device):
     if variant in ("compiled_per_matrix", "compiled_per_block"):
         per_block = variant == "compiled_per_block"
         gates.default_pregating = lambda weight: per_block
+        variant = "compiled"
+    if variant == "compiled_no_triton":
+        triton_gate.supports = lambda weights: False
         variant = "compiled"
     if variant == "compiled_unclipped_sigmoid":
         fused_gate.SIGMOID_SATURATION = float("inf")

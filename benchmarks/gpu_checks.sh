@@ -2,26 +2,30 @@
 # Every GPU check of the project in one prepared run, for a lent GPU machine
 # (the `device` tool: 15 minutes per session; see benchmarks/RESULTS.md).
 #
-#   1. the CUDA cases of tests/test_fused_gate.py and tests/test_gates.py
-#      (fused and compiled gate vs the reference on CUDA: outputs,
-#      gradients, bf16 autocast step, the cast in the gate's kernel, no
-#      device read-back while gating);
-#   2. python benchmarks/gate_host_overhead.py --device cuda (host time per
-#      gated matrix: one call per matrix vs one per block);
-#   3. python benchmarks/gate_overhead.py --device cuda (wav2vec2-base and
-#      HuBERT-large, batch 8 x 15 s, bf16 autocast), with the A/B variant
-#      compiled_per_matrix (one gate call per matrix, as before);
-#   4. python benchmarks/eval_overhead.py --device cuda --pairs 20
-#      (evaluation passes of the dense and SPG lobes, alternating, in one
-#      process);
-#   5. python benchmarks/gate_profile.py --device cuda (HuBERT-large, dense
+#   1. the CUDA cases of tests/test_fused_gate.py, tests/test_gates.py and
+#      tests/test_triton_gate.py (fused, compiled and Triton gate vs the
+#      reference on CUDA: outputs, gradients, bf16 autocast step, the cast
+#      in the gate's kernel, no device read-back while gating);
+#   2. python benchmarks/gate_overhead.py --device cuda (wav2vec2-base and
+#      HuBERT-large, batch 8 x 15 s, bf16 autocast) with the variants
+#      dense, compiled (a block's matrices gated by one launch of the
+#      hand-written Triton kernels) and compiled_no_triton (the
+#      torch.compile batch kernels instead; the reference and per-matrix
+#      paths were measured in the first GPU session);
+#   3. python benchmarks/step_overhead.py --device cuda --pairs 20 (training
+#      steps of the dense and SPG lobes, alternating, in one process);
+#   4. python benchmarks/gate_profile.py --device cuda (HuBERT-large, dense
 #      and compiled: wall vs device-busy time per step, top kernels);
-#   6. python benchmarks/step_overhead.py --device cuda --pairs 20 (training
-#      steps of the dense and SPG lobes, alternating, in one process; last,
-#      as it has not run on a GPU yet).
-# The first run (2026-11-27, H100) took 407 s with a slower variant list,
-# the second 248 s without steps 4 and 6; budget about 8 minutes for this
-# one.
+#   5. python benchmarks/gate_host_overhead.py --device cuda (host time per
+#      gated matrix: one call per matrix, one per block with Triton, one per
+#      block with torch.compile);
+#   6. python benchmarks/eval_overhead.py --device cuda --pairs 20
+#      (evaluation passes of the dense and SPG lobes, alternating, in one
+#      process).
+# Most important first: a run cut short by the device's time limit keeps
+# the step-time numbers. The first run (2026-11-27, H100) took 407 s with a
+# slower variant list, the second 248 s without steps 3, 5 and 6; budget
+# about 8 minutes for this one.
 #
 # The GPU image has torch, transformers and pytest but not SpeechBrain. On the
 # CPU machine, once, in the repository root:
@@ -50,29 +54,29 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
     > "$out/device.txt" 2>&1
 python3 -c "import torch, transformers; print(torch.__version__, \
 transformers.__version__, torch.cuda.get_device_name())" >> "$out/device.txt"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/test_fused_gate.py tests/test_gates.py -k cuda 2>&1 \
-    | grep -v DEBUG | tee "$out/tests.txt"
+timeout 180 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+    tests/test_fused_gate.py tests/test_gates.py tests/test_triton_gate.py \
+    -k cuda 2>&1 | grep -v DEBUG | tee "$out/tests.txt"
 tests=${PIPESTATUS[0]}
-timeout 60 python3 benchmarks/gate_host_overhead.py --device cuda 2>&1 \
-    | tee "$out/gate_host_overhead.txt"
-host=${PIPESTATUS[0]}
-timeout 300 python3 benchmarks/gate_overhead.py --device cuda --variants \
-    dense reference compiled compiled_per_matrix 2>&1 \
+timeout 240 python3 benchmarks/gate_overhead.py --device cuda --variants \
+    dense compiled compiled_no_triton 2>&1 \
     | grep -v "feature extractor is frozen" | tee "$out/gate_overhead.txt"
 bench=${PIPESTATUS[0]}
-timeout 90 python3 benchmarks/eval_overhead.py --device cuda --pairs 20 2>&1 \
-    | grep -v "feature extractor is frozen" | tee "$out/eval_overhead.txt"
-evaluation=${PIPESTATUS[0]}
+timeout 100 python3 benchmarks/step_overhead.py --device cuda --pairs 20 2>&1 \
+    | grep -v "feature extractor is frozen" | tee "$out/step_overhead.txt"
+steps=${PIPESTATUS[0]}
 timeout 90 python3 benchmarks/gate_profile.py --device cuda 2>&1 \
     > "$out/gate_profile.txt"
 profile=$?
 grep "^== " "$out/gate_profile.txt"
-timeout 100 python3 benchmarks/step_overhead.py --device cuda --pairs 20 2>&1 \
-    | grep -v "feature extractor is frozen" | tee "$out/step_overhead.txt"
-steps=${PIPESTATUS[0]}
-echo "tests exit $tests, gate_host_overhead exit $host, gate_overhead exit" \
-    "$bench, eval_overhead exit $evaluation, gate_profile exit $profile," \
-    "step_overhead exit $steps" | tee -a "$out/device.txt"
+timeout 60 python3 benchmarks/gate_host_overhead.py --device cuda 2>&1 \
+    | tee "$out/gate_host_overhead.txt"
+host=${PIPESTATUS[0]}
+timeout 90 python3 benchmarks/eval_overhead.py --device cuda --pairs 20 2>&1 \
+    | grep -v "feature extractor is frozen" | tee "$out/eval_overhead.txt"
+evaluation=${PIPESTATUS[0]}
+echo "tests exit $tests, gate_overhead exit $bench, step_overhead exit" \
+    "$steps, gate_profile exit $profile, gate_host_overhead exit $host," \
+    "eval_overhead exit $evaluation" | tee -a "$out/device.txt"
 [ "$tests" -eq 0 ] && [ "$host" -eq 0 ] && [ "$bench" -eq 0 ] \
     && [ "$evaluation" -eq 0 ] && [ "$profile" -eq 0 ] && [ "$steps" -eq 0 ]

@@ -11,9 +11,12 @@ dense step 102 ms): the rest was the host (see ``benchmarks/RESULTS.md``).
 one transformer block: ``gates.pregated_weights``, on the block's first use):
 one autograd node and one compiled call that launches the kernels of every
 matrix from generated code, and the same once in the backward pass, which
-runs when the gradients of all its gated weights are in. The math is the
-per-matrix fused math (``fused_gate``), so the numbers are the same. The
-layers then only pick up their gated weight (``GatedLinear.pregated``).
+runs when the gradients of all its gated weights are in. On a GPU with
+Triton, float32 weights are gated by hand-written kernels instead, one
+launch for the whole block (``triton_gate``; ``batch_kernels_for`` picks).
+The math is the per-matrix fused math (``fused_gate``), so the numbers are
+the same. The layers then only pick up their gated weight
+(``GatedLinear.pregated``).
 
 Authors
  * speechbrain-spg developers 2026
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from speechbrain_spg import triton_gate
 from speechbrain_spg.fused_gate import (
     _backward_from_gated_math_inplace,
     _backward_math_inplace,
@@ -174,6 +178,38 @@ def compiled_batch_kernels(device_type):
     return BatchKernels(
         *map(_with_eager_fallback, compiled, eager), compiled=True
     )
+
+
+def batch_kernels_for(weights, compiled):
+    """The batch kernels that gate ``weights``.
+
+    Arguments
+    ---------
+    weights : list of torch.Tensor
+        The matrices of one call.
+    compiled : bool
+        Whether the gate asks for compiled kernels (``impl: compiled``).
+
+    Returns
+    -------
+    BatchKernels
+        Compiled: the hand-written Triton kernels where they apply
+        (``triton_gate.supports``: float32 CUDA weights), else the
+        ``torch.compile`` ones of the device. Otherwise the eager math.
+
+    Example
+    -------
+    >>> batch_kernels_for([torch.zeros(2, 2)], compiled=False).compiled
+    False
+    >>> batch_kernels_for([torch.zeros(2, 2)], True) is compiled_batch_kernels("cpu")
+    True
+    """
+    if not compiled:
+        return EAGER_BATCH_KERNELS
+    fallback = compiled_batch_kernels(weights[0].device.type)
+    if triton_gate.supports(weights):
+        return triton_gate.triton_batch_kernels(fallback)
+    return fallback
 
 
 class FusedPinchAllFunction(torch.autograd.Function):

@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from speechbrain_spg.batched_gate import (
-    EAGER_BATCH_KERNELS,
     FusedPinchAllFunction,
-    compiled_batch_kernels,
+    batch_kernels_for,
 )
 from speechbrain_spg.fused_gate import (
     FusedPinchFunction,
@@ -618,11 +617,7 @@ class SelfPinchingGate(nn.Module):
                 "forward_many: the reference gate gates one matrix at a time "
                 "(use gate_impl 'fused' or 'compiled')."
             )
-        kernels = (
-            compiled_batch_kernels(weights[0].device.type)
-            if self.impl == "compiled"
-            else EAGER_BATCH_KERNELS
-        )
+        kernels = batch_kernels_for(weights, self.impl == "compiled")
         stop = first + len(weights)
         zeros, *gated = FusedPinchAllFunction.apply(
             self.thresholds()[first:stop],

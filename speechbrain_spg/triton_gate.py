@@ -1,0 +1,259 @@
+"""A block's gated matrices in one hand-written Triton launch (CUDA).
+
+On a GPU the gate's arithmetic is cheap and the host work around it is
+not: with ``torch.compile``-d batch kernels (``batched_gate``) every call
+still pays the call wrappers of Dynamo, AOTAutograd and Inductor and one
+launch per matrix and kernel. Here the six matrices of a transformer block
+(``gates.MATRICES_PER_CALL``) are gated by ONE kernel launch forward and
+ONE backward (``triton_gate_kernels``), plus one small sum of the partial
+sums each: the host work is a handful of allocations and two launches per
+block and pass.
+
+The math is ``fused_gate``'s (clipped sigmoid, mask recomputed in the
+backward), so ``FusedPinchAllFunction`` gives the same numbers within
+float32 rounding. ``triton_batch_kernels`` has the contract of
+``batched_gate.BatchKernels``; the gate uses it for float32 CUDA weights
+when Triton is installed (``supports``), and the ``torch.compile`` batch
+kernels otherwise. The kernels are read with Triton's interpreter
+(``TRITON_INTERPRET=1``) on a CPU in the tests.
+
+Authors
+ * speechbrain-spg developers 2026
+"""
+
+import functools
+import importlib
+import importlib.util
+import warnings
+
+import torch
+
+from speechbrain_spg import fused_gate
+
+#: At most this many programs per matrix and launch; each handles at least
+#: ``ELEMENTS_PER_PROGRAM`` elements (HuBERT-large's FFN matrices: 512
+#: programs of 8192 elements).
+MAX_PROGRAMS = 512
+ELEMENTS_PER_PROGRAM = 8192
+
+#: Largest matrix the kernels take: their offsets are 32-bit and run up to
+#: the size plus one block.
+MAX_NUMEL = 2**31 - 2**20
+
+
+@functools.cache
+def triton_installed():
+    """Whether Triton can be imported.
+
+    Returns
+    -------
+    bool
+
+    Example
+    -------
+    >>> isinstance(triton_installed(), bool)
+    True
+    """
+    return importlib.util.find_spec("triton") is not None
+
+
+def supports(weights):
+    """Whether ``triton_batch_kernels`` gates these weights.
+
+    Arguments
+    ---------
+    weights : list of torch.Tensor
+        The matrices of one call.
+
+    Returns
+    -------
+    bool
+        True for contiguous float32 CUDA tensors (below ``MAX_NUMEL``
+        elements each) when Triton is installed.
+
+    Example
+    -------
+    >>> supports([torch.zeros(4, 4)])  # a CPU tensor
+    False
+    """
+    return (
+        bool(weights)
+        and all(
+            w.is_cuda
+            and w.dtype == torch.float32
+            and w.is_contiguous()
+            and w.numel() < MAX_NUMEL
+            for w in weights
+        )
+        and triton_installed()
+    )
+
+
+def _kernels():
+    """The ``triton_gate_kernels`` module (imports Triton)."""
+    return importlib.import_module("speechbrain_spg.triton_gate_kernels")
+
+
+def programs_per_matrix(numels):
+    """Programs per matrix of one launch, from the matrices' sizes.
+
+    Arguments
+    ---------
+    numels : list of int
+        Element counts of the launch's matrices.
+
+    Returns
+    -------
+    int
+        Enough programs for the largest matrix to give each about
+        ``ELEMENTS_PER_PROGRAM`` elements, at most ``MAX_PROGRAMS``.
+
+    Example
+    -------
+    >>> programs_per_matrix([1024 * 1024, 4096 * 1024])
+    512
+    >>> programs_per_matrix([12, 3])
+    1
+    """
+    largest = max(numels)
+    wanted = -(-largest // ELEMENTS_PER_PROGRAM)
+    return max(1, min(MAX_PROGRAMS, wanted))
+
+
+def _launches(count, slots):
+    """``(first, stop)`` of each launch over ``count`` matrices."""
+    return [(i, min(i + slots, count)) for i in range(0, count, slots)]
+
+
+def _filled(items, filler, slots):
+    """``items`` padded to ``slots`` entries (unused kernel arguments)."""
+    return list(items) + [filler] * (slots - len(items))
+
+
+def _forward(weights, thresholds, taus, dtype=None):
+    """Gated weights (in ``dtype`` if given) and soft-zero counts (1-D)."""
+    kernels = _kernels()
+    out_dtype = weights[0].dtype if dtype is None else dtype
+    gated = [torch.empty_like(w, dtype=out_dtype) for w in weights]
+    counts = []
+    for first, stop in _launches(len(weights), kernels.SLOTS):
+        ws, outs = weights[first:stop], gated[first:stop]
+        numels = [w.numel() for w in ws]
+        programs = programs_per_matrix(numels)
+        partial = torch.empty(
+            len(ws), programs, device=ws[0].device, dtype=torch.float32
+        )
+        kernels.gate_forward_kernel[(programs, len(ws))](
+            *_filled(ws, ws[0], kernels.SLOTS),
+            *_filled(outs, outs[0], kernels.SLOTS),
+            *_filled(numels, 0, kernels.SLOTS),
+            thresholds[first:stop],
+            taus[first:stop],
+            partial,
+            float(fused_gate.SIGMOID_SATURATION),
+            BLOCK_SIZE=kernels.BLOCK,
+        )
+        counts.append(partial.sum(dim=1))
+    return gated, torch.cat(counts) if len(counts) > 1 else counts[0]
+
+
+def _backward_into(
+    weights, thresholds, taus, grads, grad_zeros, grad_weights
+):  # fmt: skip
+    """Writes the weight gradients into ``grad_weights`` (which may be
+    ``grads``); returns the threshold gradients (1-D)."""
+    kernels = _kernels()
+    grad_zeros = grad_zeros.to(torch.float32).contiguous()
+    sums = []
+    for first, stop in _launches(len(weights), kernels.SLOTS):
+        ws = weights[first:stop]
+        gs, ds = grads[first:stop], grad_weights[first:stop]
+        numels = [w.numel() for w in ws]
+        programs = programs_per_matrix(numels)
+        partial = torch.empty(
+            len(ws), programs, device=ws[0].device, dtype=torch.float32
+        )
+        kernels.gate_backward_kernel[(programs, len(ws))](
+            *_filled(ws, ws[0], kernels.SLOTS),
+            *_filled(gs, gs[0], kernels.SLOTS),
+            *_filled(ds, ds[0], kernels.SLOTS),
+            *_filled(numels, 0, kernels.SLOTS),
+            thresholds[first:stop],
+            taus[first:stop],
+            grad_zeros[first:stop],
+            partial,
+            float(fused_gate.SIGMOID_SATURATION),
+            BLOCK_SIZE=kernels.BLOCK,
+        )
+        sums.append(partial.sum(dim=1))
+    return torch.cat(sums) if len(sums) > 1 else sums[0]
+
+
+def _backward_inplace(weights, thresholds, taus, grads, grad_zeros):
+    """Recomputing backward; ``grads`` (``W``'s dtype, contiguous) become
+    the weight gradients; returns the threshold gradients."""
+    return _backward_into(weights, thresholds, taus, grads, grad_zeros, grads)
+
+
+def _backward_upcast(weights, thresholds, taus, grads, grad_zeros):
+    """Recomputing backward from lower-precision gradients: new weight
+    gradients in ``W``'s dtype, and the threshold gradients."""
+    grads = [grad.contiguous() for grad in grads]
+    grad_weights = [torch.empty_like(w) for w in weights]
+    sums = _backward_into(
+        weights, thresholds, taus, grads, grad_zeros, grad_weights
+    )
+    return grad_weights, sums
+
+
+def _with_fallback(triton_fn, fallback_fn):
+    """``triton_fn``, or ``fallback_fn`` from its first failure on (with a
+    warning): a Triton problem must not stop a training run."""
+    state = {"failed": False}
+
+    def run(*args):
+        if not state["failed"]:
+            try:
+                return triton_fn(*args)
+            except Exception as error:  # noqa: BLE001 - any Triton problem
+                state["failed"] = True
+                warnings.warn(
+                    f"The Triton gate kernel {triton_fn.__name__} failed "
+                    f"({type(error).__name__}: {error}); using the "
+                    "torch.compile batch kernels from now on.",
+                    stacklevel=2,
+                )
+        return fallback_fn(*args)
+
+    return run
+
+
+@functools.cache
+def triton_batch_kernels(fallback):
+    """``batched_gate.BatchKernels`` running the Triton kernels.
+
+    Arguments
+    ---------
+    fallback : batched_gate.BatchKernels
+        Used for the backward that reads the mask back from the gated
+        weight (not the CUDA default), and for everything after a Triton
+        failure.
+
+    Returns
+    -------
+    batched_gate.BatchKernels
+        Same contract as ``fallback``.
+
+    Example
+    -------
+    >>> from speechbrain_spg.batched_gate import EAGER_BATCH_KERNELS
+    >>> triton_batch_kernels(EAGER_BATCH_KERNELS).compiled
+    True
+    """
+    return type(fallback)(
+        _with_fallback(_forward, fallback.forward),
+        _with_fallback(_backward_inplace, fallback.backward),
+        _with_fallback(_backward_upcast, fallback.backward_upcast),
+        fallback.backward_from_gated,
+        compiled=True,
+    )
