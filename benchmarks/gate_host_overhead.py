@@ -12,15 +12,19 @@ negligible) trained one step at a time
 - as plain ``nn.Linear`` layers (dense),
 - through the compiled gate one matrix at a time (``per_matrix``),
 - through the compiled gate with the matrices gated six per call
-  (``per_block``: one transformer block's worth; ``gates.pregated_weights``,
-  what the lobes do; on CUDA one launch of the hand-written Triton kernels
-  per call, ``triton_gate``),
+  (``per_block``: one transformer block's worth, ``gates.pregated_weights``;
+  on CUDA one launch of the hand-written Triton kernels per call,
+  ``triton_gate``),
 - the same with the ``torch.compile`` batch kernels instead of Triton's
   (``per_block_no_triton``; on CPU the same as ``per_block``),
+- with the lobes' default number of matrices per call
+  (``lobe_default``, ``gates.matrices_per_call``: all of them in one call
+  with the Triton kernels on one GPU, else per block),
 
 and prints the median step time and the extra time per gated matrix over
 dense. The last line reads
-``host time per gated matrix over dense: per-matrix P us, per block B us``.
+``host time per gated matrix over dense: per-matrix P us, per block B us,
+lobe default L us``.
 
 Usage:
     python benchmarks/gate_host_overhead.py
@@ -40,12 +44,19 @@ import torch
 
 from speechbrain_spg import triton_gate
 from speechbrain_spg.gates import (
+    MATRICES_PER_CALL,
     GatedLinear,
     SelfPinchingGate,
     pregated_weights,
 )
 
-MODES = ("dense", "per_matrix", "per_block", "per_block_no_triton")
+MODES = (
+    "dense",
+    "per_matrix",
+    "per_block",
+    "per_block_no_triton",
+    "lobe_default",
+)
 
 
 def build(mode, count, device):
@@ -75,8 +86,11 @@ def step_time(mode, args):
         context = contextlib.nullcontext()
         if gate is not None:
             gate.soft_zeros.clear()
-            if mode.startswith("per_block"):
-                context = pregated_weights(gate, layers, enabled=True)
+            if mode != "per_matrix":
+                chunk = None if mode == "lobe_default" else MATRICES_PER_CALL
+                context = pregated_weights(
+                    gate, layers, chunk=chunk, enabled=True
+                )
         with context:
             h = x
             for layer in layers:
@@ -138,7 +152,8 @@ def main(argv=None):
     print(
         "host time per gated matrix over dense: "
         f"per-matrix {extra['per_matrix']:.1f} us, "
-        f"per block {extra['per_block']:.1f} us"
+        f"per block {extra['per_block']:.1f} us, "
+        f"lobe default {extra['lobe_default']:.1f} us"
     )
 
 

@@ -20,10 +20,15 @@ fine-tuning step (forward, CTC loss + sparsity loss, backward, Adam step) of
   ``compiled_per_block``) the compiled gate called once per matrix or once
   per transformer block (``gates.pregated_weights``), whatever the device's
   default (per block on CUDA, per matrix on CPU),
+- optionally (``--variants ... compiled_triton_per_block``) the compiled
+  gate with the hand-written Triton kernels (``triton_gate``) called once
+  per transformer block instead of once for all matrices
+  (``gates.matrices_per_call``; CUDA mode; on CPU the same as
+  ``compiled``),
 - optionally (``--variants ... compiled_no_triton``) the compiled gate
-  without the hand-written Triton kernels (``triton_gate``): a block's
-  matrices gated by the ``torch.compile`` batch kernels instead (CUDA mode;
-  on CPU the same as ``compiled``),
+  without the Triton kernels: a block's matrices gated by the
+  ``torch.compile`` batch kernels instead (CUDA mode; on CPU the same as
+  ``compiled``),
 - optionally (``--variants ... compiled_recompute_gated``) the compiled gate
   with ``recompute_gated_weights: True`` (no gated weight kept for the
   backward pass; computed again there),
@@ -96,11 +101,15 @@ def build(variant, source, device):
         per_block = variant == "compiled_per_block"
         gates.default_pregating = lambda weight: per_block
         variant = "compiled"
+    if variant == "compiled_triton_per_block":
+        gates.matrices_per_call = lambda gate, layers: gates.MATRICES_PER_CALL
+        variant = "compiled"
     if variant == "compiled_no_triton":
         triton_gate.supports = lambda weights: False
         variant = "compiled"
     if variant == "compiled_unclipped_sigmoid":
-        fused_gate.SIGMOID_SATURATION = float("inf")
+        # An int, as the clip itself (see there): no clip in float32.
+        fused_gate.SIGMOID_SATURATION = 10**18
         variant = "compiled"
     options = {}
     if variant == "compiled_recompute_gated":

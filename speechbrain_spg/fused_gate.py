@@ -64,8 +64,10 @@ from torch.autograd.function import once_differentiable
 #: about twice the weight std, with the default temperature), which x86 CPUs
 #: compute through a slow microcode path unless denormals are flushed: the
 #: compiled forward kernel took 1.38 ns per weight instead of 0.95 on real
-#: weights (``benchmarks/RESULTS.md``).
-SIGMOID_SATURATION = 80.0
+#: weights (``benchmarks/RESULTS.md``). An int: ``torch.compile`` takes a
+#: module-level int as a constant, but traces a float as a 0-d tensor that
+#: every call of the compiled kernel reads back with ``.item()``.
+SIGMOID_SATURATION = 80
 
 
 def _pinch_argument(weight, threshold, tau):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speechbrain_spg import triton_gate
 from speechbrain_spg.batched_gate import (
     FusedPinchAllFunction,
     batch_kernels_for,
@@ -46,7 +47,9 @@ MIN_SCALE = 1e-6
 #: has the same shapes, so one compilation of the batch kernels serves the
 #: whole model (compiling one call for all 144 matrices of HuBERT-large took
 #: 166 s on a 2-core CPU), and each block's backward runs as soon as its
-#: gradients are in (memory, DDP overlap).
+#: gradients are in (memory, DDP overlap). With the Triton kernels
+#: (``triton_gate``) on one GPU, all matrices are gated in one call instead
+#: (``matrices_per_call``).
 MATRICES_PER_CALL = 6
 
 
@@ -694,8 +697,69 @@ def default_pregating(weight):
     return weight.device.type != "cpu"
 
 
+def distributed_world_size():
+    """Processes of the default ``torch.distributed`` group (1 without one).
+
+    Returns
+    -------
+    int
+
+    Example
+    -------
+    >>> distributed_world_size()
+    1
+    """
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        return distributed.get_world_size()
+    return 1
+
+
+def matrices_per_call(gate, layers):
+    """How many layers ``pregated_weights`` gates per call by default.
+
+    Arguments
+    ---------
+    gate : SelfPinchingGate
+        The gate of the layers.
+    layers : list of GatedLinear
+        All layers of the gate.
+
+    Returns
+    -------
+    int
+        All layers in one call where the compiled gate runs the Triton
+        kernels (``triton_gate.supports``: float32 weights on a GPU) in a
+        single process: its host work is then paid once per pass (one
+        autograd node, one launch per six matrices), not once per block.
+        The price: the gate's backward runs at the end of the backward
+        pass, so the low-precision gradients of the gated weights stay
+        until then (about 0.6 GB for HuBERT-large in bf16, while the
+        activations are already freed), and the weight gradients all come
+        at the end, which would leave DDP nothing to overlap with the
+        backward pass: with several processes, and without the Triton
+        kernels (one compilation of the batch kernels for all matrices
+        took minutes), ``MATRICES_PER_CALL``.
+
+    Example
+    -------
+    >>> layers = [nn.Linear(3, 2), nn.Linear(2, 1)]
+    >>> gate = SelfPinchingGate(torch.ones(2), [0, 1], 0.05, 0.5, impl="compiled")
+    >>> gated = [GatedLinear(layer, gate, i) for i, layer in enumerate(layers)]
+    >>> matrices_per_call(gate, gated)  # CPU weights: no Triton kernels
+    6
+    """
+    if (
+        gate.impl == "compiled"
+        and distributed_world_size() == 1
+        and triton_gate.supports([layer.weight for layer in layers])
+    ):
+        return len(layers)
+    return MATRICES_PER_CALL
+
+
 @contextlib.contextmanager
-def pregated_weights(gate, layers, chunk=MATRICES_PER_CALL, enabled=None):
+def pregated_weights(gate, layers, chunk=None, enabled=None):
     """Within the block, ``layers`` gate their weights ``chunk`` per call.
 
     With gradients on and a fused gate (``impl`` ``"fused"`` or
@@ -708,8 +772,11 @@ def pregated_weights(gate, layers, chunk=MATRICES_PER_CALL, enabled=None):
     backward freeing memory block by block (the autograd engine runs a
     node made early only after all nodes made after it). A chunk never
     used (a block skipped by LayerDrop) is never gated, as on the other
-    paths. Otherwise (reference gate, no gradients, hard-pruned layers)
-    the block runs unchanged.
+    paths; in a chunk of all layers, a skipped block's matrices are gated
+    but unused: they get no weight gradient, and their soft-zero counts
+    are the numbers the separate soft-zeros pass would give. Otherwise
+    (reference gate, no gradients, hard-pruned layers) the block runs
+    unchanged.
 
     Arguments
     ---------
@@ -717,8 +784,10 @@ def pregated_weights(gate, layers, chunk=MATRICES_PER_CALL, enabled=None):
         The gate of the layers.
     layers : list of GatedLinear
         All layers of the gate, in gate order.
-    chunk : int
-        Layers per call (see ``MATRICES_PER_CALL``).
+    chunk : int, optional
+        Layers per call (default: ``matrices_per_call``, i.e.
+        ``MATRICES_PER_CALL``, or all of them with the Triton kernels on
+        one GPU).
     enabled : bool, optional
         Gate in chunks at all (default: ``default_pregating``, i.e. not on
         CPU).
@@ -748,6 +817,8 @@ def pregated_weights(gate, layers, chunk=MATRICES_PER_CALL, enabled=None):
         )
     )
     if active:
+        if chunk is None:
+            chunk = matrices_per_call(gate, layers)
         for first in range(0, len(layers), chunk):
             pending = _PendingChunk(gate, first, layers[first : first + chunk])
             for layer in pending.layers:

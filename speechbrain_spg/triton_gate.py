@@ -95,12 +95,13 @@ def _kernels():
 
 
 def programs_per_matrix(numels):
-    """Programs per matrix of one launch, from the matrices' sizes.
+    """Programs per matrix of every launch of a call, from the sizes.
 
     Arguments
     ---------
     numels : list of int
-        Element counts of the launch's matrices.
+        Element counts of the call's matrices (a program whose share lies
+        beyond its matrix does nothing).
 
     Returns
     -------
@@ -135,26 +136,24 @@ def _forward(weights, thresholds, taus, dtype=None):
     kernels = _kernels()
     out_dtype = weights[0].dtype if dtype is None else dtype
     gated = [torch.empty_like(w, dtype=out_dtype) for w in weights]
-    counts = []
+    # One buffer of partial sums for every launch, added up once.
+    programs = programs_per_matrix([w.numel() for w in weights])
+    partial = torch.empty(
+        len(weights), programs, device=weights[0].device, dtype=torch.float32
+    )
     for first, stop in _launches(len(weights), kernels.SLOTS):
         ws, outs = weights[first:stop], gated[first:stop]
-        numels = [w.numel() for w in ws]
-        programs = programs_per_matrix(numels)
-        partial = torch.empty(
-            len(ws), programs, device=ws[0].device, dtype=torch.float32
-        )
         kernels.gate_forward_kernel[(programs, len(ws))](
             *_filled(ws, ws[0], kernels.SLOTS),
             *_filled(outs, outs[0], kernels.SLOTS),
-            *_filled(numels, 0, kernels.SLOTS),
+            *_filled([w.numel() for w in ws], 0, kernels.SLOTS),
             thresholds[first:stop],
             taus[first:stop],
-            partial,
+            partial[first:stop],
             float(fused_gate.SIGMOID_SATURATION),
             BLOCK_SIZE=kernels.BLOCK,
         )
-        counts.append(partial.sum(dim=1))
-    return gated, torch.cat(counts) if len(counts) > 1 else counts[0]
+    return gated, partial.sum(dim=1)
 
 
 def _backward_into(
@@ -164,29 +163,26 @@ def _backward_into(
     ``grads``); returns the threshold gradients (1-D)."""
     kernels = _kernels()
     grad_zeros = grad_zeros.to(torch.float32).contiguous()
-    sums = []
+    programs = programs_per_matrix([w.numel() for w in weights])
+    partial = torch.empty(
+        len(weights), programs, device=weights[0].device, dtype=torch.float32
+    )
     for first, stop in _launches(len(weights), kernels.SLOTS):
         ws = weights[first:stop]
         gs, ds = grads[first:stop], grad_weights[first:stop]
-        numels = [w.numel() for w in ws]
-        programs = programs_per_matrix(numels)
-        partial = torch.empty(
-            len(ws), programs, device=ws[0].device, dtype=torch.float32
-        )
         kernels.gate_backward_kernel[(programs, len(ws))](
             *_filled(ws, ws[0], kernels.SLOTS),
             *_filled(gs, gs[0], kernels.SLOTS),
             *_filled(ds, ds[0], kernels.SLOTS),
-            *_filled(numels, 0, kernels.SLOTS),
+            *_filled([w.numel() for w in ws], 0, kernels.SLOTS),
             thresholds[first:stop],
             taus[first:stop],
             grad_zeros[first:stop],
-            partial,
+            partial[first:stop],
             float(fused_gate.SIGMOID_SATURATION),
             BLOCK_SIZE=kernels.BLOCK,
         )
-        sums.append(partial.sum(dim=1))
-    return torch.cat(sums) if len(sums) > 1 else sums[0]
+    return partial.sum(dim=1)
 
 
 def _backward_inplace(weights, thresholds, taus, grads, grad_zeros):

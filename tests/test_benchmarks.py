@@ -49,6 +49,7 @@ def test_gate_overhead_prints_a_table_and_the_ratio_line(monkeypatch, capsys):
         "compiled_per_block",
         "compiled_recompute_gated",
         "compiled_no_triton",
+        "compiled_triton_per_block",
     ]
     gate_overhead.main(
         ["--models", "facebook/wav2vec2-base", "--variants", *variants]
@@ -140,12 +141,18 @@ def test_gate_host_overhead_prints_the_cost_per_matrix(monkeypatch, capsys):
     )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("device cpu, 6 matrices of 16 x 16")
-    rows = [line.split(":")[0].strip() for line in lines[1:5]]
-    assert rows == ["dense", "per_matrix", "per_block", "per_block_no_triton"]
+    rows = [line.split(":")[0].strip() for line in lines[1:6]]
+    assert rows == [
+        "dense",
+        "per_matrix",
+        "per_block",
+        "per_block_no_triton",
+        "lobe_default",
+    ]
     assert " 0.0 us per gated matrix over dense" in lines[1]
     match = re.fullmatch(
         r"host time per gated matrix over dense: per-matrix (-?\d+\.\d) us, "
-        r"per block (-?\d+\.\d) us",
+        r"per block (-?\d+\.\d) us, lobe default (-?\d+\.\d) us",
         lines[-1],
     )
     assert match, lines[-1]

@@ -79,10 +79,26 @@ def test_sigmoid_saturation_changes_no_mask_value(dtype):
     assert torch.sigmoid(at - 1).item() == 1.0
 
 
+def test_sigmoid_saturation_is_a_constant_for_torch_compile():
+    # A float global would be traced as a 0-d tensor read back with .item()
+    # in every compiled call (seen on CUDA as 2 reads per gated matrix).
+    assert type(SIGMOID_SATURATION) is int
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compiled = torch.compile(_pinch_argument, backend=backend, dynamic=True)
+    compiled(torch.ones(2, 3), torch.tensor(0.5), torch.tensor(0.25))
+    assert len(graphs) == 1
+    assert "item" not in graphs[0].code
+
+
 def test_sigmoid_saturation_keeps_the_exponential_a_normal_number():
     # exp(-x) of every clipped argument is at least exp(-80), a normal
     # float32 number (exp(-88) would already be subnormal).
-    smallest = torch.exp(torch.tensor(-SIGMOID_SATURATION))
+    smallest = torch.exp(torch.tensor(-float(SIGMOID_SATURATION)))
     assert smallest.item() >= torch.finfo(torch.float32).tiny
     weight = torch.tensor([0.0, 0.01, 1.0, 100.0])
     x = _pinch_argument(weight, torch.tensor(0.01), torch.tensor(1e-6))

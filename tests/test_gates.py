@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import device_reads
 from torch import nn
 
+from speechbrain_spg import gates, triton_gate
 from speechbrain_spg.gates import (
     GatedLinear,
     PinchFunction,
@@ -428,11 +429,13 @@ def test_recompute_gated_keeps_no_gated_weight_and_matches(
         )
 
 
+@pytest.mark.parametrize("chunk", [2, 5])
 @pytest.mark.parametrize("impl", ["fused", "compiled"])
-def test_pregated_chunks_match_gating_one_by_one(impl):
-    """pregated_weights (5 layers, 2 per call, so a short last call; tied
-    groups) gives each layer's output, soft-zero count and gradients as
-    gating one matrix at a time does; a chunk is gated on its first use."""
+def test_pregated_chunks_match_gating_one_by_one(impl, chunk):
+    """pregated_weights (5 layers, 2 per call, so a short last call, or all
+    in one call; tied groups) gives each layer's output, soft-zero count
+    and gradients as gating one matrix at a time does; a chunk is gated on
+    its first use."""
     shapes = [(4, 6), (6, 4), (4, 4), (5, 3), (3, 5)]  # (in, out)
     results = {}
     for mode in ("one_by_one", "chunks"):
@@ -448,16 +451,12 @@ def test_pregated_chunks_match_gating_one_by_one(impl):
         ]
         context = contextlib.nullcontext()
         if mode == "chunks":
-            context = pregated_weights(gate, layers, chunk=2, enabled=True)
+            context = pregated_weights(gate, layers, chunk=chunk, enabled=True)
         with context:
             outputs = [layers[0](inputs[0])]
             if mode == "chunks":  # the first chunk only is gated so far
                 assert [layer.pregated is not None for layer in layers] == [
-                    True,
-                    True,
-                    False,
-                    False,
-                    False,
+                    i < chunk for i in range(len(shapes))
                 ]
             outputs += [layer(x) for layer, x in zip(layers[1:], inputs[1:])]
         assert all(layer.pregated is None for layer in layers)
@@ -473,6 +472,50 @@ def test_pregated_chunks_match_gating_one_by_one(impl):
         )
     for expected, actual in zip(results["one_by_one"], results["chunks"]):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def _compiled_layers(count):
+    """``count`` gated 3 x 3 layers of one compiled gate."""
+    linears = [nn.Linear(3, 3) for _ in range(count)]
+    gate = SelfPinchingGate(
+        torch.ones(count), list(range(count)), 0.05, 0.5, impl="compiled"
+    )
+    return gate, [
+        GatedLinear(layer, gate, i) for i, layer in enumerate(linears)
+    ]
+
+
+def test_matrices_per_call_is_all_only_with_triton_in_one_process(
+    monkeypatch,
+):
+    gate, layers = _compiled_layers(12)
+    assert gates.matrices_per_call(gate, layers) == gates.MATRICES_PER_CALL
+    monkeypatch.setattr(triton_gate, "supports", lambda weights: True)
+    assert gates.matrices_per_call(gate, layers) == 12
+    monkeypatch.setattr(gate, "impl", "fused")  # eager kernels, no Triton
+    assert gates.matrices_per_call(gate, layers) == gates.MATRICES_PER_CALL
+    monkeypatch.setattr(gate, "impl", "compiled")
+    # DDP: per block, so that gradients come in while the backward runs.
+    monkeypatch.setattr(gates, "distributed_world_size", lambda: 2)
+    assert gates.matrices_per_call(gate, layers) == gates.MATRICES_PER_CALL
+
+
+def test_pregated_weights_gates_matrices_per_call_by_default(monkeypatch):
+    gate, layers = _compiled_layers(5)
+    monkeypatch.setattr(gate, "impl", "fused")
+    monkeypatch.setattr(gates, "matrices_per_call", lambda gate, layers: 3)
+    sizes = []
+    forward_many = gate.forward_many
+
+    def recording(first, weights, out_dtype=None):
+        sizes.append((first, len(weights)))
+        return forward_many(first, weights, out_dtype)
+
+    monkeypatch.setattr(gate, "forward_many", recording)
+    with pregated_weights(gate, layers, enabled=True):
+        for layer in layers:
+            layer(torch.randn(2, 3))
+    assert sizes == [(0, 3), (3, 2)]
 
 
 def test_forward_many_refuses_the_reference_gate():
