@@ -22,13 +22,17 @@ negligible) trained one step at a time
   with the Triton kernels on one GPU, else per block),
 
 and prints the median step time and the extra time per gated matrix over
-dense. The last line reads
+dense. ``--simulate-triton`` (CPU only) measures on a CPU the host work of
+the GPU path: the Triton kernels are taken as supported and their launches
+replaced by no-ops, and the backward recomputes the mask as on CUDA, so
+``per_block`` and ``lobe_default`` time everything but the kernels. The last line reads
 ``host time per gated matrix over dense: per-matrix P us, per block B us,
 lobe default L us``.
 
 Usage:
     python benchmarks/gate_host_overhead.py
     python benchmarks/gate_host_overhead.py --device cuda
+    python benchmarks/gate_host_overhead.py --simulate-triton
 
 Authors
  * speechbrain-spg developers 2026
@@ -38,11 +42,12 @@ import argparse
 import contextlib
 import statistics
 import time
+import types
 from unittest import mock
 
 import torch
 
-from speechbrain_spg import triton_gate
+from speechbrain_spg import fused_gate, triton_gate
 from speechbrain_spg.gates import (
     MATRICES_PER_CALL,
     GatedLinear,
@@ -97,9 +102,12 @@ def step_time(mode, args):
                 h = layer(h)
         loss = h.sum()
         if gate is not None:
-            loss = (
-                loss + 1e-3 * torch.stack(list(gate.soft_zeros.values())).sum()
-            )
+            # As the lobes' sparsity term: the counts of a call that gated
+            # every matrix are taken whole.
+            zeros = gate.recorded_soft_zero_vector(args.matrices)
+            if zeros is None:
+                zeros = torch.stack(list(gate.soft_zeros.values()))
+            loss = loss + 1e-3 * zeros.sum()
         loss.backward()
         if args.device == "cuda":
             torch.cuda.synchronize()
@@ -114,6 +122,35 @@ def step_time(mode, args):
     return statistics.median(times)
 
 
+class _NoLaunch:
+    """A Triton kernel whose launches do nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def simulated_triton():
+    """Patches under which the Triton path runs on CPU tensors, every launch
+    a no-op, with the mask recomputed in the backward as on CUDA."""
+    kernels = types.SimpleNamespace(
+        SLOTS=6,
+        BLOCK=1024,
+        gate_forward_kernel=_NoLaunch(),
+        gate_backward_kernel=_NoLaunch(),
+    )
+    stack = contextlib.ExitStack()
+    stack.enter_context(
+        mock.patch.object(triton_gate, "_kernels", lambda: kernels)
+    )
+    stack.enter_context(
+        mock.patch.object(triton_gate, "supports", lambda weights: True)
+    )
+    stack.enter_context(
+        mock.patch.object(fused_gate, "default_recompute_mask", lambda w: True)
+    )
+    return stack
+
+
 def main(argv=None):
     """Prints step times and the host time per gated matrix."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -126,19 +163,30 @@ def main(argv=None):
     )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--simulate-triton",
+        action="store_true",
+        help="CPU: the Triton path with no-op launches (its host work only)",
+    )
     args = parser.parse_args(argv)
+    if args.simulate_triton and args.device != "cpu":
+        parser.error("--simulate-triton is for --device cpu")
     print(
-        f"device {args.device}, {args.matrices} matrices of 16 x 16, "
+        f"device {args.device}"
+        f"{' (Triton simulated: no-op launches)' if args.simulate_triton else ''}"
+        f", {args.matrices} matrices of 16 x 16, "
         f"median of {args.steps} steps after {args.warmup} warm-up, "
         f"{torch.get_num_threads()} CPU threads"
     )
     times = {}
     for mode in MODES:
-        with (
-            mock.patch.object(triton_gate, "supports", lambda weights: False)
-            if mode == "per_block_no_triton"
-            else contextlib.nullcontext()
-        ):
+        with contextlib.ExitStack() as stack:
+            if args.simulate_triton:
+                stack.enter_context(simulated_triton())
+            if mode == "per_block_no_triton":
+                stack.enter_context(
+                    mock.patch.object(triton_gate, "supports", lambda w: False)
+                )
             times[mode] = step_time(mode, args)
     extra = {
         mode: (times[mode] - times["dense"]) / args.matrices * 1e6

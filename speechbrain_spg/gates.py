@@ -425,7 +425,7 @@ class SelfPinchingGate(nn.Module):
         self.lr_scale = float(lr_scale)
         self.impl = impl
         self.recompute_gated = bool(recompute_gated)
-        self.soft_zeros = {}
+        self.soft_zeros = RecordedSoftZeros()
         self.threshold_param = nn.Parameter(
             torch.full((num_groups,), threshold_init / self.lr_scale)
         )
@@ -631,7 +631,41 @@ class SelfPinchingGate(nn.Module):
             *weights,
         )
         self.soft_zeros.update(zip(range(first, stop), zeros.unbind()))
+        self.soft_zeros.calls[first] = zeros
         return gated
+
+    def recorded_soft_zero_vector(self, count):
+        """The soft-zero counts of all matrices, if one call gated them all
+        in this forward pass (``pregated_weights`` with one chunk).
+
+        Taking them whole saves splitting them into one tensor per matrix
+        and stacking them again, forward and backward (host time).
+
+        Arguments
+        ---------
+        count : int
+            Number of gated matrices.
+
+        Returns
+        -------
+        torch.Tensor or None
+            1-D, ``count`` counts (differentiable in the thresholds), or
+            None.
+
+        Example
+        -------
+        >>> gate = SelfPinchingGate(torch.ones(2), [0, 1], 0.05, 0.5, impl="fused")
+        >>> _ = gate.forward_many(0, [torch.ones(2), torch.zeros(3)])
+        >>> [round(x, 3) for x in gate.recorded_soft_zero_vector(2).tolist()]
+        [0.001, 2.772]
+        >>> gate.soft_zeros.clear()
+        >>> gate.recorded_soft_zero_vector(2) is None
+        True
+        """
+        vector = self.soft_zeros.calls.get(0)
+        if vector is None or vector.numel() != count:
+            return None
+        return vector
 
     def recorded_soft_zeros(self, count):
         """Soft-zero counts recorded by the fused path in this forward pass.
@@ -654,6 +688,31 @@ class SelfPinchingGate(nn.Module):
         return {
             i: self.soft_zeros[i] for i in range(count) if i in self.soft_zeros
         }
+
+
+class RecordedSoftZeros(dict):
+    """Soft-zero counts recorded in a forward pass: index -> count, and in
+    ``calls`` the count vector of each call that gated several matrices
+    (first index -> vector). ``clear`` empties both.
+
+    Example
+    -------
+    >>> record = RecordedSoftZeros()
+    >>> record[0] = torch.tensor(1.0)
+    >>> record.calls[0] = torch.ones(1)
+    >>> record.clear()
+    >>> len(record), len(record.calls)
+    (0, 0)
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def clear(self):
+        """Forgets every recorded count."""
+        super().clear()
+        self.calls.clear()
 
 
 class _PendingChunk:
@@ -950,6 +1009,17 @@ class GatedLinear(nn.Linear):
         torch.Tensor
             Output features (..., out_features).
         """
+        # Within ``pregated_weights`` (training, gradients on, not pruned):
+        # the gated weight of this pass, in the autocast dtype; checked
+        # first, as this runs once per gated matrix and step (host time).
+        weight = self.pregated
+        if weight is None and self.pending is not None:
+            self.pending.pregate()
+            weight = self.pregated
+        if weight is not None and not self.gate.recompute_gated:
+            if self._cache is not None:
+                self._cache = None
+            return F.linear(x, weight, self.bias)
         # Under autocast the product would cast the float32 gated weight in
         # a pass of its own: the gate returns it in the autocast dtype.
         dtype = autocast_dtype(self.weight)

@@ -366,6 +366,10 @@ class SPGLobeMixin:
             Scalar in [0, 1].
         """
         count = len(self.gated_names)
+        whole = self.gate.recorded_soft_zero_vector(count)
+        if whole is not None:
+            counts = whole if torch.is_grad_enabled() else whole.detach()
+            return counts.sum() / self.gated_params
         recorded = self.gate.recorded_soft_zeros(count)
         missing = [i for i in range(count) if i not in recorded]
         if missing:

@@ -368,6 +368,32 @@ def test_lobe_step_matches_reference(wav2vec2_source, impl, device, per_block):
     assert "regularizer.multiplier_param" in step[2]
 
 
+def test_lobe_step_gating_all_matrices_in_one_call_matches_reference(
+    wav2vec2_source,
+):
+    """One gate call for all matrices (the default with the Triton kernels
+    on one GPU; forced here on CPU with the eager batch kernels): the same
+    step, and the sparsity term takes the call's counts whole."""
+    reference = lobe_step(wav2vec2_source, "reference")
+    calls = []
+    whole = gates.SelfPinchingGate.recorded_soft_zero_vector
+
+    def recording(gate, count):
+        calls.append(whole(gate, count))
+        return calls[-1]
+
+    with (
+        mock.patch.object(gates, "matrices_per_call", lambda g, layers: 12),
+        mock.patch.object(
+            gates.SelfPinchingGate, "recorded_soft_zero_vector", recording
+        ),
+    ):
+        step = lobe_step(wav2vec2_source, "fused", per_block=True)
+    assert step[3] == 12
+    assert_same_step(step, reference)
+    assert len(calls) == 1 and calls[0].shape == (12,)
+
+
 @pytest.mark.parametrize("per_block", [False, True])
 def test_lobe_step_recomputing_gated_weights_matches_reference(
     wav2vec2_source, per_block
