@@ -8,24 +8,23 @@
 #      in the gate's kernel, no device read-back while gating);
 #   2. python benchmarks/gate_overhead.py --device cuda (wav2vec2-base and
 #      HuBERT-large, batch 8 x 15 s, bf16 autocast) with the variants
-#      dense, compiled (a block's matrices gated by one launch of the
-#      hand-written Triton kernels) and compiled_no_triton (the
-#      torch.compile batch kernels instead; the reference and per-matrix
-#      paths were measured in the first GPU session);
+#      dense, compiled (all matrices gated in one call of the hand-written
+#      Triton kernels) and compiled_triton_per_block (one call per block);
+#      the reference, per-matrix and torch.compile-per-block paths were
+#      measured in earlier runs (benchmarks/RESULTS.md);
 #   3. python benchmarks/step_overhead.py --device cuda --pairs 20 (training
 #      steps of the dense and SPG lobes, alternating, in one process);
 #   4. python benchmarks/gate_profile.py --device cuda (HuBERT-large, dense
 #      and compiled: wall vs device-busy time per step, top kernels);
 #   5. python benchmarks/gate_host_overhead.py --device cuda (host time per
 #      gated matrix: one call per matrix, one per block with Triton, one per
-#      block with torch.compile);
+#      block with torch.compile, the lobes' default);
 #   6. python benchmarks/eval_overhead.py --device cuda --pairs 20
 #      (evaluation passes of the dense and SPG lobes, alternating, in one
 #      process).
 # Most important first: a run cut short by the device's time limit keeps
-# the step-time numbers. The first run (2026-11-27, H100) took 407 s with a
-# slower variant list, the second 248 s without steps 3, 5 and 6; budget
-# about 8 minutes for this one.
+# the step-time numbers. Run 3 (2026-11-27, H100) took 418 s with these
+# steps and three variants in step 2; budget about 7 minutes.
 #
 # The GPU image has torch, transformers and pytest but not SpeechBrain. On the
 # CPU machine, once, in the repository root:
@@ -59,7 +58,7 @@ timeout 180 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
     -k cuda 2>&1 | grep -v DEBUG | tee "$out/tests.txt"
 tests=${PIPESTATUS[0]}
 timeout 240 python3 benchmarks/gate_overhead.py --device cuda --variants \
-    dense compiled compiled_no_triton 2>&1 \
+    dense compiled compiled_triton_per_block 2>&1 \
     | grep -v "feature extractor is frozen" | tee "$out/gate_overhead.txt"
 bench=${PIPESTATUS[0]}
 timeout 100 python3 benchmarks/step_overhead.py --device cuda --pairs 20 2>&1 \
