@@ -25,7 +25,8 @@ and prints the median step time and the extra time per gated matrix over
 dense. ``--simulate-triton`` (CPU only) measures on a CPU the host work of
 the GPU path: the Triton kernels are taken as supported and their launches
 replaced by no-ops, and the backward recomputes the mask as on CUDA, so
-``per_block`` and ``lobe_default`` time everything but the kernels. The last line reads
+``per_block`` and ``lobe_default`` time everything but the kernels (whose
+sums are then left unset: the loss values mean nothing, only the times). The last line reads
 ``host time per gated matrix over dense: per-matrix P us, per block B us,
 lobe default L us``.
 

@@ -118,8 +118,9 @@ class BatchKernels:
         ``(Ws, gated Ws, ts, taus, grads, grad_zeros) -> grad_ts``, same
         contract as ``backward``.
     compiled : bool
-        Whether ``torch.compile`` is asked for (each call falls back to
-        the eager math if compiling fails).
+        Whether compiled kernels are asked for: ``torch.compile`` (each
+        call falls back to the eager math if compiling fails) or Triton
+        (``triton_gate``).
 
     Example
     -------

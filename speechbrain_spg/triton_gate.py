@@ -21,6 +21,7 @@ Authors
  * speechbrain-spg developers 2026
 """
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -69,7 +70,8 @@ def supports(weights):
     -------
     bool
         True for contiguous float32 CUDA tensors (below ``MAX_NUMEL``
-        elements each) when Triton is installed.
+        elements each) when Triton is installed and has not failed in this
+        process (``triton_failed``).
 
     Example
     -------
@@ -78,6 +80,7 @@ def supports(weights):
     """
     return (
         bool(weights)
+        and not triton_failed()
         and all(
             w.is_cuda
             and w.dtype == torch.float32
@@ -131,28 +134,82 @@ def _filled(items, filler, slots):
     return list(items) + [filler] * (slots - len(items))
 
 
+def _device_guard(tensor):
+    """The tensor's CUDA device made current (Triton launches on the
+    current device); nothing for a CPU tensor (Triton's interpreter)."""
+    if tensor.is_cuda:
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
+class PartialWriteError(RuntimeError):
+    """A Triton launch failed after earlier launches of the same in-place
+    call had written their gradients: no fallback can start over."""
+
+
+def _launch_all(kernel, weights, tensors, vectors, partial, in_place=False):
+    """Launches ``kernel`` over ``weights``, ``SLOTS`` matrices at a time.
+
+    ``tensors`` are per-matrix lists passed slot by slot (weights, outputs,
+    gradients), ``vectors`` the per-matrix vectors of the whole call
+    (thresholds, ...), ``partial`` the ``(matrices, programs)`` buffer.
+    When the launches write ``in_place``, a failure after the first launch
+    raises ``PartialWriteError``.
+    """
+    kernels = _kernels()
+    programs = partial.shape[1]
+    with _device_guard(weights[0]):
+        for first, stop in _launches(len(weights), kernels.SLOTS):
+            try:
+                kernel[(programs, stop - first)](
+                    *(
+                        arg
+                        for items in tensors
+                        for arg in _filled(
+                            items[first:stop], items[first], kernels.SLOTS
+                        )
+                    ),
+                    *_filled(
+                        [w.numel() for w in weights[first:stop]],
+                        0,
+                        kernels.SLOTS,
+                    ),
+                    first,
+                    *vectors,
+                    partial,
+                    float(fused_gate.SIGMOID_SATURATION),
+                    BLOCK_SIZE=kernels.BLOCK,
+                )
+            except Exception as error:
+                if first == 0 or not in_place:
+                    raise
+                raise PartialWriteError(
+                    f"Triton gate launch for matrices {first}-{stop - 1} "
+                    f"failed after earlier launches had run: {error}"
+                ) from error
+
+
+def _partial_sums(weights):
+    """An unset ``(matrices, programs)`` float32 buffer for one call."""
+    programs = programs_per_matrix([w.numel() for w in weights])
+    return torch.empty(
+        len(weights), programs, device=weights[0].device, dtype=torch.float32
+    )
+
+
 def _forward(weights, thresholds, taus, dtype=None):
     """Gated weights (in ``dtype`` if given) and soft-zero counts (1-D)."""
-    kernels = _kernels()
     out_dtype = weights[0].dtype if dtype is None else dtype
     gated = [torch.empty_like(w, dtype=out_dtype) for w in weights]
     # One buffer of partial sums for every launch, added up once.
-    programs = programs_per_matrix([w.numel() for w in weights])
-    partial = torch.empty(
-        len(weights), programs, device=weights[0].device, dtype=torch.float32
+    partial = _partial_sums(weights)
+    _launch_all(
+        _kernels().gate_forward_kernel,
+        weights,
+        [weights, gated],
+        [thresholds.contiguous(), taus.contiguous()],
+        partial,
     )
-    for first, stop in _launches(len(weights), kernels.SLOTS):
-        ws, outs = weights[first:stop], gated[first:stop]
-        kernels.gate_forward_kernel[(programs, len(ws))](
-            *_filled(ws, ws[0], kernels.SLOTS),
-            *_filled(outs, outs[0], kernels.SLOTS),
-            *_filled([w.numel() for w in ws], 0, kernels.SLOTS),
-            thresholds[first:stop],
-            taus[first:stop],
-            partial[first:stop],
-            float(fused_gate.SIGMOID_SATURATION),
-            BLOCK_SIZE=kernels.BLOCK,
-        )
     return gated, partial.sum(dim=1)
 
 
@@ -160,28 +217,20 @@ def _backward_into(
     weights, thresholds, taus, grads, grad_zeros, grad_weights
 ):  # fmt: skip
     """Writes the weight gradients into ``grad_weights`` (which may be
-    ``grads``); returns the threshold gradients (1-D)."""
-    kernels = _kernels()
-    grad_zeros = grad_zeros.to(torch.float32).contiguous()
-    programs = programs_per_matrix([w.numel() for w in weights])
-    partial = torch.empty(
-        len(weights), programs, device=weights[0].device, dtype=torch.float32
+    ``grads``: in place); returns the threshold gradients (1-D)."""
+    partial = _partial_sums(weights)
+    _launch_all(
+        _kernels().gate_backward_kernel,
+        weights,
+        [weights, grads, grad_weights],
+        [
+            thresholds.contiguous(),
+            taus.contiguous(),
+            grad_zeros.to(torch.float32).contiguous(),
+        ],
+        partial,
+        in_place=grad_weights is grads,
     )
-    for first, stop in _launches(len(weights), kernels.SLOTS):
-        ws = weights[first:stop]
-        gs, ds = grads[first:stop], grad_weights[first:stop]
-        kernels.gate_backward_kernel[(programs, len(ws))](
-            *_filled(ws, ws[0], kernels.SLOTS),
-            *_filled(gs, gs[0], kernels.SLOTS),
-            *_filled(ds, ds[0], kernels.SLOTS),
-            *_filled([w.numel() for w in ws], 0, kernels.SLOTS),
-            thresholds[first:stop],
-            taus[first:stop],
-            grad_zeros[first:stop],
-            partial[first:stop],
-            float(fused_gate.SIGMOID_SATURATION),
-            BLOCK_SIZE=kernels.BLOCK,
-        )
     return partial.sum(dim=1)
 
 
@@ -202,17 +251,43 @@ def _backward_upcast(weights, thresholds, taus, grads, grad_zeros):
     return grad_weights, sums
 
 
+#: Set by the first failure of a Triton kernel in this process: from then
+#: on ``supports`` says no, so the gate uses the ``torch.compile`` kernels,
+#: one block per call (``gates.matrices_per_call``).
+_FAILURE = {"failed": False}
+
+
+def triton_failed():
+    """Whether a Triton gate kernel failed in this process.
+
+    Returns
+    -------
+    bool
+
+    Example
+    -------
+    >>> isinstance(triton_failed(), bool)
+    True
+    """
+    return _FAILURE["failed"]
+
+
 def _with_fallback(triton_fn, fallback_fn):
     """``triton_fn``, or ``fallback_fn`` from its first failure on (with a
-    warning): a Triton problem must not stop a training run."""
-    state = {"failed": False}
+    warning; also for later calls, see ``triton_failed``): a Triton problem
+    must not stop a training run. A failure after an in-place launch had
+    run (``PartialWriteError``) is raised: starting over would apply the
+    gradient's factor twice."""
 
     def run(*args):
-        if not state["failed"]:
+        if not _FAILURE["failed"]:
             try:
                 return triton_fn(*args)
+            except PartialWriteError:
+                _FAILURE["failed"] = True
+                raise
             except Exception as error:  # noqa: BLE001 - any Triton problem
-                state["failed"] = True
+                _FAILURE["failed"] = True
                 warnings.warn(
                     f"The Triton gate kernel {triton_fn.__name__} failed "
                     f"({type(error).__name__}: {error}); using the "

@@ -49,8 +49,8 @@ def _mask(x, t, tau, saturation):
 
 
 #: Sizes are never specialised: a size of 1 would become a constant, of
-#: another type than the other slots' sizes in ``_pick``.
-_SIZES = ["n0", "n1", "n2", "n3", "n4", "n5"]
+#: another type than the other slots' sizes in ``_pick``. Nor is ``first``.
+_SIZES = ["n0", "n1", "n2", "n3", "n4", "n5", "first"]
 
 
 @triton.jit(do_not_specialize=_SIZES)
@@ -58,18 +58,21 @@ def gate_forward_kernel(
     w0, w1, w2, w3, w4, w5,
     o0, o1, o2, o3, o4, o5,
     n0, n1, n2, n3, n4, n5,
-    thresholds, taus, partial_zeros, saturation,
+    first, thresholds, taus, partial_zeros, saturation,
     BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
-    """``o = w * M`` (in ``o``'s dtype) and partial sums of ``1 - M``."""
+    """``o = w * M`` (in ``o``'s dtype) and partial sums of ``1 - M``.
+
+    The vectors (``thresholds``, ``taus``, rows of ``partial_zeros``) cover
+    every matrix of the call; this launch's start at ``first``."""
     p = tl.program_id(0)
     m = tl.program_id(1)
     programs = tl.num_programs(0)
     w = _pick(m, w0, w1, w2, w3, w4, w5)
     o = _pick(m, o0, o1, o2, o3, o4, o5)
     n = _pick(m, n0, n1, n2, n3, n4, n5)
-    t = tl.load(thresholds + m).to(tl.float32)
-    tau = tl.load(taus + m).to(tl.float32)
+    t = tl.load(thresholds + first + m).to(tl.float32)
+    tau = tl.load(taus + first + m).to(tl.float32)
     acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     for start in range(p * BLOCK_SIZE, n, programs * BLOCK_SIZE):
         offsets = start + tl.arange(0, BLOCK_SIZE)
@@ -78,7 +81,7 @@ def gate_forward_kernel(
         mask = _mask(x, t, tau, saturation)
         tl.store(o + offsets, (x * mask).to(o.dtype.element_ty), mask=inside)
         acc += tl.where(inside, 1.0 - mask, 0.0)
-    tl.store(partial_zeros + m * programs + p, tl.sum(acc, axis=0))
+    tl.store(partial_zeros + (first + m) * programs + p, tl.sum(acc, axis=0))
 
 
 @triton.jit(do_not_specialize=_SIZES)
@@ -87,13 +90,14 @@ def gate_backward_kernel(
     g0, g1, g2, g3, g4, g5,
     d0, d1, d2, d3, d4, d5,
     n0, n1, n2, n3, n4, n5,
-    thresholds, taus, grad_zeros, partial_thresholds, saturation,
+    first, thresholds, taus, grad_zeros, partial_thresholds, saturation,
     BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
     """``d = g (M + w^2 slope)`` and partial threshold gradients
     ``t sum(slope (grad_zeros - g w))``, ``slope = M (1 - M) / tau``,
     recomputing ``M``. ``d`` may be ``g`` (in place: each element is read
-    before it is written, by the same program)."""
+    before it is written, by the same program). The vectors cover every
+    matrix of the call, as in ``gate_forward_kernel``."""
     p = tl.program_id(0)
     m = tl.program_id(1)
     programs = tl.num_programs(0)
@@ -101,9 +105,9 @@ def gate_backward_kernel(
     g = _pick(m, g0, g1, g2, g3, g4, g5)
     d = _pick(m, d0, d1, d2, d3, d4, d5)
     n = _pick(m, n0, n1, n2, n3, n4, n5)
-    t = tl.load(thresholds + m).to(tl.float32)
-    tau = tl.load(taus + m).to(tl.float32)
-    gz = tl.load(grad_zeros + m).to(tl.float32)
+    t = tl.load(thresholds + first + m).to(tl.float32)
+    tau = tl.load(taus + first + m).to(tl.float32)
+    gz = tl.load(grad_zeros + first + m).to(tl.float32)
     acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     for start in range(p * BLOCK_SIZE, n, programs * BLOCK_SIZE):
         offsets = start + tl.arange(0, BLOCK_SIZE)
@@ -117,4 +121,7 @@ def gate_backward_kernel(
         tl.store(
             d + offsets, (grad * factor).to(d.dtype.element_ty), mask=inside
         )
-    tl.store(partial_thresholds + m * programs + p, t * tl.sum(acc, axis=0))
+    tl.store(
+        partial_thresholds + (first + m) * programs + p,
+        t * tl.sum(acc, axis=0),
+    )

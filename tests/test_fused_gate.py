@@ -521,6 +521,29 @@ def test_layerdrop_skipped_block_still_counts_in_the_sparsity_loss(
     )
 
 
+def test_layerdrop_with_all_matrices_in_one_call_matches_reference(
+    wav2vec2_source,
+):
+    """One gate call for all matrices (the default with the Triton kernels
+    on one GPU; forced here on CPU) gates a block that LayerDrop then skips:
+    its weights get no gradient, its counts are recorded (12, not 6) and
+    the step equals the reference one."""
+    for seed in range(20):  # a seed where LayerDrop skips one of 2 blocks
+        reference = lobe_step(
+            wav2vec2_source, "reference", layerdrop=0.5, seed=seed
+        )
+        if len(_skipped_blocks(reference[2])) == 1:
+            break
+    assert len(_skipped_blocks(reference[2])) == 1, "no seed skipped one"
+    with mock.patch.object(gates, "matrices_per_call", lambda g, layers: 12):
+        step = lobe_step(
+            wav2vec2_source, "fused", layerdrop=0.5, seed=seed, per_block=True
+        )
+    assert step[3] == 12
+    assert _skipped_blocks(step[2]) == _skipped_blocks(reference[2])
+    assert_same_step(step, reference)
+
+
 @pytest.mark.parametrize("per_block", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["fused", "compiled"])

@@ -120,6 +120,9 @@ def _assert_close_to_eager(errors):
     assert errors["in_place"] is True
 
 
+@pytest.mark.skipif(
+    not triton_gate.triton_installed(), reason="Triton is not installed"
+)
 def test_triton_kernels_match_the_eager_math_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env["PYTHONPATH"] = os.pathsep.join(
@@ -186,6 +189,57 @@ def test_fused_pinch_all_with_triton_matches_eager_gradients_on_cuda():
     assert _max_error(results[1], results[0]) < 1e-4
 
 
+def _pinch_all_step(kernels, weights, thresholds, taus, out_dtype, unused):
+    """Outputs and gradients of ``FusedPinchAllFunction`` with ``kernels``;
+    the gated weights at positions ``unused`` take no part in the loss."""
+    ws = [w.clone().requires_grad_() for w in weights]
+    ts = thresholds.clone().requires_grad_()
+    zeros, *gated = FusedPinchAllFunction.apply(
+        ts, taus, kernels, True, out_dtype, *ws
+    )
+    gen = torch.Generator().manual_seed(3)
+    loss = zeros.sum()
+    for i, g in enumerate(gated):
+        if i not in unused:
+            factor = torch.randn(g.shape, generator=gen).to(g.device)
+            loss = loss + (g.float() * factor).sum()
+    loss.backward()
+    return [zeros.detach(), ts.grad] + [w.grad for w in ws]
+
+
+def _assert_same_pinch_all_step(actual, expected, unused):
+    """Same values; no weight gradient for the unused gated weights."""
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        if i - 2 in unused:
+            assert a is None and e is None
+        else:
+            assert _max_error([a], [e]) < 1e-5, i
+
+
+def test_pinch_all_step_comparison_works_on_cpu():
+    """The helpers of the CUDA test below, on CPU (compiled vs eager)."""
+    weights, thresholds, taus, _ = _inputs("cpu")
+    steps = [
+        _pinch_all_step(k, weights, thresholds, taus, None, {1, 4})
+        for k in (EAGER_BATCH_KERNELS, compiled_batch_kernels("cpu"))
+    ]
+    _assert_same_pinch_all_step(steps[1], steps[0], {1, 4})
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_fused_pinch_all_float32_in_place_with_unused_outputs_on_cuda():
+    """Without autocast (float32, in-place backward), two gated weights
+    unused: Triton gives the eager numbers and no weight gradient there."""
+    weights, thresholds, taus, _ = _inputs("cuda")
+    triton = batch_kernels_for(weights, compiled=True)
+    assert triton is not compiled_batch_kernels("cuda")
+    steps = [
+        _pinch_all_step(k, weights, thresholds, taus, None, {1, 4})
+        for k in (EAGER_BATCH_KERNELS, triton)
+    ]
+    _assert_same_pinch_all_step(steps[1], steps[0], {1, 4})
+
+
 @pytest.mark.parametrize(
     "weight, expected",
     [
@@ -214,6 +268,7 @@ def test_supports_checks_dtype_layout_and_size_on_cuda(monkeypatch):
             return self._numel
 
     monkeypatch.setattr(triton_gate, "triton_installed", lambda: True)
+    monkeypatch.setitem(triton_gate._FAILURE, "failed", False)
     assert triton_gate.supports([FakeCuda(), FakeCuda()])
     assert not triton_gate.supports([FakeCuda(), FakeCuda(torch.bfloat16)])
     assert not triton_gate.supports([FakeCuda(contiguous=False)])
@@ -236,7 +291,15 @@ def test_launches_cover_every_matrix_once():
     assert triton_gate._filled([1, 2], 0, 4) == [1, 2, 0, 0]
 
 
-def test_a_failing_triton_kernel_falls_back_with_one_warning():
+@pytest.fixture
+def triton_not_failed(monkeypatch):
+    """A process where no Triton kernel has failed (restored after)."""
+    monkeypatch.setitem(triton_gate._FAILURE, "failed", False)
+
+
+def test_a_failing_triton_kernel_falls_back_with_one_warning(
+    triton_not_failed,
+):
     calls = []
 
     def broken(*args):
@@ -254,6 +317,66 @@ def test_a_failing_triton_kernel_falls_back_with_one_warning():
         warnings.simplefilter("error")
         assert run(3, 4) == 7
     assert calls == ["triton", "fallback", "fallback"]
+    # From then on the Triton kernels are not used at all (also not for the
+    # number of matrices per call).
+    assert triton_gate.triton_failed()
+    assert not triton_gate.supports([object()])
+
+
+def test_a_failure_after_in_place_writes_is_raised_not_retried(
+    triton_not_failed,
+):
+    def half_written(*args):
+        raise triton_gate.PartialWriteError("launch 2 failed")
+
+    def fallback(*args):
+        raise AssertionError("the fallback must not redo written gradients")
+
+    run = triton_gate._with_fallback(half_written, fallback)
+    with pytest.raises(triton_gate.PartialWriteError, match="launch 2"):
+        run(1)
+    assert triton_gate.triton_failed()
+
+
+class _FailingKernel:
+    """A kernel whose launches fail from the ``fail_at``-th one."""
+
+    def __init__(self, fail_at):
+        self.fail_at, self.launches = fail_at, 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            if self.launches > self.fail_at:
+                raise RuntimeError("out of resources")
+
+        return launch
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_launch_failures_after_the_first_launch(monkeypatch, in_place):
+    """Seven matrices take two launches; the second fails. Only in-place
+    launches make that unrecoverable."""
+    monkeypatch.setattr(
+        triton_gate,
+        "_kernels",
+        lambda: type("K", (), {"SLOTS": 6, "BLOCK": 1024})(),
+    )
+    weights = [torch.zeros(2, 2) for _ in range(7)]
+    partial = torch.zeros(7, 1)
+    kernel = _FailingKernel(fail_at=1)
+    expected = triton_gate.PartialWriteError if in_place else RuntimeError
+    with pytest.raises(expected, match="out of resources"):
+        triton_gate._launch_all(
+            kernel, weights, [weights], [], partial, in_place=in_place
+        )
+    assert kernel.launches == 2
+    first_fails = _FailingKernel(fail_at=0)
+    with pytest.raises(RuntimeError, match="out of resources") as error:
+        triton_gate._launch_all(
+            first_fails, weights, [weights], [], partial, in_place=True
+        )
+    assert not isinstance(error.value, triton_gate.PartialWriteError)
 
 
 def test_triton_batch_kernels_keep_the_fallbacks_read_back_backward():
