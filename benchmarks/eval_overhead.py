@@ -127,7 +127,7 @@ def check_pairs(parser, args):
         parser.error(f"--pairs must be at least 2, got {args.pairs}")
 
 
-def print_pairs(hub_id, times, ratios, unit):
+def print_pairs(hub_id, times, ratios, unit, note=None):
     """Prints one model's median times and per-pair ratio statistics;
     returns the median ratio.
 
@@ -141,6 +141,8 @@ def print_pairs(hub_id, times, ratios, unit):
         Per-pair ratios.
     unit : str
         What one timing is (``"pass"``, ``"step"``).
+    note : str, optional
+        A line printed between the times and the ratio statistics.
 
     Returns
     -------
@@ -152,7 +154,8 @@ def print_pairs(hub_id, times, ratios, unit):
         f"\n{hub_id} (random weights): dense "
         f"{statistics.median(times['dense']):.4f} s, spg "
         f"{statistics.median(times['spg']):.4f} s per {unit} (medians)"
-        f"\n  spg/dense per pair: median {median:.3f}, quartiles "
+        + (f"\n  {note}" if note else "")
+        + f"\n  spg/dense per pair: median {median:.3f}, quartiles "
         f"{low:.3f}-{high:.3f}, range {min(ratios):.3f}-{max(ratios):.3f}"
     )
     return median

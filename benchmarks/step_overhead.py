@@ -9,7 +9,10 @@ random-weight model in ONE process, each with its CTC head and Adam
 optimiser, and times their training steps (those of ``gate_overhead.py``)
 alternately, dense-SPG then SPG-dense, so that both see the same machine
 state. It prints the median of the per-pair ratios and their interquartile
-range. The last line reads ``step-time ratio spg/dense: MODEL R, MODEL R``.
+range, and the median number of minor page faults per step of each lobe
+(Unix): memory the allocator gave back to the system and takes again is
+zeroed by the kernel, which a CPU step pays for. The last line reads
+``step-time ratio spg/dense: MODEL R, MODEL R``.
 
 ``--variant`` picks the SPG variant among those of ``gate_overhead.py``
 (default ``compiled``); a variant that patches the gate for its process
@@ -26,10 +29,16 @@ Authors
 """
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 
 import torch
 
@@ -59,9 +68,17 @@ def timed_step(setup, device):
     return time.perf_counter() - start
 
 
+def minor_faults():
+    """Minor page faults of this process so far (None without ``resource``)."""
+    if resource is None:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def measure(source, args):
     """Alternating training steps of the dense and SPG lobes of one model;
-    returns their times and the per-pair ratios."""
+    returns their times, the per-pair ratios and the minor page faults of
+    each timed step."""
     setups = {
         "dense": gate_overhead.training_setup("dense", source, args),
         "spg": gate_overhead.training_setup(args.variant, source, args),
@@ -69,8 +86,27 @@ def measure(source, args):
     for setup in setups.values():
         for _ in range(args.warmup):
             timed_step(setup, args.device)
-    return alternate(
-        lambda name: timed_step(setups[name], args.device), args.pairs
+    faults = {"dense": [], "spg": []}
+
+    def step(name):
+        before = minor_faults()
+        seconds = timed_step(setups[name], args.device)
+        if before is not None:
+            faults[name].append(minor_faults() - before)
+        return seconds
+
+    times, ratios = alternate(step, args.pairs)
+    return times, ratios, faults
+
+
+def fault_note(faults):
+    """The page-fault line of one model (None without counts)."""
+    if not faults["dense"]:
+        return None
+    return (
+        "minor page faults per step (medians): "
+        f"dense {statistics.median(faults['dense']):.0f}, "
+        f"spg {statistics.median(faults['spg']):.0f}"
     )
 
 
@@ -102,8 +138,10 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as work:
         for hub_id in args.models:
             source = save_random_model(hub_config(hub_id), f"{work}/{hub_id}")
-            times, ratios = measure(source, args)
-            medians[hub_id] = print_pairs(hub_id, times, ratios, "step")
+            times, ratios, faults = measure(source, args)
+            medians[hub_id] = print_pairs(
+                hub_id, times, ratios, "step", fault_note(faults)
+            )
     print_ratio_line("step-time", medians)
 
 

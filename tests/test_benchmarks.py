@@ -233,7 +233,13 @@ def test_step_overhead_alternates_training_steps_and_prints_the_ratio_line(
     # One warm-up step each, then pairs in alternating order.
     assert order == ["dense", "spg"] + ["dense", "spg", "spg", "dense"] * 2
     assert steps["spg"] == [1, 2, 3, 4, 5]
-    lines = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    # Between the times and the ratio statistics (Unix).
+    assert re.fullmatch(
+        r"  minor page faults per step \(medians\): dense \d+, spg \d+",
+        lines[-3],
+    ), lines[-3]
     assert lines[0].startswith(
         "device cpu, batch 2 x 1.0 s, SPG variant compiled, 4 alternating"
     )
