@@ -1,13 +1,14 @@
-"""A block's gated matrices in one hand-written Triton launch (CUDA).
+"""Gated matrices, six per hand-written Triton launch (CUDA).
 
 On a GPU the gate's arithmetic is cheap and the host work around it is
 not: with ``torch.compile``-d batch kernels (``batched_gate``) every call
 still pays the call wrappers of Dynamo, AOTAutograd and Inductor and one
-launch per matrix and kernel. Here the six matrices of a transformer block
-(``gates.MATRICES_PER_CALL``) are gated by ONE kernel launch forward and
-ONE backward (``triton_gate_kernels``), plus one small sum of the partial
-sums each: the host work is a handful of allocations and two launches per
-block and pass.
+launch per matrix and kernel. Here one launch gates six matrices (one
+transformer block, ``gates.MATRICES_PER_CALL``) forward and one backward
+(``triton_gate_kernels``), and one small sum adds up the partial sums of
+all launches of a call: the host work is an allocation per matrix and a
+launch per six. On one GPU the lobes pass all their matrices in one call
+(``gates.matrices_per_call``).
 
 The math is ``fused_gate``'s (clipped sigmoid, mask recomputed in the
 backward), so ``FusedPinchAllFunction`` gives the same numbers within
