@@ -51,8 +51,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
     > "$out/device.txt" 2>&1
-python3 -c "import torch, transformers; print(torch.__version__, \
-transformers.__version__, torch.cuda.get_device_name())" >> "$out/device.txt"
+python3 -c "import torch, transformers, triton; print(torch.__version__, \
+transformers.__version__, triton.__version__, torch.cuda.get_device_name())" \
+    >> "$out/device.txt"
 timeout 180 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/test_fused_gate.py tests/test_gates.py tests/test_triton_gate.py \
     -k cuda 2>&1 | grep -v DEBUG | tee "$out/tests.txt"
