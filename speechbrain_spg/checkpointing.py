@@ -22,13 +22,16 @@ from speechbrain.utils.checkpoints import (
     mark_as_saver,
     register_checkpoint_hooks,
 )
-from speechbrain.utils.distributed import if_main_process
+from speechbrain.utils.distributed import (
+    if_main_process,
+    is_distributed_initialized,
+)
 
 
 def _rank_and_world_size():
     """``(rank, world size)`` of this process; ``(0, 1)`` without DDP."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed_initialized():
+        dist = torch.distributed
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

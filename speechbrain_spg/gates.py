@@ -22,6 +22,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from speechbrain.utils.distributed import is_distributed_initialized
 from torch import nn
 
 from speechbrain_spg import triton_gate
@@ -768,9 +769,8 @@ def distributed_world_size():
     >>> distributed_world_size()
     1
     """
-    distributed = torch.distributed
-    if distributed.is_available() and distributed.is_initialized():
-        return distributed.get_world_size()
+    if is_distributed_initialized():
+        return torch.distributed.get_world_size()
     return 1
 
 
