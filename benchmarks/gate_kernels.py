@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Cost per weight of the fused gate's kernels, on FFN-sized matrices.
 
-Times, on one thread (``--threads``), the compiled kernels of
-``speechbrain_spg.fused_gate``: the forward, the forward without the clip
+Times, on one thread (``--threads``), the ``torch.compile`` kernels of
+``speechbrain_spg.fused_gate`` and, where they run, the hand-written C
+kernels of ``speechbrain_spg.native_gate`` (the CPU default): the forward, the forward without the clip
 of the sigmoid's argument (``SIGMOID_SATURATION``: what it saves), the
 backward that recomputes the mask (CUDA default) and the backward that
 reads it back from the gated weight (CPU default); next to two
@@ -32,6 +33,7 @@ import time
 
 import torch
 
+from speechbrain_spg import native_gate
 from speechbrain_spg.fused_gate import compiled_kernels
 
 
@@ -57,6 +59,35 @@ def best_ns_per_weight(fn, numel, repeats, setup=None):
         fn()
         best = min(best, time.perf_counter() - start)
     return best / numel * 1e9
+
+
+def native_cases(pairs, threshold, tau, zeros_grad, restore_grads):
+    """The hand-written C kernels' cases (``native_gate``), as
+    ``(run, setup)`` for ``(weight, gated weight, gradient)`` triples."""
+    return {
+        "native forward": (
+            lambda: [
+                native_gate.forward(w, threshold, tau) for w, _, _ in pairs
+            ],
+            None,
+        ),
+        "native backward, recompute": (
+            lambda: [
+                native_gate.backward(w, threshold, tau, g, zeros_grad)
+                for w, _, g in pairs
+            ],
+            restore_grads,
+        ),
+        "native backward from gated": (
+            lambda: [
+                native_gate.backward_from_gated(
+                    w, wm, threshold, tau, g, zeros_grad
+                )
+                for w, wm, g in pairs
+            ],
+            restore_grads,
+        ),
+    }
 
 
 def main(argv=None):
@@ -114,6 +145,10 @@ def main(argv=None):
             ],
             restore_grads,
         ),
+    }
+    if native_gate.available():
+        cases |= native_cases(pairs, threshold, tau, zeros_grad, restore_grads)
+    cases |= {
         "eager torch.sigmoid (yardstick)": (
             lambda: [torch.sigmoid(w) for w in weights],
             None,

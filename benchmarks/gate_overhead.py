@@ -29,6 +29,9 @@ fine-tuning step (forward, CTC loss + sparsity loss, backward, Adam step) of
   without the Triton kernels: a block's matrices gated by the
   ``torch.compile`` batch kernels instead (CUDA mode; on CPU the same as
   ``compiled``),
+- optionally (``--variants ... compiled_no_native``) the compiled gate
+  without the hand-written C kernels of ``native_gate`` (CPU mode): the
+  ``torch.compile`` kernels instead, as before they existed,
 - optionally (``--variants ... compiled_recompute_gated``) the compiled gate
   with ``recompute_gated_weights: True`` (no gated weight kept for the
   backward pass; computed again there),
@@ -66,6 +69,7 @@ import contextlib
 import gc
 import logging
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -76,7 +80,7 @@ import torch.nn.functional as F
 import transformers
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
-from speechbrain_spg import fused_gate, gates, triton_gate
+from speechbrain_spg import fused_gate, gates, native_gate, triton_gate
 from speechbrain_spg.architectures import hub_config, save_random_model
 from speechbrain_spg.lobes import SPGWav2Vec2
 
@@ -106,6 +110,9 @@ def build(variant, source, device):
         variant = "compiled"
     if variant == "compiled_no_triton":
         triton_gate.supports = lambda weights: False
+        variant = "compiled"
+    if variant == "compiled_no_native":
+        os.environ[native_gate.SWITCH] = "0"
         variant = "compiled"
     if variant == "compiled_unclipped_sigmoid":
         # An int, as the clip itself (see there): no clip in float32.

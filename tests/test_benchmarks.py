@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import REPO
 
+from speechbrain_spg import native_gate
 from speechbrain_spg.architectures import TINY_OVERRIDES, build_config
 
 BENCHMARKS = REPO / "benchmarks"
@@ -92,11 +93,17 @@ def test_gate_kernels_prints_a_cost_per_kernel(monkeypatch, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("2 thread(s), 2 matrices of (3072, 768) per")
     costs = dict(line.rsplit(":", 1) for line in lines[1:])
+    native = [
+        "native forward",
+        "native backward, recompute",
+        "native backward from gated",
+    ]
     assert [name.strip() for name in costs] == [
         "forward",
         "forward, argument not clipped",
         "backward recomputing the mask",
         "backward from the gated weight",
+        *(native if native_gate.available() else []),
         "eager torch.sigmoid (yardstick)",
         "copy (yardstick)",
     ]
