@@ -139,8 +139,10 @@ def cache_directory():
 
     Example
     -------
-    >>> cache_directory().name in ("speechbrain_spg", os.environ.get(CACHE_VARIABLE, "").rstrip("/").split("/")[-1])
-    True
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {CACHE_VARIABLE: "/tmp/spg"}):
+    ...     print(cache_directory())
+    /tmp/spg
     """
     if os.environ.get(CACHE_VARIABLE):
         return Path(os.environ[CACHE_VARIABLE])
@@ -303,7 +305,12 @@ def load():
         except OSError:  # cache not writable: build in a temporary place
             path = build(tempfile.mkdtemp(prefix="speechbrain_spg_"), compiler)
         return _declare(ctypes.CDLL(str(path)))
-    except (OSError, NativeBuildError, subprocess.SubprocessError) as error:
+    except (
+        OSError,
+        AttributeError,  # a library without the kernels' functions
+        NativeBuildError,
+        subprocess.SubprocessError,
+    ) as error:
         warnings.warn(
             "speechbrain_spg: the native CPU gate kernels could not be built "
             f"({type(error).__name__}: {error}); using the torch.compile "
@@ -397,8 +404,10 @@ def forward(weight, threshold, tau, dtype=None):
 
     Example
     -------
+    >>> from speechbrain_spg.fused_gate import EAGER_KERNELS
+    >>> run = forward if available() else EAGER_KERNELS.forward  # same math
     >>> w = torch.tensor([0.0, 1.0, 10.0])
-    >>> gated, total = forward(w, torch.tensor(0.5), torch.tensor(0.125))
+    >>> gated, total = run(w, torch.tensor(0.5), torch.tensor(0.125))
     >>> print(gated, round(float(total), 4))
     tensor([ 0.0000,  0.9526, 10.0000]) 2.2215
     """
@@ -435,8 +444,10 @@ def soft_zeros(weight, threshold, tau):
 
     Example
     -------
+    >>> from speechbrain_spg.fused_gate import EAGER_KERNELS
+    >>> run = soft_zeros if available() else EAGER_KERNELS.soft_zeros
     >>> w = torch.tensor([0.0, 1.0, 10.0])
-    >>> sums = soft_zeros(w, torch.tensor(0.5), torch.tensor(0.125))
+    >>> sums = run(w, torch.tensor(0.5), torch.tensor(0.125))
     >>> print([round(float(s), 4) for s in sums])
     [2.2215, 1.9343]
     """
@@ -483,9 +494,11 @@ def backward(weight, threshold, tau, grad, grad_zeros):
 
     Example
     -------
+    >>> from speechbrain_spg.fused_gate import EAGER_KERNELS
+    >>> run = backward if available() else EAGER_KERNELS.backward
     >>> w, grad = torch.tensor([0.0, 1.0, 10.0]), torch.ones(3)
-    >>> g_t = backward(w, torch.tensor(0.5), torch.tensor(0.125), grad,
-    ...                torch.tensor(0.0))
+    >>> g_t = run(w, torch.tensor(0.5), torch.tensor(0.125), grad,
+    ...           torch.tensor(0.0))
     >>> print(grad, round(float(g_t), 4))
     tensor([0.2689, 1.3140, 1.0000]) -0.1807
     """
@@ -528,10 +541,13 @@ def backward_from_gated(weight, gated, threshold, tau, grad, grad_zeros):
 
     Example
     -------
+    >>> from speechbrain_spg.fused_gate import EAGER_KERNELS as EAGER
+    >>> native = available()
+    >>> run = backward_from_gated if native else EAGER.backward_from_gated
     >>> w, grad = torch.tensor([0.0, 1.0, 10.0]), torch.ones(3)
     >>> t, tau = torch.tensor(0.5), torch.tensor(0.125)
-    >>> gated, _ = forward(w, t, tau)
-    >>> g_t = backward_from_gated(w, gated, t, tau, grad, torch.tensor(0.0))
+    >>> gated, _ = (forward if native else EAGER.forward)(w, t, tau)
+    >>> g_t = run(w, gated, t, tau, grad, torch.tensor(0.0))
     >>> print(grad, round(float(g_t), 4))
     tensor([0.2689, 1.3140, 1.0000]) -0.1807
     """

@@ -337,3 +337,14 @@ def test_cache_directory_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(native_gate.CACHE_VARIABLE, str(tmp_path / "x"))
     assert native_gate.cache_directory() == tmp_path / "x"
     assert os.fspath(native_gate.SOURCE).endswith("native_gate_kernels.c")
+
+
+def test_library_without_the_kernels_warns_and_falls_back(
+    tmp_path, monkeypatch
+):
+    source = tmp_path / "other.c"
+    source.write_text("int not_a_gate_kernel;\n")
+    monkeypatch.setattr(native_gate, "SOURCE", source)
+    monkeypatch.setenv(native_gate.CACHE_VARIABLE, str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="AttributeError.*spg_forward"):
+        assert native_gate.load.__wrapped__() is None
