@@ -495,10 +495,16 @@ def native_cpu_kernels():
 
 def _kernels_for(weight, compiled):
     """The fast kernels of ``weight``'s device (``native_cpu_kernels`` on a
-    CPU that runs them, else ``compiled_kernels``), or the eager ones."""
+    CPU that runs them, unless ``torch.compile`` is tracing the caller;
+    else ``compiled_kernels``), or the eager ones."""
     if not compiled:
         return EAGER_KERNELS
-    if weight.device.type == "cpu" and native_gate.available():
+    if (
+        weight.device.type == "cpu"
+        # Under a torch.compile of the whole model, kernels it can trace.
+        and not torch.compiler.is_compiling()
+        and native_gate.available()
+    ):
         return native_cpu_kernels()
     return compiled_kernels(weight.device.type)
 

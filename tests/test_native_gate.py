@@ -348,3 +348,22 @@ def test_library_without_the_kernels_warns_and_falls_back(
     monkeypatch.setenv(native_gate.CACHE_VARIABLE, str(tmp_path / "cache"))
     with pytest.warns(UserWarning, match="AttributeError.*spg_forward"):
         assert native_gate.load.__wrapped__() is None
+
+
+def test_a_compiled_caller_traces_the_gate_without_graph_breaks():
+    # torch.compile cannot trace the C kernels (ctypes); under it the gate
+    # uses the torch.compile kernels, so fullgraph=True works.
+    def loss(w, t, tau):
+        gated, zeros = FusedPinchFunction.apply(w, t, tau, True)
+        return (gated * gated).sum() + zeros
+
+    weight, threshold, tau, _, _ = gate_inputs(2048, seed=5)
+    results = []
+    for run in (loss, torch.compile(loss, fullgraph=True)):
+        w = weight.clone().requires_grad_()
+        t = threshold.clone().requires_grad_()
+        value = run(w, t, tau)
+        value.backward()
+        results.append((value.detach(), w.grad, t.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
