@@ -2,13 +2,13 @@
 
 On a CPU the gate's cost is arithmetic: the sigmoid's exponential and the
 divisions, for every gated weight, forward and backward. The kernels that
-``torch.compile`` generates for ``fused_gate``'s math take about 0.9 ns per
-weight forward and 0.9-1.0 ns backward on two threads, and the backward
+``torch.compile`` generates for ``fused_gate``'s math take about 0.85 ns per
+weight forward and 0.7-0.95 ns backward on two threads, and the backward
 makes two passes over the matrix (Inductor does not fuse a sum with an
 in-place write of what it sums). ``native_gate_kernels.c`` does each kernel
 in one pass, eight weights per AVX2 vector, with an exponential of its own
 that is only ever evaluated on ``[-80, 0]`` (no subnormal intermediates):
-about 0.5 ns forward and 0.35-0.45 ns backward (``benchmarks/RESULTS.md``).
+about 0.5 ns forward and 0.33-0.45 ns backward (``benchmarks/RESULTS.md``).
 
 The math is ``fused_gate``'s (the same clipped sigmoid, the same chain
 rule), within float32 rounding: the exponential is within about 1 ulp,
@@ -19,8 +19,10 @@ below 1.8e-35 (a fully pinched matrix gates to exact zeros).
 
 The library is built at first use by the system's C compiler (``$CC``,
 else ``gcc``, else ``cc``; ``torch.compile`` needs one on a CPU too), with
-OpenMP (linked to ``libgomp``, which PyTorch has already loaded: the two
-share one OpenMP runtime), and kept in ``$SPG_CACHE_DIR`` (default
+OpenMP (with gcc, linked to ``libgomp.so.1``: PyTorch wheels that ship a
+library of that name have already loaded it, and the two then share one
+OpenMP runtime, as here; a wheel with a renamed ``libgomp``, or clang's
+``libomp``, gives a second thread pool), and kept in ``$SPG_CACHE_DIR`` (default
 ``~/.cache/speechbrain_spg``), named by a hash of the source, the flags and
 the compiler, so a changed source or compiler builds anew. It runs on
 x86-64 CPUs where PyTorch itself uses AVX2 (``get_cpu_capability``).
@@ -146,8 +148,30 @@ def cache_directory():
     """
     if os.environ.get(CACHE_VARIABLE):
         return Path(os.environ[CACHE_VARIABLE])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except RuntimeError:  # no HOME and no passwd entry (containers)
+            return fallback_directory()
     return Path(base) / "speechbrain_spg"
+
+
+def fallback_directory():
+    """Where the library is built when the cache cannot be written: one
+    directory per user in the system's temporary directory (reused by later
+    processes, not one per process).
+
+    Returns
+    -------
+    pathlib.Path
+
+    Example
+    -------
+    >>> fallback_directory().name.startswith("speechbrain_spg-")
+    True
+    """
+    return Path(tempfile.gettempdir()) / f"speechbrain_spg-{os.getuid()}"
 
 
 def library_name(source_text, compiler):
@@ -244,11 +268,26 @@ def build(directory, compiler):
                 f"{compiler} could not build {SOURCE} (exit "
                 f"{result.returncode}):\n{result.stderr.strip()}"
             )
+        # mkstemp made it private (0600); others sharing the cache load it.
+        os.chmod(partial, 0o755 & ~_umask())
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
     return target
+
+
+def _umask():
+    """The process's umask, read without changing it (``os.umask`` would
+    set it for a moment for every thread); 0o022 where it cannot be read."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def _declare(library):
@@ -302,8 +341,12 @@ def load():
     try:
         try:
             path = build(cache_directory(), compiler)
-        except OSError:  # cache not writable: build in a temporary place
-            path = build(tempfile.mkdtemp(prefix="speechbrain_spg_"), compiler)
+        except PermissionError:  # cache not writable
+            path = build(fallback_directory(), compiler)
+        except OSError as error:
+            if Path(error.filename or "") == SOURCE:
+                raise
+            path = build(fallback_directory(), compiler)  # e.g. a file there
         return _declare(ctypes.CDLL(str(path)))
     except (
         OSError,
@@ -348,8 +391,9 @@ def supports(arguments):
     Returns
     -------
     bool
-        True when every tensor is a contiguous float32 CPU tensor, no
-        output dtype is asked for, and the kernels are available.
+        True when every tensor is a plain (not a subclass) contiguous
+        float32 CPU tensor, no output dtype is asked for, and the kernels
+        are available.
 
     Example
     -------
@@ -362,11 +406,7 @@ def supports(arguments):
         if not isinstance(argument, torch.Tensor):
             if argument is not None:
                 return False
-        elif (
-            argument.device.type != "cpu"
-            or argument.dtype != torch.float32
-            or not argument.is_contiguous()
-        ):
+        elif not _plain_float32_cpu(argument):
             return False
     return available()
 
@@ -413,6 +453,7 @@ def forward(weight, threshold, tau, dtype=None):
     """
     if dtype is not None:
         raise ValueError("native gate kernels: no cast (dtype must be None)")
+    _check([weight], [threshold, tau])
     gated = torch.empty_like(weight)
     result = torch.empty((), dtype=torch.float32)
     load().spg_forward(
@@ -451,6 +492,7 @@ def soft_zeros(weight, threshold, tau):
     >>> print([round(float(s), 4) for s in sums])
     [2.2215, 1.9343]
     """
+    _check([weight], [threshold, tau])
     result = torch.empty(2, dtype=torch.float32)
     load().spg_soft_zeros(
         weight.data_ptr(),
@@ -461,14 +503,42 @@ def soft_zeros(weight, threshold, tau):
     return result[0], result[1]
 
 
-def _check_same_size(weight, *others):
-    """The kernels walk every array over ``weight.numel()`` elements."""
-    for other in others:
+def _check(arrays, scalars):
+    """Refuses what the kernels would read or write wrongly: every tensor
+    must be a plain contiguous float32 CPU tensor, the arrays the weight's
+    size, the scalars (threshold, temperature, soft-zero gradient) one
+    number each."""
+    weight = arrays[0]
+    for tensor in (*arrays, *scalars):
+        if not _plain_float32_cpu(tensor):
+            raise ValueError(
+                "native gate kernel: needs contiguous float32 CPU tensors, got "
+                f"{type(tensor).__name__} {tensor.dtype} on {tensor.device}"
+                f"{'' if tensor.is_contiguous() else ', not contiguous'}"
+            )
+    for other in arrays[1:]:
         if other.numel() != weight.numel():
             raise ValueError(
                 f"native gate kernel: {tuple(other.shape)} does not match "
                 f"the weight's {tuple(weight.shape)}"
             )
+    for scalar in scalars:
+        if scalar.numel() != 1:
+            raise ValueError(
+                "native gate kernel: threshold, temperature and soft-zero "
+                f"gradient are single numbers, got shape {tuple(scalar.shape)}"
+            )
+
+
+def _plain_float32_cpu(tensor):
+    """A plain (not a subclass such as a fake tensor) contiguous float32
+    CPU tensor: its ``data_ptr`` is memory the kernels may use."""
+    return (
+        type(tensor) in (torch.Tensor, torch.nn.Parameter)
+        and tensor.device.type == "cpu"
+        and tensor.dtype == torch.float32
+        and tensor.is_contiguous()
+    )
 
 
 def backward(weight, threshold, tau, grad, grad_zeros):
@@ -502,7 +572,7 @@ def backward(weight, threshold, tau, grad, grad_zeros):
     >>> print(grad, round(float(g_t), 4))
     tensor([0.2689, 1.3140, 1.0000]) -0.1807
     """
-    _check_same_size(weight, grad)
+    _check([weight, grad], [threshold, tau, grad_zeros])
     result = torch.empty((), dtype=torch.float32)
     load().spg_backward(
         weight.data_ptr(),
@@ -551,7 +621,7 @@ def backward_from_gated(weight, gated, threshold, tau, grad, grad_zeros):
     >>> print(grad, round(float(g_t), 4))
     tensor([0.2689, 1.3140, 1.0000]) -0.1807
     """
-    _check_same_size(weight, gated, grad)
+    _check([weight, gated, grad], [threshold, tau, grad_zeros])
     result = torch.empty((), dtype=torch.float32)
     load().spg_backward_from_gated(
         weight.data_ptr(),

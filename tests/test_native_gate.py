@@ -197,6 +197,23 @@ def test_thread_count_changes_no_element():
     torch.testing.assert_close(t1, t2, rtol=1e-6, atol=0)
 
 
+def test_arguments_the_kernels_cannot_read_are_refused():
+    weight, threshold, tau, grad, grad_zeros = gate_inputs(16)
+    with pytest.raises(ValueError, match="float32 CPU tensors, got Tensor"):
+        native_gate.forward(weight, threshold.double(), tau)
+    strided = torch.zeros(32)[::2]  # the weight's size, every other float
+    with pytest.raises(ValueError, match="not contiguous"):
+        native_gate.backward(weight, threshold, tau, strided, grad_zeros)
+    with pytest.raises(ValueError, match=r"single numbers, got shape \(2,\)"):
+        native_gate.soft_zeros(weight, torch.tensor([0.1, 0.2]), tau)
+    fake = torch.Tensor._make_subclass(torch.Tensor, weight).as_subclass(
+        type("Sub", (torch.Tensor,), {})
+    )
+    assert not native_gate.supports((fake, threshold, tau))
+    with pytest.raises(ValueError, match="got Sub"):
+        native_gate.forward(fake, threshold, tau)
+
+
 def test_mismatched_sizes_are_refused():
     weight, threshold, tau, _, grad_zeros = gate_inputs(16)
     with pytest.raises(ValueError, match=r"\(8,\) does not match .*\(16,\)"):
@@ -324,10 +341,26 @@ def test_unwritable_cache_builds_in_a_temporary_directory(
     assert native_gate.cache_directory() == blocker / "cache"
     library = native_gate.load.__wrapped__()
     assert library is not None and hasattr(library, "spg_forward")
-    (built,) = tmp_path.glob("speechbrain_spg_*/native_gate_*.so")
+    (built,) = tmp_path.glob(f"speechbrain_spg-{os.getuid()}/native_gate_*.so")
     assert built.name == native_gate.library_name(
         native_gate.SOURCE.read_text(), native_gate.find_compiler()
     )
+
+
+def test_built_library_is_readable_by_others_sharing_the_cache(tmp_path):
+    built = native_gate.build(tmp_path, native_gate.find_compiler())
+    mode = built.stat().st_mode & 0o777
+    assert mode == 0o755 & ~native_gate._umask()  # mkstemp gave 0600
+
+
+def test_no_home_directory_builds_in_the_fallback_directory(monkeypatch):
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv(native_gate.CACHE_VARIABLE, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(native_gate.Path, "home", staticmethod(no_home))
+    assert native_gate.cache_directory() == native_gate.fallback_directory()
 
 
 def test_cache_directory_follows_the_environment(monkeypatch, tmp_path):
