@@ -341,12 +341,8 @@ def load():
     try:
         try:
             path = build(cache_directory(), compiler)
-        except PermissionError:  # cache not writable
+        except OSError:  # cache not writable (a missing source fails again)
             path = build(fallback_directory(), compiler)
-        except OSError as error:
-            if Path(error.filename or "") == SOURCE:
-                raise
-            path = build(fallback_directory(), compiler)  # e.g. a file there
         return _declare(ctypes.CDLL(str(path)))
     except (
         OSError,
@@ -411,14 +407,19 @@ def supports(arguments):
     return available()
 
 
-def _threads():
-    """The OpenMP threads a kernel uses: PyTorch's intra-op threads."""
-    return torch.get_num_threads()
-
-
-def _pointers(*tensors):
-    """Data pointers, for the kernels' arguments."""
-    return [tensor.data_ptr() for tensor in tensors]
+def _launch(kernel, arrays, scalars, result):
+    """Checks the arguments (``_check``) and runs ``kernel`` of the library
+    on them, with PyTorch's intra-op thread count: the kernels all take the
+    arrays' pointers, their length, the scalars' and ``result``'s pointers,
+    then the threads."""
+    _check(arrays, scalars)
+    getattr(load(), kernel)(
+        *(array.data_ptr() for array in arrays),
+        arrays[0].numel(),
+        *(scalar.data_ptr() for scalar in (*scalars, result)),
+        torch.get_num_threads(),
+    )
+    return result
 
 
 def forward(weight, threshold, tau, dtype=None):
@@ -453,17 +454,12 @@ def forward(weight, threshold, tau, dtype=None):
     """
     if dtype is not None:
         raise ValueError("native gate kernels: no cast (dtype must be None)")
-    _check([weight], [threshold, tau])
+    _check([weight], [threshold, tau])  # before allocating like it
     gated = torch.empty_like(weight)
     result = torch.empty((), dtype=torch.float32)
-    load().spg_forward(
-        weight.data_ptr(),
-        gated.data_ptr(),
-        weight.numel(),
-        *_pointers(threshold, tau, result),
-        _threads(),
+    return gated, _launch(
+        "spg_forward", [weight, gated], [threshold, tau], result
     )
-    return gated, result
 
 
 def soft_zeros(weight, threshold, tau):
@@ -492,14 +488,8 @@ def soft_zeros(weight, threshold, tau):
     >>> print([round(float(s), 4) for s in sums])
     [2.2215, 1.9343]
     """
-    _check([weight], [threshold, tau])
     result = torch.empty(2, dtype=torch.float32)
-    load().spg_soft_zeros(
-        weight.data_ptr(),
-        weight.numel(),
-        *_pointers(threshold, tau, result),
-        _threads(),
-    )
+    _launch("spg_soft_zeros", [weight], [threshold, tau], result)
     return result[0], result[1]
 
 
@@ -572,16 +562,12 @@ def backward(weight, threshold, tau, grad, grad_zeros):
     >>> print(grad, round(float(g_t), 4))
     tensor([0.2689, 1.3140, 1.0000]) -0.1807
     """
-    _check([weight, grad], [threshold, tau, grad_zeros])
-    result = torch.empty((), dtype=torch.float32)
-    load().spg_backward(
-        weight.data_ptr(),
-        grad.data_ptr(),
-        weight.numel(),
-        *_pointers(threshold, tau, grad_zeros, result),
-        _threads(),
+    return _launch(
+        "spg_backward",
+        [weight, grad],
+        [threshold, tau, grad_zeros],
+        torch.empty((), dtype=torch.float32),
     )
-    return result
 
 
 def backward_from_gated(weight, gated, threshold, tau, grad, grad_zeros):
@@ -621,14 +607,9 @@ def backward_from_gated(weight, gated, threshold, tau, grad, grad_zeros):
     >>> print(grad, round(float(g_t), 4))
     tensor([0.2689, 1.3140, 1.0000]) -0.1807
     """
-    _check([weight, gated, grad], [threshold, tau, grad_zeros])
-    result = torch.empty((), dtype=torch.float32)
-    load().spg_backward_from_gated(
-        weight.data_ptr(),
-        gated.data_ptr(),
-        grad.data_ptr(),
-        weight.numel(),
-        *_pointers(threshold, tau, grad_zeros, result),
-        _threads(),
+    return _launch(
+        "spg_backward_from_gated",
+        [weight, gated, grad],
+        [threshold, tau, grad_zeros],
+        torch.empty((), dtype=torch.float32),
     )
-    return result

@@ -180,17 +180,24 @@ void spg_soft_zeros(const float *weight, int64_t n, const float *threshold,
     result[1] = (float)slopes;
 }
 
-/* The chain rule for eight weights, from their mask (fused_gate's
- * _chain_rule): with slope = M (1 - M) / tau, the gradient g becomes
- * g (M + W^2 slope), and slope (g_zeros - g W) is added to *acc. */
-static inline __m256 chain_rule(__m256 w, __m256 m, __m256 g,
-                                __m256 inv_tau, __m256 grad_zeros,
-                                __m256 *acc)
+/* The chain rule for eight weights at grad_at, from their mask
+ * (fused_gate's _chain_rule): with slope = M (1 - M) / tau, the gradient g
+ * there becomes g (M + W^2 slope), and acc plus slope (g_zeros - g W) over
+ * the valid lanes is returned (lanes past the end hold w = g = 0, which
+ * would add slope * g_zeros). */
+static inline __m256 chain_rule(float *grad_at, __m256 w, __m256 m,
+                                __m256 g, __m256 inv_tau,
+                                __m256 grad_zeros, __m256 acc,
+                                int64_t lanes)
 {
     const __m256 slope = _mm256_mul_ps(
         _mm256_mul_ps(m, _mm256_sub_ps(_mm256_set1_ps(1.0f), m)), inv_tau);
-    *acc = _mm256_fmadd_ps(slope, _mm256_fnmadd_ps(g, w, grad_zeros), *acc);
-    return _mm256_mul_ps(g, _mm256_fmadd_ps(_mm256_mul_ps(w, w), slope, m));
+    const __m256 term =
+        _mm256_mul_ps(slope, _mm256_fnmadd_ps(g, w, grad_zeros));
+    store(grad_at,
+          _mm256_mul_ps(g, _mm256_fmadd_ps(_mm256_mul_ps(w, w), slope, m)),
+          lanes);
+    return _mm256_add_ps(acc, valid(term, lanes));
 }
 
 /* Backward recomputing the mask: grad becomes the weight gradient (in
@@ -216,11 +223,7 @@ void spg_backward(const float *weight, float *grad, int64_t n,
             const __m256 w = load(weight + i, lanes);
             const __m256 g = load(grad + i, lanes);
             const __m256 m = mask_of(w, t2, inv_two_tau);
-            /* Lanes past the end hold w = g = 0: they add slope * gz. */
-            __m256 lane_acc = _mm256_setzero_ps();
-            const __m256 out = chain_rule(w, m, g, inv_tau, gz, &lane_acc);
-            acc = _mm256_add_ps(acc, valid(lane_acc, lanes));
-            store(grad + i, out, lanes);
+            acc = chain_rule(grad + i, w, m, g, inv_tau, gz, acc, lanes);
         }
         total += sum_lanes(acc);
     }
@@ -258,10 +261,7 @@ void spg_backward_from_gated(const float *weight, const float *gated,
                 _mm256_cmp_ps(_mm256_andnot_ps(sign, wm), tiny, _CMP_GE_OQ);
             const __m256 m = _mm256_blendv_ps(
                 mask_at_zero, _mm256_div_ps(wm, w), normal);
-            __m256 lane_acc = _mm256_setzero_ps();
-            const __m256 out = chain_rule(w, m, g, inv_tau, gz, &lane_acc);
-            acc = _mm256_add_ps(acc, valid(lane_acc, lanes));
-            store(grad + i, out, lanes);
+            acc = chain_rule(grad + i, w, m, g, inv_tau, gz, acc, lanes);
         }
         total += sum_lanes(acc);
     }
