@@ -32,6 +32,10 @@ fine-tuning step (forward, CTC loss + sparsity loss, backward, Adam step) of
 - optionally (``--variants ... compiled_no_native``) the compiled gate
   without the hand-written C kernels of ``native_gate`` (CPU mode): the
   ``torch.compile`` kernels instead, as before they existed,
+- optionally (``--variants ... compiled_no_reuse``) the compiled gate
+  without keeping the gated weights' memory from step to step
+  (``SelfPinchingGate.reuse_memory``; CPU mode, C kernels): new memory per
+  step, as before it did,
 - optionally (``--variants ... compiled_recompute_gated``) the compiled gate
   with ``recompute_gated_weights: True`` (no gated weight kept for the
   backward pass; computed again there),
@@ -119,6 +123,9 @@ def build(variant, source, device):
         fused_gate.SIGMOID_SATURATION = 10**18
         variant = "compiled"
     options = {}
+    reuse_memory = variant != "compiled_no_reuse"
+    if not reuse_memory:
+        variant = "compiled"
     if variant == "compiled_recompute_gated":
         options["recompute_gated_weights"] = True
         variant = "compiled"
@@ -133,6 +140,7 @@ def build(variant, source, device):
             gate_impl=variant,
             **options,
         )
+        lobe.gate.reuse_memory = reuse_memory
     head = torch.nn.Linear(lobe.model.config.hidden_size, 32)
     return lobe.to(device), head.to(device)
 

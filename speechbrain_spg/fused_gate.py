@@ -59,6 +59,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from speechbrain_spg import native_gate
+from speechbrain_spg.reused_memory import tensor_on
 
 #: Upper clip of the sigmoid's argument in the fused kernels. Above it the
 #: sigmoid is exactly 1 in every floating dtype (from 8.3 in float16, 16.6
@@ -559,6 +560,50 @@ def _can_overwrite(grad, weight):
     )
 
 
+def _writes_into_memory(kernels, weight, threshold, tau, out_dtype):
+    """Whether the forward can write ``W * M`` into kept memory: the C
+    kernels run it (no cast)."""
+    return (
+        out_dtype is None
+        and kernels is native_cpu_kernels()
+        and native_gate.supports((weight, threshold, tau))
+    )
+
+
+def _weight_gradient_memory(ctx, weight, grad_gated):
+    """Where the backward of a forward that wrote into kept memory writes
+    the weight gradient: the memory of ``W * M`` itself once nothing but
+    this backward holds it (the matrix product is done with it, no retained
+    graph or user holds it), or, when the mask is recomputed, the kept
+    memory if it is free; None otherwise (the usual buffers then)."""
+    if ctx.memory is None or grad_gated is None:
+        return None
+    if not (
+        type(grad_gated) is torch.Tensor  # noqa: E721 - no subclass
+        and grad_gated.device == weight.device
+        and grad_gated.dtype == weight.dtype
+        and grad_gated.shape == weight.shape
+    ):
+        return None  # (any layout: see _backward_into)
+    if ctx.gated_alias is not None:
+        return ctx.gated_alias if ctx.memory.only_held_by(1) else None
+    return ctx.memory.take_if_free(weight)
+
+
+def _backward_into(ctx, weight, gated, threshold, tau, grad, grad_zeros, out):
+    """The C backward kernel of the policy, writing the weight gradient into
+    ``out``; returns the threshold gradient. ``grad`` is read only (made
+    contiguous first: a sum's gradient is an expanded scalar)."""
+    grad = grad.contiguous()
+    if ctx.recompute_mask:
+        return native_gate.backward(
+            weight, threshold, tau, grad, grad_zeros, out=out
+        )
+    return native_gate.backward_from_gated(
+        weight, gated[0], threshold, tau, grad, grad_zeros, out=out
+    )
+
+
 class FusedPinchFunction(torch.autograd.Function):
     """``(W * M, sum(1 - M))`` in one pass, gradients in one pass.
 
@@ -591,6 +636,7 @@ class FusedPinchFunction(torch.autograd.Function):
         recompute_mask=None,
         overwrite_grad=False,
         out_dtype=None,
+        memory=None,
     ):
         """Gated weight and expected number of pinched weights.
 
@@ -622,6 +668,12 @@ class FusedPinchFunction(torch.autograd.Function):
             a float32 ``W * M`` in a separate pass). A lower precision than
             ``W``'s always recomputes the mask in the backward, which then
             reads the low-precision gradient directly.
+        memory : reused_memory.ReusedMemory, optional
+            Memory of this matrix kept from step to step, for the C
+            kernels (float32 CPU weights, ``native_gate``; ignored
+            elsewhere): ``W * M`` is written there, and the backward writes
+            the weight gradient there once nothing else holds ``W * M``
+            (see ``reused_memory``).
 
         Returns
         -------
@@ -636,10 +688,25 @@ class FusedPinchFunction(torch.autograd.Function):
         )
         ctx.kernels, ctx.recompute_mask = kernels, recompute_mask
         ctx.overwrite_grad = overwrite_grad
-        gated, mask_rows = _run_forward(
+        ctx.memory = ctx.gated_alias = None
+        if memory is not None and _writes_into_memory(
             kernels, weight, threshold, tau, out_dtype
-        )
-        if recompute_mask:
+        ):
+            ctx.memory = memory
+            gated = memory.take(weight)
+            _, mask_rows = native_gate.forward(
+                weight, threshold, tau, out=gated
+            )
+            if not recompute_mask:
+                # Not saved with ``save_for_backward``: a tensor of our
+                # own, so the backward can tell when no one else holds
+                # the memory any more (see ``_weight_gradient_memory``).
+                ctx.gated_alias = tensor_on(gated.untyped_storage(), gated)
+        else:
+            gated, mask_rows = _run_forward(
+                kernels, weight, threshold, tau, out_dtype
+            )
+        if recompute_mask or ctx.gated_alias is not None:
             ctx.save_for_backward(weight, threshold, tau)
         else:
             ctx.save_for_backward(weight, threshold, tau, gated)
@@ -665,9 +732,35 @@ class FusedPinchFunction(torch.autograd.Function):
             Gradients of ``weight`` and ``threshold``; ``None`` for the rest.
         """
         weight, threshold, tau, *gated = ctx.saved_tensors
+        if ctx.gated_alias is not None:
+            gated = [ctx.gated_alias]
         if grad_zeros is None:
             grad_zeros = torch.zeros(
                 (), dtype=weight.dtype, device=weight.device
+            )
+        memory = _weight_gradient_memory(ctx, weight, grad_gated)
+        if memory is not None:
+            grad_threshold = _backward_into(
+                ctx,
+                weight,
+                gated,
+                threshold,
+                tau,
+                grad_gated,
+                grad_zeros,
+                memory,
+            )
+            if ctx.gated_alias is not None:
+                # ``W * M`` is now the weight gradient: a second backward
+                # of a retained graph recomputes the mask.
+                ctx.gated_alias = None
+                ctx.recompute_mask = True
+            return (
+                tensor_on(memory.untyped_storage(), weight)
+                if ctx.needs_input_grad[0]
+                else None,
+                grad_threshold.to(threshold.dtype),
+                *[None] * 6,
             )
         upcast = (
             ctx.recompute_mask
@@ -693,7 +786,7 @@ class FusedPinchFunction(torch.autograd.Function):
         )
         grad_weight = grad_gated if ctx.needs_input_grad[0] else None
         grad_threshold = grad_threshold.sum().to(threshold.dtype)
-        return grad_weight, grad_threshold, None, None, None, None, None
+        return grad_weight, grad_threshold, *[None] * 6
 
 
 class FusedSoftZerosFunction(torch.autograd.Function):

@@ -35,6 +35,7 @@ from speechbrain_spg.fused_gate import (
     autocast_dtype,
     gated_value,
 )
+from speechbrain_spg.reused_memory import ReusedMemory
 
 #: Smallest weight standard deviation a gate uses as a matrix's ``scale``.
 #: A matrix of (almost) only zeros, such as a layer pruned entirely in an
@@ -399,6 +400,12 @@ class SelfPinchingGate(nn.Module):
         the gate's backward recomputes the mask. Saves one copy of the
         gated weights in memory from the forward pass to the backward pass,
         at the cost of about one more pass over them (see ``GatedLinear``).
+    reuse_memory : bool
+        With the C kernels (float32 CPU training, ``native_gate``), keep the
+        memory of each gated weight from step to step: the gated weight,
+        then the weight's gradient, live there (``reused_memory``). Training
+        mode only (``train(False)`` lets it go); not with
+        ``recompute_gated``, whose point is not to hold gated weights.
 
     Example
     -------
@@ -419,6 +426,7 @@ class SelfPinchingGate(nn.Module):
         lr_scale=1.0,
         impl="reference",
         recompute_gated=False,
+        reuse_memory=True,
     ):
         super().__init__()
         num_groups = max(groups) + 1
@@ -426,6 +434,8 @@ class SelfPinchingGate(nn.Module):
         self.lr_scale = float(lr_scale)
         self.impl = impl
         self.recompute_gated = bool(recompute_gated)
+        self.reuse_memory = bool(reuse_memory)
+        self._memories = tuple(ReusedMemory() for _ in groups)
         self.soft_zeros = RecordedSoftZeros()
         self.threshold_param = nn.Parameter(
             torch.full((num_groups,), threshold_init / self.lr_scale)
@@ -539,9 +549,56 @@ class SelfPinchingGate(nn.Module):
             True if self.recompute_gated else recompute_mask,
             overwrite_grad,
             out_dtype,
+            self._memory(index),
         )
         self.soft_zeros[index] = soft_zeros
         return gated
+
+    def _memory(self, index):
+        """The kept memory of matrix ``index`` for this training pass, or
+        None (see ``reuse_memory``; none under ``torch.compile``, which
+        uses its own kernels)."""
+        if (
+            not self.reuse_memory
+            or self.recompute_gated
+            or not self.training
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        return self._memories[index]
+
+    def train(self, mode=True):
+        """Sets training mode; leaving it lets go of the kept memory of the
+        gated weights (``reuse_memory``).
+
+        Arguments
+        ---------
+        mode : bool
+            Training (True) or evaluation mode.
+
+        Returns
+        -------
+        SelfPinchingGate
+            This gate.
+
+        Example
+        -------
+        >>> gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5, impl="compiled")
+        >>> w = torch.randn(4, 4, requires_grad=True)
+        >>> gate(0, w).sum().backward()
+        >>> gate.eval().memory_held
+        0
+        """
+        if not mode:
+            for memory in self._memories:
+                memory.release()
+        return super().train(mode)
+
+    @property
+    def memory_held(self):
+        """Bytes of gated-weight memory kept between steps
+        (``reuse_memory``)."""
+        return sum(memory.held for memory in self._memories)
 
     def _threshold_and_tau(self, index):
         """Threshold and temperature of one matrix, indexed with Python ints

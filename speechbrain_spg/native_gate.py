@@ -298,16 +298,11 @@ def _declare(library):
         "spg_forward": [pointer, pointer, size, pointer, pointer, pointer],
         # weight, n, threshold, tau, result, threads
         "spg_soft_zeros": [pointer, size, pointer, pointer, pointer],
-        # weight, grad, n, threshold, tau, grad_zeros, result, threads
-        "spg_backward": [pointer, pointer, size, *[pointer] * 4],
-        # weight, gated, grad, n, threshold, tau, grad_zeros, result, threads
-        "spg_backward_from_gated": [
-            pointer,
-            pointer,
-            pointer,
-            size,
-            *[pointer] * 4,
-        ],
+        # weight, grad, out, n, threshold, tau, grad_zeros, result, threads
+        "spg_backward": [*[pointer] * 3, size, *[pointer] * 4],
+        # weight, gated, grad, out, n, threshold, tau, grad_zeros, result,
+        # threads
+        "spg_backward_from_gated": [*[pointer] * 4, size, *[pointer] * 4],
     }
     for name, arguments in signatures.items():
         function = getattr(library, name)
@@ -422,7 +417,7 @@ def _launch(kernel, arrays, scalars, result):
     return result
 
 
-def forward(weight, threshold, tau, dtype=None):
+def forward(weight, threshold, tau, dtype=None, out=None):
     """``(W * M, sum of M)``, as ``fused_gate``'s forward kernel.
 
     Arguments
@@ -435,11 +430,14 @@ def forward(weight, threshold, tau, dtype=None):
         0-d temperature.
     dtype : None
         No cast (``supports`` sends casts elsewhere).
+    out : torch.Tensor, optional
+        Where to write ``W * M`` (float32, the weight's size); default: new
+        memory.
 
     Returns
     -------
     gated : torch.Tensor
-        ``W * M``.
+        ``W * M`` (``out`` if given).
     mask_sum : torch.Tensor
         0-d sum of ``M``.
 
@@ -455,7 +453,7 @@ def forward(weight, threshold, tau, dtype=None):
     if dtype is not None:
         raise ValueError("native gate kernels: no cast (dtype must be None)")
     _check([weight], [threshold, tau])  # before allocating like it
-    gated = torch.empty_like(weight)
+    gated = torch.empty_like(weight) if out is None else out
     result = torch.empty((), dtype=torch.float32)
     return gated, _launch(
         "spg_forward", [weight, gated], [threshold, tau], result
@@ -531,8 +529,9 @@ def _plain_float32_cpu(tensor):
     )
 
 
-def backward(weight, threshold, tau, grad, grad_zeros):
-    """Backward recomputing the mask; ``grad`` becomes the weight gradient.
+def backward(weight, threshold, tau, grad, grad_zeros, out=None):
+    """Backward recomputing the mask; ``grad`` (or ``out``) becomes the
+    weight gradient.
 
     Arguments
     ---------
@@ -543,9 +542,12 @@ def backward(weight, threshold, tau, grad, grad_zeros):
     tau : torch.Tensor
         0-d temperature.
     grad : torch.Tensor
-        Gradient of ``W * M`` (overwritten with that of ``W``).
+        Gradient of ``W * M`` (overwritten with that of ``W`` unless
+        ``out`` is given).
     grad_zeros : torch.Tensor
         0-d gradient of the soft-zero count.
+    out : torch.Tensor, optional
+        Where to write the gradient of ``W`` instead of ``grad``.
 
     Returns
     -------
@@ -564,16 +566,18 @@ def backward(weight, threshold, tau, grad, grad_zeros):
     """
     return _launch(
         "spg_backward",
-        [weight, grad],
+        [weight, grad, grad if out is None else out],
         [threshold, tau, grad_zeros],
         torch.empty((), dtype=torch.float32),
     )
 
 
-def backward_from_gated(weight, gated, threshold, tau, grad, grad_zeros):
+def backward_from_gated(
+    weight, gated, threshold, tau, grad, grad_zeros, out=None
+):
     """Backward reading the mask back from ``gated = W * M`` (see
-    ``fused_gate._backward_from_gated_math_inplace``); ``grad`` becomes the
-    weight gradient.
+    ``fused_gate._backward_from_gated_math_inplace``); ``grad`` (or ``out``,
+    which may be ``gated``) becomes the weight gradient.
 
     Arguments
     ---------
@@ -586,9 +590,13 @@ def backward_from_gated(weight, gated, threshold, tau, grad, grad_zeros):
     tau : torch.Tensor
         0-d temperature.
     grad : torch.Tensor
-        Gradient of ``W * M`` (overwritten with that of ``W``).
+        Gradient of ``W * M`` (overwritten with that of ``W`` unless
+        ``out`` is given).
     grad_zeros : torch.Tensor
         0-d gradient of the soft-zero count.
+    out : torch.Tensor, optional
+        Where to write the gradient of ``W`` instead of ``grad``; may be
+        ``gated`` (each weight is read before it is written).
 
     Returns
     -------
@@ -609,7 +617,7 @@ def backward_from_gated(weight, gated, threshold, tau, grad, grad_zeros):
     """
     return _launch(
         "spg_backward_from_gated",
-        [weight, gated, grad],
+        [weight, gated, grad, grad if out is None else out],
         [threshold, tau, grad_zeros],
         torch.empty((), dtype=torch.float32),
     )

@@ -200,10 +200,11 @@ static inline __m256 chain_rule(float *grad_at, __m256 w, __m256 m,
     return _mm256_add_ps(acc, valid(term, lanes));
 }
 
-/* Backward recomputing the mask: grad becomes the weight gradient (in
- * place); result[0] = t sum(slope (grad_zeros - grad W)), the threshold
- * gradient. */
-void spg_backward(const float *weight, float *grad, int64_t n,
+/* Backward recomputing the mask: out becomes the weight gradient (out may
+ * be grad: in place); result[0] = t sum(slope (grad_zeros - grad W)), the
+ * threshold gradient. */
+void spg_backward(const float *weight, const float *grad, float *out,
+                  int64_t n,
                   const float *threshold, const float *temperature,
                   const float *grad_zeros, float *result, int threads)
 {
@@ -223,7 +224,7 @@ void spg_backward(const float *weight, float *grad, int64_t n,
             const __m256 w = load(weight + i, lanes);
             const __m256 g = load(grad + i, lanes);
             const __m256 m = mask_of(w, t2, inv_two_tau);
-            acc = chain_rule(grad + i, w, m, g, inv_tau, gz, acc, lanes);
+            acc = chain_rule(out + i, w, m, g, inv_tau, gz, acc, lanes);
         }
         total += sum_lanes(acc);
     }
@@ -235,7 +236,8 @@ void spg_backward(const float *weight, float *grad, int64_t n,
  * fused_gate's _backward_from_gated_math_inplace). Same outputs as
  * spg_backward. */
 void spg_backward_from_gated(const float *weight, const float *gated,
-                             float *grad, int64_t n, const float *threshold,
+                             const float *grad, float *out, int64_t n,
+                             const float *threshold,
                              const float *temperature, const float *grad_zeros,
                              float *result, int threads)
 {
@@ -261,7 +263,7 @@ void spg_backward_from_gated(const float *weight, const float *gated,
                 _mm256_cmp_ps(_mm256_andnot_ps(sign, wm), tiny, _CMP_GE_OQ);
             const __m256 m = _mm256_blendv_ps(
                 mask_at_zero, _mm256_div_ps(wm, w), normal);
-            acc = chain_rule(grad + i, w, m, g, inv_tau, gz, acc, lanes);
+            acc = chain_rule(out + i, w, m, g, inv_tau, gz, acc, lanes);
         }
         total += sum_lanes(acc);
     }

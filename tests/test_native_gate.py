@@ -129,6 +129,37 @@ def test_both_backwards_match_the_math(numel):
     torch.testing.assert_close(from_gated, eager, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("numel", [9, 3 * 16384 + 13])
+def test_outputs_elsewhere_match_the_in_place_kernels(numel):
+    """``out=``: the forward writes into given memory; the backwards leave
+    ``grad`` alone and write the same numbers into ``out``, which may be
+    the gated weight itself (each weight read before it is written)."""
+    weight, threshold, tau, grad, grad_zeros = gate_inputs(numel)
+    gated, total = native_gate.forward(weight, threshold, tau)
+    given = torch.full_like(weight, float("nan"))
+    into, total_into = native_gate.forward(weight, threshold, tau, out=given)
+    assert into is given and torch.equal(into, gated)
+    assert torch.equal(total, total_into)
+    for kernel, extra in (
+        (native_gate.backward, ()),
+        (native_gate.backward_from_gated, (gated,)),
+    ):
+        in_place = grad.clone()
+        expected = kernel(weight, *extra, threshold, tau, in_place, grad_zeros)
+        read_only = grad.clone()
+        out = torch.empty_like(weight)
+        got = kernel(
+            weight, *extra, threshold, tau, read_only, grad_zeros, out=out
+        )
+        assert torch.equal(read_only, grad)
+        assert torch.equal(out, in_place) and torch.equal(got, expected)
+    over_gated = gated.clone()
+    got = native_gate.backward_from_gated(
+        weight, over_gated, threshold, tau, grad, grad_zeros, out=over_gated
+    )
+    assert torch.equal(over_gated, in_place) and torch.equal(got, expected)
+
+
 def test_weights_far_above_the_threshold_pass_exactly():
     weight = torch.linspace(1.0, 3.0, 1003)  # z >= 80 with these t, tau
     threshold, tau = torch.tensor(0.1), torch.tensor(0.002)
