@@ -53,13 +53,14 @@ Authors
 
 import functools
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from speechbrain_spg import native_gate
-from speechbrain_spg.reused_memory import tensor_on
+from speechbrain_spg.reused_memory import alias
 
 #: Upper clip of the sigmoid's argument in the fused kernels. Above it the
 #: sigmoid is exactly 1 in every floating dtype (from 8.3 in float16, 16.6
@@ -590,6 +591,20 @@ def _weight_gradient_memory(ctx, weight, grad_gated):
     return ctx.memory.take_if_free(weight)
 
 
+def _check_unchanged(ctx):
+    """Raises autograd's error if ``W * M``, kept for the backward in
+    memory of the gate's own, was changed in place since the forward (as
+    far as its tensor still exists: nothing else can change it)."""
+    gated = ctx.gated_ref()
+    if gated is not None and gated._version != ctx.gated_version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been "
+            "modified by an inplace operation: the gated weight W * M of "
+            "FusedPinchFunction is at version "
+            f"{gated._version}; expected version {ctx.gated_version} instead."
+        )
+
+
 def _backward_into(ctx, weight, gated, threshold, tau, grad, grad_zeros, out):
     """The C backward kernel of the policy, writing the weight gradient into
     ``out``; returns the threshold gradient. ``grad`` is read only (made
@@ -701,7 +716,11 @@ class FusedPinchFunction(torch.autograd.Function):
                 # Not saved with ``save_for_backward``: a tensor of our
                 # own, so the backward can tell when no one else holds
                 # the memory any more (see ``_weight_gradient_memory``).
-                ctx.gated_alias = tensor_on(gated.untyped_storage(), gated)
+                # Autograd's check that W * M was not changed in place
+                # before the backward is then ours (``_check_unchanged``).
+                ctx.gated_alias = alias(gated)
+                ctx.gated_ref = weakref.ref(gated)
+                ctx.gated_version = gated._version
         else:
             gated, mask_rows = _run_forward(
                 kernels, weight, threshold, tau, out_dtype
@@ -733,6 +752,7 @@ class FusedPinchFunction(torch.autograd.Function):
         """
         weight, threshold, tau, *gated = ctx.saved_tensors
         if ctx.gated_alias is not None:
+            _check_unchanged(ctx)
             gated = [ctx.gated_alias]
         if grad_zeros is None:
             grad_zeros = torch.zeros(
@@ -756,7 +776,7 @@ class FusedPinchFunction(torch.autograd.Function):
                 ctx.gated_alias = None
                 ctx.recompute_mask = True
             return (
-                tensor_on(memory.untyped_storage(), weight)
+                alias(memory)  # W's shape: autograd keeps it as W.grad
                 if ctx.needs_input_grad[0]
                 else None,
                 grad_threshold.to(threshold.dtype),

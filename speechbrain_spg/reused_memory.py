@@ -96,7 +96,9 @@ class ReusedMemory:
         tensor = self.take_if_free(like)
         if tensor is None:
             self._storage = torch.empty(
-                like.numel(), dtype=like.dtype, device=like.device
+                like.numel() * like.element_size(),
+                dtype=torch.uint8,
+                device=like.device,
             ).untyped_storage()
             self._alone = storage_holders(self._storage)
             tensor = tensor_on(self._storage, like)
@@ -168,25 +170,26 @@ class ReusedMemory:
 
     def release(self):
         """Lets go of the kept memory (tensors handed out keep theirs)."""
-        self._storage = None
-        self._alone = None
+        self.__init__()
 
     def __deepcopy__(self, memo):
         return ReusedMemory()
 
     def __getstate__(self):
-        return {"_storage": None, "_alone": None}
+        return ReusedMemory().__dict__
 
 
-def tensor_on(storage, like):
+def tensor_on(storage, like, offset=0):
     """A new contiguous tensor over ``storage`` with ``like``'s shape and
     dtype (not a view: its own version counter and autograd identity).
 
     Arguments
     ---------
     storage : torch.UntypedStorage
-        At least ``like``'s size in bytes.
+        At least ``offset`` plus ``like``'s size in bytes.
     like : torch.Tensor
+    offset : int
+        Where the tensor starts, in bytes (a multiple of the element size).
 
     Returns
     -------
@@ -200,4 +203,27 @@ def tensor_on(storage, like):
             [1., 1., 1.]])
     """
     tensor = torch.empty(0, dtype=like.dtype, device=like.device)
-    return tensor.set_(storage, 0, like.shape)
+    return tensor.set_(storage, offset // like.element_size(), like.shape)
+
+
+def alias(tensor):
+    """A new tensor over the same memory as the contiguous ``tensor``, with
+    its shape (not a view; see ``tensor_on``).
+
+    Arguments
+    ---------
+    tensor : torch.Tensor
+
+    Returns
+    -------
+    torch.Tensor
+
+    Example
+    -------
+    >>> x = torch.arange(6.0)[2:]
+    >>> y = alias(x)
+    >>> y.data_ptr() == x.data_ptr() and y._base is None
+    True
+    """
+    offset = tensor.storage_offset() * tensor.element_size()
+    return tensor_on(tensor.untyped_storage(), tensor, offset)

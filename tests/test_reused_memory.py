@@ -102,10 +102,11 @@ def test_tensor_on_is_not_a_view():
     assert a.tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
 
 
-def gated_layer(reuse, seed=0):
-    """A 48 x 64 layer behind a compiled gate, and Adam over both."""
+def gated_layer(reuse, seed=0, size=(48, 64)):
+    """A ``size`` (out, in) layer behind a compiled gate, and Adam over
+    both."""
     torch.manual_seed(seed)
-    linear = torch.nn.Linear(64, 48)
+    linear = torch.nn.Linear(size[1], size[0])
     gate = SelfPinchingGate(
         linear.weight.detach().std().reshape(1),
         [0],
@@ -121,14 +122,16 @@ def gated_layer(reuse, seed=0):
     return layer, gate, optimizer
 
 
-def train(reuse, steps=3, x_grad=True, set_to_none=True, backwards=1):
+def train(
+    reuse, steps=3, x_grad=True, set_to_none=True, backwards=1, size=(48, 64)
+):
     """Gradients of the last of ``steps`` Adam steps, the addresses of the
     weight's gradient at every step, and the gate."""
-    layer, gate, optimizer = gated_layer(reuse)
+    layer, gate, optimizer = gated_layer(reuse, size=size)
     generator = torch.Generator().manual_seed(1)
     addresses = []
     for _ in range(steps):
-        x = torch.randn(5, 64, generator=generator, requires_grad=x_grad)
+        x = torch.randn(5, size[1], generator=generator, requires_grad=x_grad)
         loss = layer(x).pow(2).sum() + 1e-3 * gate.soft_zeros[0]
         for i in range(backwards):
             loss.backward(retain_graph=i + 1 < backwards)
@@ -251,3 +254,19 @@ def test_second_backward_after_the_gated_weight_became_the_gradient():
         # The second backward recomputes the mask: float32 rounding apart.
         torch.testing.assert_close(kept, fresh, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grads[True][1], 2 * grads[True][0])
+
+
+@needs_native
+@counts_storages
+def test_a_gated_weight_changed_in_place_is_refused_as_autograd_does():
+    weight = torch.randn(8, 4, requires_grad=True)
+    for reuse in (True, False):
+        gate = SelfPinchingGate(
+            torch.ones(1) * 0.5, [0], 0.05, 0.5, impl="compiled", reuse_memory=reuse
+        )
+        gated = gate(0, weight)
+        loss = gated.sum()
+        with torch.no_grad():
+            gated.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
