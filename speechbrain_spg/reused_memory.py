@@ -4,13 +4,14 @@ On a CPU, a training step of the gate writes its gated weights into new
 memory: for wav2vec2-base 340 MB per step, for HuBERT-large 1.2 GB. The C
 library's allocator gives such blocks back to the system when they are
 freed and takes them again at the next step, and the system zeroes every
-page it hands out; the gate's forward kernel, which first writes them, then
-takes about 0.67 ns per weight instead of 0.49 (``benchmarks/RESULTS.md``).
+page it hands out: in a profile of HuBERT-large steps the gate's forward
+kernel, which first writes them, took 0.98 ns per weight in new memory and
+0.60 ns in kept memory (``benchmarks/RESULTS.md``).
 ``ReusedMemory`` keeps the memory of one gated matrix from step to step:
 its gated weight during the forward and backward passes, then (written by
 the gate's backward) the weight's gradient until the optimiser clears it.
 Those are the times the gated weight and the gradient would be held
-anyway, so the peak memory does not grow.
+anyway, so the peak memory should not grow (measured in RESULTS.md).
 
 The memory is handed out again only when no tensor holds it any more (the
 storage's reference count, ``torch._C._storage_Use_Count``): a gated weight

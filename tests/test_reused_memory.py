@@ -262,11 +262,18 @@ def test_a_gated_weight_changed_in_place_is_refused_as_autograd_does():
     weight = torch.randn(8, 4, requires_grad=True)
     for reuse in (True, False):
         gate = SelfPinchingGate(
-            torch.ones(1) * 0.5, [0], 0.05, 0.5, impl="compiled", reuse_memory=reuse
+            torch.ones(1) * 0.5,
+            [0],
+            0.05,
+            0.5,
+            impl="compiled",
+            reuse_memory=reuse,
         )
         gated = gate(0, weight)
         loss = gated.sum()
         with torch.no_grad():
             gated.mul_(2.0)
-        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        with pytest.raises(
+            RuntimeError, match="modified by an inplace operation"
+        ):
             loss.backward()
