@@ -722,6 +722,10 @@ class FusedPinchFunction(torch.autograd.Function):
                 ctx.gated_ref = weakref.ref(gated)
                 ctx.gated_version = gated._version
         else:
+            if memory is not None:
+                # Kept for kernels this call does not run (the weights
+                # moved to a GPU, autocast): no use holding it.
+                memory.release()
             gated, mask_rows = _run_forward(
                 kernels, weight, threshold, tau, out_dtype
             )

@@ -209,9 +209,13 @@ def test_evaluation_and_recompute_gated_keep_no_memory():
 @needs_native
 def test_weights_the_c_kernels_do_not_take_keep_no_memory():
     layer, gate, _ = gated_layer(True)
+    layer(torch.randn(3, 64)).sum().backward()
+    assert gate.memory_held == 48 * 64 * 4
     layer.double()
     gate.double()
+    layer.weight.grad = None
     layer(torch.randn(3, 64, dtype=torch.float64)).sum().backward()
+    # float64 goes to the torch.compile kernels: the float32 memory is let go.
     assert gate.memory_held == 0 and layer.weight.grad.dtype == torch.float64
 
 
