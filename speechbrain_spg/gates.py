@@ -405,7 +405,10 @@ class SelfPinchingGate(nn.Module):
         memory of each gated weight from step to step: the gated weight,
         then the weight's gradient, live there (``reused_memory``). Training
         mode only (``train(False)`` lets it go); not with
-        ``recompute_gated``, whose point is not to hold gated weights.
+        ``recompute_gated``, whose point is not to hold gated weights. The
+        backward then reads ``W * M`` from that memory, not from autograd's
+        saved tensors, so saved-tensor hooks (activation checkpointing,
+        offloading) do not free or move it: turn this off with them.
 
     Example
     -------
