@@ -452,12 +452,11 @@ def forward(weight, threshold, tau, dtype=None, out=None):
     """
     if dtype is not None:
         raise ValueError("native gate kernels: no cast (dtype must be None)")
-    _check([weight], [threshold, tau])  # before allocating like it
-    gated = torch.empty_like(weight) if out is None else out
+    if out is None:
+        _check([weight], [threshold, tau])  # before allocating like it
+        out = torch.empty_like(weight)
     result = torch.empty((), dtype=torch.float32)
-    return gated, _launch(
-        "spg_forward", [weight, gated], [threshold, tau], result
-    )
+    return out, _launch("spg_forward", [weight, out], [threshold, tau], result)
 
 
 def soft_zeros(weight, threshold, tau):

@@ -102,6 +102,13 @@ def test_tensor_on_is_not_a_view():
     assert a.tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
 
 
+def lone_gate(reuse=True):
+    """A compiled gate of one matrix (scale 0.5), called directly."""
+    return SelfPinchingGate(
+        torch.ones(1) * 0.5, [0], 0.05, 0.5, impl="compiled", reuse_memory=reuse
+    )
+
+
 def gated_layer(reuse, seed=0, size=(48, 64)):
     """A ``size`` (out, in) layer behind a compiled gate, and Adam over
     both."""
@@ -175,16 +182,12 @@ def test_kept_memory_changes_no_gradient(case):
 def test_a_gated_weight_the_caller_holds_is_not_overwritten():
     torch.manual_seed(0)
     weight = torch.randn(16, 8, requires_grad=True)
-    gate = SelfPinchingGate(
-        torch.ones(1) * 0.5, [0], 0.05, 0.5, impl="compiled"
-    )
+    gate = lone_gate()
     gated = gate(0, weight)
     before = gated.detach().clone()
     (gated * torch.randn(16, 8)).sum().backward()
     assert torch.equal(gated.detach(), before)
-    reference = SelfPinchingGate(
-        torch.ones(1) * 0.5, [0], 0.05, 0.5, impl="compiled", reuse_memory=False
-    )
+    reference = lone_gate(False)
     torch.manual_seed(0)
     other = torch.randn(16, 8, requires_grad=True)
     (reference(0, other) * torch.randn(16, 8)).sum().backward()
@@ -238,14 +241,7 @@ def test_second_backward_after_the_gated_weight_became_the_gradient():
     for reuse in (True, False):
         torch.manual_seed(0)
         weight = torch.randn(32, 16, requires_grad=True)
-        gate = SelfPinchingGate(
-            torch.ones(1) * 0.5,
-            [0],
-            0.05,
-            0.5,
-            impl="compiled",
-            reuse_memory=reuse,
-        )
+        gate = lone_gate(reuse)
         loss = gate(0, weight).sum() + 1e-2 * gate.soft_zeros[0]
         loss.backward(retain_graph=True)
         first = weight.grad.clone()
@@ -265,14 +261,7 @@ def test_second_backward_after_the_gated_weight_became_the_gradient():
 def test_a_gated_weight_changed_in_place_is_refused_as_autograd_does():
     weight = torch.randn(8, 4, requires_grad=True)
     for reuse in (True, False):
-        gate = SelfPinchingGate(
-            torch.ones(1) * 0.5,
-            [0],
-            0.05,
-            0.5,
-            impl="compiled",
-            reuse_memory=reuse,
-        )
+        gate = lone_gate(reuse)
         gated = gate(0, weight)
         loss = gated.sum()
         with torch.no_grad():
