@@ -36,6 +36,12 @@ fine-tuning step (forward, CTC loss + sparsity loss, backward, Adam step) of
   without keeping the gated weights' memory from step to step
   (``SelfPinchingGate.reuse_memory``; CPU mode, C kernels): new memory per
   step, as before it did,
+- optionally (``--variants ... compiled_two_nodes``) the compiled gate
+  with kept memory, but the gate and the matrix product as two autograd
+  nodes (CPU mode): the product's backward then writes the gradient of
+  ``W * M`` into new memory, as before ``fused_linear`` (the
+  ``compiled_recompute`` / ``compiled_from_gated`` variants use two nodes
+  too, as their backward is the gate's),
 - optionally (``--variants ... compiled_recompute_gated``) the compiled gate
   with ``recompute_gated_weights: True`` (no gated weight kept for the
   backward pass; computed again there),
@@ -98,9 +104,14 @@ def build(variant, source, device):
     """The lobe under test and a linear CTC head."""
     # The patches hold for this process only (each variant runs in a fresh
     # one).
+    if variant in RECOMPUTE or variant == "compiled_two_nodes":
+        # The one-node path (``fused_linear``) always reads the mask back.
+        gates.SelfPinchingGate.linear = lambda self, *args: None
     if variant in RECOMPUTE:
         recompute = RECOMPUTE[variant]
         fused_gate.default_recompute_mask = lambda weight: recompute
+        variant = "compiled"
+    if variant == "compiled_two_nodes":
         variant = "compiled"
     if variant == "compiled_float32_gate":
         gates.autocast_dtype = lambda weight: None

@@ -35,6 +35,7 @@ from speechbrain_spg.fused_gate import (
     autocast_dtype,
     gated_value,
 )
+from speechbrain_spg.fused_linear import GatedLinearFunction, takes
 from speechbrain_spg.reused_memory import ReusedMemory
 
 #: Smallest weight standard deviation a gate uses as a matrix's ``scale``.
@@ -409,6 +410,11 @@ class SelfPinchingGate(nn.Module):
         backward then reads ``W * M`` from that memory, not from autograd's
         saved tensors, so saved-tensor hooks (activation checkpointing,
         offloading) do not free or move it: turn this off with them.
+        With it, ``GatedLinear`` runs gate and matrix product as one
+        autograd node (``linear``, ``fused_linear``), whose backward keeps
+        the gradient of ``W * M`` in memory of the weight's size kept too
+        (one per size); that node cannot be differentiated twice (a
+        gradient penalty on a layer's input): turn this off for that too.
 
     Example
     -------
@@ -439,6 +445,8 @@ class SelfPinchingGate(nn.Module):
         self.recompute_gated = bool(recompute_gated)
         self.reuse_memory = bool(reuse_memory)
         self._memories = tuple(ReusedMemory() for _ in groups)
+        # Per weight size: the gradient of W * M in ``linear``'s backward.
+        self._product_memories = {}
         self.soft_zeros = RecordedSoftZeros()
         self.threshold_param = nn.Parameter(
             torch.full((num_groups,), threshold_init / self.lr_scale)
@@ -595,13 +603,67 @@ class SelfPinchingGate(nn.Module):
         if not mode:
             for memory in self._memories:
                 memory.release()
+            self._product_memories.clear()
         return super().train(mode)
 
     @property
     def memory_held(self):
         """Bytes of gated-weight memory kept between steps
         (``reuse_memory``)."""
-        return sum(memory.held for memory in self._memories)
+        memories = (*self._memories, *self._product_memories.values())
+        return sum(memory.held for memory in memories)
+
+    def linear(self, index, x, weight, bias):
+        """``F.linear(x, W * M, b)`` in one autograd node whose backward
+        needs no new memory of the weight's size (``fused_linear``), where
+        it runs: kept memory in use (``reuse_memory``, training, gradients
+        on, ``impl="compiled"``) and float32 CPU tensors for the C kernels.
+        Records the soft-zero count, like ``forward``.
+
+        Arguments
+        ---------
+        index : int
+            Position of the matrix in the gate.
+        x : torch.Tensor
+            Input (..., in_features).
+        weight : torch.Tensor
+            Weight (out_features, in_features) of matrix ``index``.
+        bias : torch.Tensor or None
+            Bias (out_features).
+
+        Returns
+        -------
+        torch.Tensor or None
+            The layer's output, or None where this path does not run (the
+            caller then gates with ``forward`` and multiplies).
+
+        Example
+        -------
+        >>> gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5, impl="compiled")
+        >>> x, w = torch.ones(2, 3), torch.ones(4, 3, requires_grad=True)
+        >>> y = gate.linear(0, x, w, None)
+        >>> y is None or (y.shape == (2, 4) and 0 in gate.soft_zeros)
+        True
+        """
+        memory = self._memory(index)
+        if self.impl != "compiled" or memory is None:
+            return None
+        if not torch.is_grad_enabled():
+            return None
+        threshold, tau = self._threshold_and_tau(index)
+        if not takes(x, weight, bias, threshold, tau):
+            # Kept for tensors of another kind (float32 before a move to
+            # float64, say): no use holding it.
+            self._product_memories.pop(weight.numel(), None)
+            return None
+        product_memory = self._product_memories.setdefault(
+            weight.numel(), ReusedMemory()
+        )
+        output, soft_zeros = GatedLinearFunction.apply(
+            x, weight, bias, threshold, tau, memory, product_memory
+        )
+        self.soft_zeros[index] = soft_zeros
+        return output
 
     def _threshold_and_tau(self, index):
         """Threshold and temperature of one matrix, indexed with Python ints
@@ -1086,6 +1148,10 @@ class GatedLinear(nn.Linear):
         if self.training or torch.is_grad_enabled():
             if self._cache is not None:
                 self._cache = None
+            if self.mask is None and dtype is None:
+                output = self.gate.linear(self.index, x, self.weight, self.bias)
+                if output is not None:
+                    return output
             # The product keeps the gated weight for its backward only if
             # x needs a gradient; otherwise reading the mask back from it
             # would keep it alive just for that: recompute instead.

@@ -102,6 +102,11 @@ def test_tensor_on_is_not_a_view():
     assert a.tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
 
 
+#: Memory a gated 48 x 64 layer keeps in training: W * M (then W.grad), and
+#: the gradient of W * M in the backward (``fused_linear``).
+LAYER_MEMORY = 2 * 48 * 64 * 4
+
+
 def lone_gate(reuse=True):
     """A compiled gate of one matrix (scale 0.5), called directly."""
     return SelfPinchingGate(
@@ -159,18 +164,24 @@ def train(
     "case",
     [
         {},
-        {"x_grad": False},  # mask recomputed in the backward
+        {"x_grad": False},  # no x gradient (see below)
         {"set_to_none": False},  # gradients kept across steps
         {"backwards": 2},  # retained graph, second backward
     ],
-    ids=["plain", "recomputed-mask", "kept-gradients", "retained-graph"],
+    ids=["plain", "no-x-gradient", "kept-gradients", "retained-graph"],
 )
 def test_kept_memory_changes_no_gradient(case):
     kept, addresses, gate = train(True, **case)
     fresh, _, _ = train(False, **case)
     for a, b in zip(kept, fresh):
-        assert torch.equal(a, b)
-    assert gate.memory_held == 48 * 64 * 4
+        if case == {"x_grad": False}:
+            # Without kept memory the gate then recomputes the mask (the
+            # product keeps no W * M); with it, the mask is read back from
+            # W * M: float32 rounding apart.
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a, b)
+    assert gate.memory_held == LAYER_MEMORY
     if case in ({}, {"x_grad": False}):
         # The weight's gradient lives in the kept memory, every step.
         assert len(set(addresses)) == 1
@@ -198,7 +209,7 @@ def test_a_gated_weight_the_caller_holds_is_not_overwritten():
 def test_evaluation_and_recompute_gated_keep_no_memory():
     layer, gate, _ = gated_layer(True)
     layer(torch.randn(3, 64, requires_grad=True)).sum().backward()
-    assert gate.memory_held == 48 * 64 * 4
+    assert gate.memory_held == LAYER_MEMORY
     gate.eval()
     assert gate.memory_held == 0
     layer(torch.randn(3, 64, requires_grad=True)).sum().backward()
@@ -213,7 +224,7 @@ def test_evaluation_and_recompute_gated_keep_no_memory():
 def test_weights_the_c_kernels_do_not_take_keep_no_memory():
     layer, gate, _ = gated_layer(True)
     layer(torch.randn(3, 64)).sum().backward()
-    assert gate.memory_held == 48 * 64 * 4
+    assert gate.memory_held == LAYER_MEMORY
     layer.double()
     gate.double()
     layer.weight.grad = None
