@@ -25,7 +25,6 @@ Authors
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from speechbrain_spg import native_gate
 from speechbrain_spg.reused_memory import alias
@@ -77,9 +76,10 @@ class GatedLinearFunction(torch.autograd.Function):
     ``F.linear``: the same C kernels and matrix products. The backward reads
     the mask back from ``W * M`` (``native_gate.backward_from_gated``).
 
-    Not differentiable twice (as ``FusedPinchFunction``). A second backward
-    of a retained graph computes ``W * M`` again: the first one wrote the
-    weight's gradient over it.
+    A second backward of a retained graph computes ``W * M`` again: the
+    first one wrote the weight's gradient over it. A backward with
+    ``create_graph=True`` (a gradient penalty) builds the gradients from
+    differentiable operations instead (``_gradients_with_graph``).
 
     Example
     -------
@@ -130,12 +130,16 @@ class GatedLinearFunction(torch.autograd.Function):
         gated, mask_sum = native_gate.forward(
             weight, threshold, tau, out=memory.take(weight)
         )
-        ctx.save_for_backward(x, weight, threshold, tau)
+        # x only for the weight-gradient product (as F.linear).
+        needs_product = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+        ctx.save_for_backward(
+            x if needs_product else None, weight, threshold, tau
+        )
         ctx.gated, ctx.product_memory = gated, product_memory
+        ctx.x_shape = x.shape
         return F.linear(x, gated, bias), weight.numel() - mask_sum
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output, grad_zeros):
         """Gradients of ``x``, ``W``, ``b`` and ``t``.
 
@@ -154,6 +158,8 @@ class GatedLinearFunction(torch.autograd.Function):
             Gradients of ``x``, ``weight``, ``bias``, ``threshold``; None
             for the memories.
         """
+        if torch.is_grad_enabled():  # create_graph=True
+            return _gradients_with_graph(ctx, grad_output, grad_zeros)
         x, weight, threshold, tau = ctx.saved_tensors
         gated = ctx.gated
         if gated is None:  # a second backward: the first overwrote W * M
@@ -161,7 +167,7 @@ class GatedLinearFunction(torch.autograd.Function):
         grad_rows = grad_output.reshape(-1, weight.shape[0])
         grad_x = grad_bias = grad_weight = grad_threshold = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(grad_rows, gated).view(x.shape)
+            grad_x = torch.mm(grad_rows, gated).view(ctx.x_shape)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_rows.sum(0)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
@@ -186,3 +192,40 @@ class GatedLinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_weight = alias(gated)  # autograd keeps it as W.grad
         return grad_x, grad_weight, grad_bias, grad_threshold, None, None, None
+
+
+def _gradients_with_graph(ctx, grad_output, grad_zeros):
+    """The gradients of ``GatedLinearFunction.backward`` as differentiable
+    tensors, for ``create_graph=True``: the gate's math in PyTorch
+    operations (no kernel, no kept memory), the soft-zero count
+    differentiable in ``t`` only, as ``FusedPinchFunction``'s."""
+    x, weight, threshold, tau = ctx.saved_tensors
+    ctx.gated = None
+    needs = ctx.needs_input_grad
+    mask = torch.sigmoid((weight * weight - threshold * threshold) / (2 * tau))
+    grad_rows = grad_output.reshape(-1, weight.shape[0])
+    grad_x = grad_bias = grad_weight = grad_threshold = None
+    if needs[0]:
+        grad_x = torch.mm(grad_rows, weight * mask).view(ctx.x_shape)
+    if needs[2]:
+        grad_bias = grad_rows.sum(0)
+    if needs[1] or needs[3]:
+        grad_gated = torch.mm(grad_rows.t(), x.reshape(-1, weight.shape[1]))
+        unmoved = torch.sigmoid(
+            (weight.detach() ** 2 - threshold * threshold) / (2 * tau)
+        )
+        outputs, grads = [weight * mask], [grad_gated]
+        if grad_zeros is not None:
+            outputs.append((1 - unmoved).sum())
+            grads.append(grad_zeros)
+        inputs = [
+            v for v, need in ((weight, needs[1]), (threshold, needs[3])) if need
+        ]
+        found = iter(
+            torch.autograd.grad(
+                outputs, inputs, grads, create_graph=True, allow_unused=True
+            )
+        )
+        grad_weight = next(found) if needs[1] else None
+        grad_threshold = next(found) if needs[3] else None
+    return grad_x, grad_weight, grad_bias, grad_threshold, None, None, None

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from speechbrain.utils.distributed import is_distributed_initialized
 from torch import nn
 
-from speechbrain_spg import triton_gate
+from speechbrain_spg import native_gate, triton_gate
 from speechbrain_spg.batched_gate import (
     FusedPinchAllFunction,
     batch_kernels_for,
@@ -413,8 +413,10 @@ class SelfPinchingGate(nn.Module):
         With it, ``GatedLinear`` runs gate and matrix product as one
         autograd node (``linear``, ``fused_linear``), whose backward keeps
         the gradient of ``W * M`` in memory of the weight's size kept too
-        (one per size); that node cannot be differentiated twice (a
-        gradient penalty on a layer's input): turn this off for that too.
+        (one per size); a backward with ``create_graph=True`` (a gradient
+        penalty on a layer's input) runs the gate's PyTorch math there
+        instead. Turned off while training, the memory is kept until
+        ``train(False)``.
 
     Example
     -------
@@ -608,15 +610,17 @@ class SelfPinchingGate(nn.Module):
 
     @property
     def memory_held(self):
-        """Bytes of gated-weight memory kept between steps
-        (``reuse_memory``)."""
+        """Bytes of memory kept between steps (``reuse_memory``): the
+        gated weights' (then their gradients'), and that of ``linear``'s
+        weight-gradient products."""
         memories = (*self._memories, *self._product_memories.values())
         return sum(memory.held for memory in memories)
 
     def linear(self, index, x, weight, bias):
-        """``F.linear(x, W * M, b)`` in one autograd node whose backward
-        needs no new memory of the weight's size (``fused_linear``), where
-        it runs: kept memory in use (``reuse_memory``, training, gradients
+        """``F.linear(x, W * M, b)`` in one autograd node whose backward,
+        from the second step on, needs no new memory of the weight's size
+        (``fused_linear``; unless something else holds the kept memory:
+        see ``reused_memory``), where it runs: kept memory in use (``reuse_memory``, training, gradients
         on, ``impl="compiled"``) and float32 CPU tensors for the C kernels.
         Records the soft-zero count, like ``forward``.
 
@@ -646,15 +650,20 @@ class SelfPinchingGate(nn.Module):
         True
         """
         memory = self._memory(index)
-        if self.impl != "compiled" or memory is None:
-            return None
-        if not torch.is_grad_enabled():
+        if (
+            self.impl != "compiled"
+            or memory is None
+            or not torch.is_grad_enabled()
+            # Nothing of the gate to train: W * M is not overwritten then.
+            or not (weight.requires_grad or self.threshold_param.requires_grad)
+        ):
             return None
         threshold, tau = self._threshold_and_tau(index)
         if not takes(x, weight, bias, threshold, tau):
-            # Kept for tensors of another kind (float32 before a move to
-            # float64, say): no use holding it.
-            self._product_memories.pop(weight.numel(), None)
+            if not native_gate.supports((weight,)):
+                # Kept for weights of another kind (float32 before a move
+                # to float64, say): no use holding it.
+                self._product_memories.pop(weight.numel(), None)
             return None
         product_memory = self._product_memories.setdefault(
             weight.numel(), ReusedMemory()

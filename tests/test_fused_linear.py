@@ -72,8 +72,9 @@ def run(fused, x, sizes=((48, 64), (48, 64)), bias=True, backwards=1):
         torch.randn(2, 7, 64),  # batch and time
         torch.randn(64, 6).t(),  # not contiguous
         torch.randn(0, 64),  # empty batch
+        torch.randn(64),  # one vector
     ],
-    ids=["rows", "batch-time", "transposed", "empty"],
+    ids=["rows", "batch-time", "transposed", "empty", "vector"],
 )
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_same_numbers_as_gate_then_product(x, bias):
@@ -189,6 +190,18 @@ def test_calls_it_does_not_take_go_through_gate_and_product():
     layer.float()
     gate.float()
     x = x.float()
+    gate.recompute_gated = True
+    assert node() != "GatedLinearFunctionBackward"
+    gate.recompute_gated = False
+    layer.weight.requires_grad_(False)  # nothing of the gate to train
+    gate.threshold_param.requires_grad_(False)
+    assert node() != "GatedLinearFunctionBackward"
+    layer.weight.requires_grad_(True)
+    gate.threshold_param.requires_grad_(True)
+    layer.mask = layer.weight.detach().abs() > 0.1  # hard-pruned
+    assert node() != "GatedLinearFunctionBackward"
+    layer.mask = None
+    assert node() == "GatedLinearFunctionBackward"
     gate.eval()
     assert node() != "GatedLinearFunctionBackward"
     with torch.no_grad():
@@ -226,21 +239,80 @@ def test_function_alone_matches_the_float64_math():
         torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
 
 
-def test_a_gradient_penalty_needs_reuse_memory_off():
-    """The one-node backward cannot be differentiated again; without kept
-    memory (two nodes) a penalty on the input gradient works."""
-    penalties = {}
+def test_one_layer_used_twice_before_the_backward():
+    results = {}
+    for fused in (True, False):
+        gated, gate = layers(fused, sizes=((64, 64),))
+        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+        hidden = gated[0](x)
+        first = gate.soft_zeros[0]
+        out = gated[0](hidden.tanh())
+        (out.pow(2).sum() + 1e-3 * (first + gate.soft_zeros[0])).backward()
+        results[fused] = (out, gated[0].weight.grad, gate.threshold_param.grad)
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_input_gradient_first_then_the_rest():
+    results = {}
     for fused in (True, False):
         gated, gate = layers(fused, sizes=((48, 64),))
-        x = torch.randn(5, 64, requires_grad=True)
-        (grad_x,) = torch.autograd.grad(
-            gated[0](x).pow(2).sum(), x, create_graph=True
+        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))
+        x.requires_grad_(True)
+        loss = gated[0](x).pow(2).sum() + 1e-3 * gate.soft_zeros[0]
+        (grad_x,) = torch.autograd.grad(loss, x, retain_graph=True)
+        loss.backward()
+        results[fused] = (
+            grad_x,
+            gated[0].weight.grad,
+            gate.threshold_param.grad,
         )
-        penalty = grad_x.pow(2).sum()
-        if fused:
-            with pytest.raises(RuntimeError, match="once_differentiable"):
-                penalty.backward()
-        else:
-            penalty.backward()
-            penalties[fused] = gated[0].weight.grad
-    assert penalties[False].abs().sum() > 0
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("last", ["square", "linear"])
+def test_gradient_penalty_on_the_input(last):
+    """``create_graph=True`` through the node gives the gradients of the
+    two-node path, also when the loss is linear in the layer's output (the
+    incoming gradient then has no graph of its own)."""
+    results = {}
+    for fused in (True, False):
+        gated, gate = layers(fused, sizes=((48, 64),))
+        x = torch.randn(5, 64, generator=torch.Generator().manual_seed(5))
+        x.requires_grad_(True)
+        out = gated[0](x)
+        loss = out.pow(2).sum() if last == "square" else out.sum()
+        loss = loss + 1e-3 * gate.soft_zeros[0]
+        (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
+        (loss + grad_x.pow(2).sum()).backward()
+        results[fused] = (
+            grad_x.detach(),
+            gated[0].weight.grad,
+            gated[0].bias.grad,
+            gate.threshold_param.grad,
+        )
+    for a, b in zip(results[True], results[False]):
+        # Second-order terms: the gate's PyTorch math against its kernels.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+    # The penalty reaches the weights.
+    gated, gate = layers(True, sizes=((48, 64),))
+    x = torch.randn(5, 64, requires_grad=True)
+    out = gated[0](x).sum()
+    (grad_x,) = torch.autograd.grad(out, x, create_graph=True)
+    grad_x.pow(2).sum().backward()
+    assert gated[0].weight.grad.abs().sum() > 0
+
+
+def test_turning_reuse_memory_off_lets_the_next_eval_free_it():
+    gated, gate = layers(True, sizes=((48, 64),))
+    gated[0](torch.randn(5, 64)).sum().backward()
+    assert gate.memory_held == 2 * 48 * 64 * 4
+    gate.reuse_memory = False
+    gated[0].weight.grad = None
+    gated[0](torch.randn(5, 64)).sum().backward()
+    assert type(gated[0](torch.randn(5, 64)).grad_fn).__name__ != (
+        "GatedLinearFunctionBackward"
+    )
+    gate.eval()
+    assert gate.memory_held == 0
