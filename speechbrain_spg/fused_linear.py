@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from speechbrain_spg import native_gate
+from speechbrain_spg.fused_gate import _mask
 from speechbrain_spg.reused_memory import alias
 
 
@@ -197,25 +198,24 @@ class GatedLinearFunction(torch.autograd.Function):
 def _gradients_with_graph(ctx, grad_output, grad_zeros):
     """The gradients of ``GatedLinearFunction.backward`` as differentiable
     tensors, for ``create_graph=True``: the gate's math in PyTorch
-    operations (no kernel, no kept memory), the soft-zero count
+    operations (``fused_gate``'s eager mask; no kernel, no kept memory),
+    the soft-zero count
     differentiable in ``t`` only, as ``FusedPinchFunction``'s."""
     x, weight, threshold, tau = ctx.saved_tensors
     ctx.gated = None
     needs = ctx.needs_input_grad
-    mask = torch.sigmoid((weight * weight - threshold * threshold) / (2 * tau))
+    gated = weight * _mask(weight, threshold, tau)
     grad_rows = grad_output.reshape(-1, weight.shape[0])
     grad_x = grad_bias = grad_weight = grad_threshold = None
     if needs[0]:
-        grad_x = torch.mm(grad_rows, weight * mask).view(ctx.x_shape)
+        grad_x = torch.mm(grad_rows, gated).view(ctx.x_shape)
     if needs[2]:
         grad_bias = grad_rows.sum(0)
     if needs[1] or needs[3]:
         grad_gated = torch.mm(grad_rows.t(), x.reshape(-1, weight.shape[1]))
-        unmoved = torch.sigmoid(
-            (weight.detach() ** 2 - threshold * threshold) / (2 * tau)
-        )
-        outputs, grads = [weight * mask], [grad_gated]
+        outputs, grads = [gated], [grad_gated]
         if grad_zeros is not None:
+            unmoved = _mask(weight.detach(), threshold, tau)
             outputs.append((1 - unmoved).sum())
             grads.append(grad_zeros)
         inputs = [

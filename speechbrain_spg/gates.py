@@ -620,9 +620,10 @@ class SelfPinchingGate(nn.Module):
         """``F.linear(x, W * M, b)`` in one autograd node whose backward,
         from the second step on, needs no new memory of the weight's size
         (``fused_linear``; unless something else holds the kept memory:
-        see ``reused_memory``), where it runs: kept memory in use (``reuse_memory``, training, gradients
-        on, ``impl="compiled"``) and float32 CPU tensors for the C kernels.
-        Records the soft-zero count, like ``forward``.
+        see ``reused_memory``), where it runs: kept memory in use
+        (``reuse_memory``, training, gradients on, ``impl="compiled"``)
+        and float32 CPU tensors for the C kernels. Records the soft-zero
+        count, like ``forward``.
 
         Arguments
         ---------
@@ -665,9 +666,10 @@ class SelfPinchingGate(nn.Module):
                 # to float64, say): no use holding it.
                 self._product_memories.pop(weight.numel(), None)
             return None
-        product_memory = self._product_memories.setdefault(
-            weight.numel(), ReusedMemory()
-        )
+        product_memory = self._product_memories.get(weight.numel())
+        if product_memory is None:  # (no new object per call: hot path)
+            product_memory = ReusedMemory()
+            self._product_memories[weight.numel()] = product_memory
         output, soft_zeros = GatedLinearFunction.apply(
             x, weight, bias, threshold, tau, memory, product_memory
         )
