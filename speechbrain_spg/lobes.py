@@ -269,7 +269,8 @@ class SPGLobeMixin:
         SPG options (``target_sparsity``, ``tie``, ``prune_modules``,
         ``tau_scale``, ``threshold_init``, ``target_scope``,
         ``inject_sparsity_loss``, ``warmup_steps``, ``ramp_steps``,
-        ``gate_lr_scale``) and the wrapper's own arguments.
+        ``gate_lr_scale``, ``sparsity_damping``, ``gate_impl``,
+        ``recompute_gated_weights``) and the wrapper's own arguments.
     """
 
     def __init__(self, source, save_path="", **kwargs):
@@ -305,6 +306,7 @@ class SPGLobeMixin:
             options.warmup_steps,
             options.ramp_steps,
             lr_scale=options.gate_lr_scale,
+            damping=options.sparsity_damping,
         )
         self.register_load_state_dict_post_hook(_restore_masks)
 
@@ -598,7 +600,8 @@ class SPGWav2Vec2(SPGLobeMixin, Wav2Vec2):
         SPG options (see ``SPGOptions``: ``target_sparsity``, ``tie``,
         ``prune_modules``, ``tau_scale``, ``threshold_init``,
         ``target_scope``, ``inject_sparsity_loss``, ``warmup_steps``,
-        ``ramp_steps``, ``gate_lr_scale``) and every argument of
+        ``ramp_steps``, ``gate_lr_scale``, ``sparsity_damping``, ...) and
+        every argument of
         ``speechbrain.integrations.huggingface.wav2vec2.Wav2Vec2``
         (``output_norm``, ``freeze_feature_extractor``, ...).
 
@@ -614,8 +617,10 @@ class SPGWav2Vec2(SPGLobeMixin, Wav2Vec2):
     torch.Size([2, 198, 32])
     >>> lobe.gate.num_groups, lobe.gated_params
     (12, 16384)
-    >>> lobe.sparsity_loss()
-    tensor(0., grad_fn=<AddBackward0>)
+    >>> # Multipliers still at 0: only the damping term, 100 * gap^2.
+    >>> gap = lobe.soft_sparsity() - 0.6
+    >>> torch.allclose(lobe.sparsity_loss(), 100 * gap**2)
+    True
     """
 
 

@@ -58,6 +58,11 @@ class SPGOptions:
     gate_lr_scale : float
         Thresholds and multipliers move this many times faster than the
         optimiser's learning rate (> 0).
+    sparsity_damping : float
+        Fixed quadratic coefficient of the sparsity regulariser (>= 0; see
+        ``LagrangianSparsityRegularizer``): damps the oscillation of the
+        sparsity around the target and its overshoot after the ramp. 0
+        gives the plain two-multiplier Lagrangian.
     gate_impl : str
         ``"fused"`` (default: gate and soft sparsity in one pass),
         ``"compiled"`` (the same through ``torch.compile``; fastest where a
@@ -91,6 +96,7 @@ class SPGOptions:
     warmup_steps: int = 0
     ramp_steps: int = 0
     gate_lr_scale: float = 1.0
+    sparsity_damping: float = 100.0
     gate_impl: str = "fused"
     recompute_gated_weights: bool = False
 
@@ -121,6 +127,7 @@ class SPGOptions:
                 stacklevel=3,
             )
         _check_number("gate_lr_scale", self.gate_lr_scale, 0, strict=True)
+        _check_number("sparsity_damping", self.sparsity_damping, 0)
         _check_int("warmup_steps", self.warmup_steps)
         _check_int("ramp_steps", self.ramp_steps)
         for key in ("inject_sparsity_loss", "recompute_gated_weights"):

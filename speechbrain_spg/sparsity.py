@@ -4,12 +4,17 @@ Soft (expected) sparsity is the mean of ``1 - M`` over the gated weights and
 is differentiable in the thresholds; hard sparsity counts the weights the
 pruning stage removes (``|W| <= |t|``). A Lagrangian regulariser,
 
-    L = lambda_1 * (s - target) + lambda_2 * (s - target)^2,
+    L = lambda_1 * (s - target) + (lambda_2 + damping) * (s - target)^2,
 
 drives the soft sparsity ``s`` to a (scheduled) target. The multipliers are
 maximised while everything else is minimised: they pass through a gradient
 reversal, so ONE ordinary minimising optimiser over all parameters performs
-their gradient ascent.
+their gradient ascent. ``damping`` is a fixed coefficient (0 here; the
+lobes' option ``sparsity_damping`` defaults to 100): a restoring force on
+the thresholds proportional to the gap, which ``lambda_1`` does not have to
+build up first, so the sparsity oscillates less around the target and
+overshoots less after the ramp. At the target it adds nothing, value or
+gradient (``benchmarks/RESULTS.md``, "Sparsity controller").
 
 Authors
  * speechbrain-spg developers 2026
@@ -210,6 +215,9 @@ class LagrangianSparsityRegularizer(nn.Module):
     lr_scale : float
         The multipliers are stored divided by this factor (see
         ``SelfPinchingGate``).
+    damping : float
+        Fixed coefficient added to ``lambda_2`` (>= 0; see the module
+        docstring).
 
     Example
     -------
@@ -222,14 +230,23 @@ class LagrangianSparsityRegularizer(nn.Module):
     -0.16
     >>> LagrangianSparsityRegularizer(0.5, warmup_steps=100)(torch.tensor(0.3), 10)
     tensor(0., grad_fn=<AddBackward0>)
+    >>> round(LagrangianSparsityRegularizer(0.5, damping=10.0)(torch.tensor(0.3), 10).item(), 4)
+    0.4
     """
 
-    def __init__(self, target, warmup_steps=0, ramp_steps=0, lr_scale=1.0):
+    def __init__(
+        self, target, warmup_steps=0, ramp_steps=0, lr_scale=1.0, damping=0.0
+    ):
         super().__init__()
         self.target = validate_target(target)
         self.warmup_steps = int(warmup_steps)
         self.ramp_steps = int(ramp_steps)
         self.lr_scale = float(lr_scale)
+        if not damping >= 0:
+            raise ValueError(
+                f"sparsity_damping: must be a number >= 0, got {damping!r}."
+            )
+        self.damping = float(damping)
         self.multiplier_param = nn.Parameter(torch.zeros(2))
 
     def target_at(self, step):
@@ -275,7 +292,7 @@ class LagrangianSparsityRegularizer(nn.Module):
             return (self.multiplier_param * 0).sum() + soft_sparsity * 0
         gap = soft_sparsity - self.target_at(step)
         lam = GradientReversal.apply(self.multiplier_param) * self.lr_scale
-        return lam[0] * gap + lam[1] * gap * gap
+        return lam[0] * gap + (lam[1] + self.damping) * gap * gap
 
 
 def soft_zero_counts(weights, thresholds, taus):

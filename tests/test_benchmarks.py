@@ -6,6 +6,7 @@ are.
 """
 
 import importlib.util
+import json
 import re
 import sys
 
@@ -280,3 +281,60 @@ def test_eval_overhead_refuses_a_lobe_that_does_not_cache(monkeypatch):
     monkeypatch.setattr(eval_overhead.GatedLinear, "forward", forgetful)
     with pytest.raises(RuntimeError, match=r"only 0 of \d+ gated layers"):
         eval_overhead.main(["--models", "x", "--pairs", "2", "--warmup", "1"])
+
+
+def _controller_summary(damping):
+    """A recipe summary whose trace oscillates by ``0.02 / (1 + damping)``."""
+    amplitude = 0.02 / (1 + damping)
+    trace = [
+        {
+            "step": step,
+            "soft_sparsity": 0.5 + amplitude * (-1) ** (step // 10),
+            "target": 0.5,
+        }
+        for step in range(10, 410, 10)
+    ]
+    return {
+        "trace": trace,
+        "sparsity": {"hard_sparsity_trained": 0.51, "calibration_factor": 0.99},
+        "wer": {"test-clean": 40.0, "test-other": 60.0},
+    }
+
+
+def test_sparsity_controller_runs_the_recipe_then_reads_the_traces(
+    monkeypatch, capsys, tmp_path
+):
+    controller = load_benchmark("sparsity_controller", monkeypatch)
+    commands = []
+
+    def fake_run(command, cwd, env, check):
+        commands.append(command)
+        damping = float(command[command.index("--sparsity_damping") + 1])
+        folder = tmp_path / "runs" / f"damping_{damping:g}"
+        assert command[command.index("--output_folder") + 1] == str(folder)
+        folder.mkdir(parents=True)
+        summary = _controller_summary(damping)
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+    monkeypatch.setattr(controller.subprocess, "run", fake_run)
+    argv = ["--dampings", "0", "9", "--out", str(tmp_path / "runs")]
+    argv += ["--plot", str(tmp_path / "traces.png")]
+    controller.main(argv + ["--recipe-args", "--lr_gate", "0.005"])
+    assert len(commands) == 2
+    assert commands[0][-2:] == ["--lr_gate", "0.005"]
+    assert (tmp_path / "traces.png").stat().st_size > 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [
+        line.split() for line in lines if line.split()[:1] in (["0"], ["9"])
+    ]
+    assert [row[:4] for row in rows] == [
+        ["0", "+0.0000", "0.0200", "0.0200"],
+        ["9", "+0.0000", "0.0020", "0.0020"],
+    ]
+    assert rows[0][4:] == ["0.5100", "0.9900", "40.00", "60.00"]
+    assert lines[-1] == (
+        "largest sparsity gap after step 200: damping 0 0.0200, damping 9 0.0020"
+    )
+    # A second call reads the runs, it does not train again.
+    controller.main(argv)
+    assert len(commands) == 2

@@ -209,6 +209,10 @@ def test_step_counter_counts_training_forwards_only(wav2vec2_source):
             {"gate_lr_scale": 0},
             r"gate_lr_scale: must be a finite number > 0, got 0.",
         ),
+        (
+            {"sparsity_damping": -1.0},
+            r"sparsity_damping: must be a finite number >= 0, got -1.0.",
+        ),
     ],
 )
 def test_bad_configuration_fails_at_construction(

@@ -417,6 +417,10 @@ BAD_SPG_VALUES = [
     ),
     ({"ssl": {"gate_lr_scale": True}}, POSITIVE.format("gate_lr_scale", True)),
     (
+        {"ssl": {"sparsity_damping": -5}},
+        "sparsity_damping: must be a finite number >= 0, got -5.",
+    ),
+    (
         {"ssl": {"inject_sparsity_loss": 1}},
         "inject_sparsity_loss: must be true or false, got 1.",
     ),
@@ -442,8 +446,9 @@ BAD_SPG_VALUES = [
         {"ssl": {"target_sparsty": 0.5}},
         "target_sparsty: unknown option; did you mean 'target_sparsity'? SPG "
         "options: gate_impl, gate_lr_scale, inject_sparsity_loss, "
-        "prune_modules, ramp_steps, recompute_gated_weights, target_scope, "
-        "target_sparsity, tau_scale, threshold_init, tie, warmup_steps.",
+        "prune_modules, ramp_steps, recompute_gated_weights, sparsity_damping, "
+        "target_scope, target_sparsity, tau_scale, threshold_init, tie, "
+        "warmup_steps.",
     ),
     (
         {"ssl": {"freeze": True}},

@@ -88,6 +88,72 @@ def test_one_minimising_step_raises_the_lagrangian():
     assert regularizer.multiplier_param[0].item() < 0.3  # lambda_1 * gap grows
 
 
+def test_damping_adds_a_fixed_quadratic_term():
+    """``damping`` adds ``damping * gap^2``; the multipliers' gradients and
+    the value at the target are unchanged."""
+    plain = LagrangianSparsityRegularizer(0.5)
+    damped = LagrangianSparsityRegularizer(0.5, damping=40.0)
+    for regularizer in (plain, damped):
+        regularizer.multiplier_param.data = torch.tensor([0.3, 2.0])
+    soft = [torch.tensor(0.2, requires_grad=True) for _ in range(2)]
+    values = [reg(s, step=0) for reg, s in zip((plain, damped), soft)]
+    assert values[1].item() - values[0].item() == pytest.approx(40 * 0.09)
+    for value in values:
+        value.backward()
+    assert torch.equal(
+        plain.multiplier_param.grad, damped.multiplier_param.grad
+    )
+    # d/ds of 40 * (s - 0.5)^2 at s = 0.2.
+    assert soft[1].grad.item() - soft[0].grad.item() == pytest.approx(-24.0)
+    assert damped(torch.tensor(0.5), step=0).item() == pytest.approx(
+        plain(torch.tensor(0.5), step=0).item()
+    )
+    with pytest.raises(ValueError, match="^sparsity_damping: must be"):
+        LagrangianSparsityRegularizer(0.5, damping=-1.0)
+
+
+def _sparsity_against_a_task_pull(source, damping, steps=250, ramp=50):
+    """Thresholds and multipliers under Adam (lr 0.02), the regulariser
+    against a task loss that pulls every threshold down (a constant force
+    per matrix, as a task that resists pruning): the gaps between soft
+    sparsity and scheduled target after each step."""
+    lobe = SPGWav2Vec2(
+        source,
+        save_path="",
+        target_sparsity=0.65,
+        ramp_steps=ramp,
+        sparsity_damping=damping,
+    )
+    thresholds = lobe.gate.threshold_param
+    pull = torch.linspace(0.01, 0.05, thresholds.numel())
+    optimizer = torch.optim.Adam(
+        [thresholds, lobe.regularizer.multiplier_param], lr=0.02
+    )
+    gaps = []
+    for _ in range(steps):
+        loss = lobe.sparsity_loss() + (pull * thresholds).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        lobe.gate.step += 1
+        with torch.no_grad():
+            target = lobe.regularizer.target_at(lobe.gate.step_count)
+            gaps.append(lobe.soft_sparsity().item() - target)
+    return gaps
+
+
+def test_damping_removes_the_overshoot_after_the_ramp(wav2vec2_source):
+    """Without damping, the multiplier built up during the ramp carries the
+    sparsity far past the target; with it, the sparsity stays near."""
+    ramp = 50
+    undamped = _sparsity_against_a_task_pull(wav2vec2_source, 0.0, ramp=ramp)
+    damped = _sparsity_against_a_task_pull(wav2vec2_source, 100.0, ramp=ramp)
+    settled = slice(ramp + 50, None)
+    assert max(map(abs, undamped[settled])) > 0.1
+    assert max(map(abs, damped[settled])) < 0.02
+    assert abs(damped[-1]) <= TOLERANCE
+
+
 def test_gradient_reversal_and_injection():
     x = torch.tensor([1.0, 2.0], requires_grad=True)
     (GradientReversal.apply(x) * torch.tensor([3.0, 4.0])).sum().backward()
