@@ -8,11 +8,13 @@ training trace (soft and hard sparsity every ``log_interval`` steps). For
 the steps after ``--settle-step`` (the ramp to the target ends at step 100)
 it prints the mean, standard deviation and largest absolute value of the
 gap between soft sparsity and target, then the hard sparsity training left
-(before the final calibration), the calibration factor and the test WERs,
-and draws the traces in one figure (``--plot``, by default
+(before the final calibration), the calibration factor, the range of the
+per-layer sparsities (lowest-highest matrix, after calibration) and the test
+WERs, and draws the traces in one figure (``--plot``, by default
 ``benchmarks/sparsity_controller.png``). The runs go to
-``recipes/LibriSpeech/spg/results/sparsity_controller/damping_<D>``; each
-takes about 5 minutes on 2 CPU cores.
+``recipes/LibriSpeech/spg/results/sparsity_controller/damping_<D>`` (with the
+``--recipe-args`` in the name when given); each takes about 5 minutes on 2
+CPU cores.
 
 A run whose ``summary.json`` exists is read, not run again; an interrupted
 one resumes from its last checkpoint (the recipe's own checkpoints). The
@@ -31,6 +33,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
@@ -38,13 +41,83 @@ import sys
 RECIPE = pathlib.Path(__file__).resolve().parents[1] / "recipes/LibriSpeech/spg"
 
 
-def run_folder(out, damping):
-    """Output folder of the run with ``damping``."""
-    return pathlib.Path(out) / f"damping_{damping:g}"
+#: Overrides the benchmark sets itself.
+RESERVED_ARGS = ("--sparsity_damping", "--output_folder")
+
+
+def run_folder(out, damping, recipe_args=()):
+    """Output folder of the run with ``damping`` and ``recipe_args``.
+
+    Arguments
+    ---------
+    out : str
+        Folder of all runs.
+    damping : float
+        The run's ``sparsity_damping``.
+    recipe_args : list of str
+        Further ``train.py`` overrides: part of the name, so that runs with
+        other settings are never taken for these.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Example
+    -------
+    >>> run_folder("runs", 100.0).as_posix()
+    'runs/damping_100'
+    >>> run_folder("runs", 0.0, ["--lr_gate", "0.005"]).as_posix()
+    'runs/damping_0_lr_gate_0.005'
+    """
+    name = "_".join([f"damping_{damping:g}", *recipe_args])
+    name = "".join(c if c.isalnum() or c in "._=" else "_" for c in name)
+    return pathlib.Path(out) / re.sub("_+", "_", name)
+
+
+def check_recipe_args(recipe_args):
+    """Refuses overrides the benchmark sets itself.
+
+    Arguments
+    ---------
+    recipe_args : list of str
+        Further ``train.py`` overrides.
+
+    Example
+    -------
+    >>> check_recipe_args(["--lr_gate", "0.005"])
+    >>> check_recipe_args(["--sparsity_damping=3"])
+    Traceback (most recent call last):
+      ...
+    ValueError: --recipe-args: --sparsity_damping is set by the benchmark (use --dampings / --out).
+    """
+    for arg in recipe_args:
+        key = arg.split("=", 1)[0]
+        if key in RESERVED_ARGS:
+            raise ValueError(
+                f"--recipe-args: {key} is set by the benchmark (use "
+                "--dampings / --out)."
+            )
 
 
 def train(folder, damping, recipe_args, threads):
-    """Runs (or resumes) the tiny recipe with ``damping`` into ``folder``."""
+    """Runs (or resumes) the tiny recipe with ``damping`` into ``folder``.
+
+    Arguments
+    ---------
+    folder : pathlib.Path
+        Output folder of the run.
+    damping : float
+        ``sparsity_damping`` of the run.
+    recipe_args : list of str
+        Further ``train.py`` overrides.
+    threads : int
+        ``OMP_NUM_THREADS`` of the run (0: the machine's default).
+
+    Returns
+    -------
+    dict
+        The run's ``summary.json``.
+    """
     command = [
         sys.executable,
         "train.py",
@@ -61,7 +134,34 @@ def train(folder, damping, recipe_args, threads):
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     print("running:", " ".join(command), flush=True)
-    subprocess.run(command, cwd=RECIPE, env=env, check=True)
+    if subprocess.run(command, cwd=RECIPE, env=env).returncode != 0:
+        raise SystemExit(
+            f"the recipe run for damping {damping:g} failed (command above); "
+            f"its log: {folder / 'log.txt'}. Run this benchmark again to "
+            "resume it from its last checkpoint."
+        )
+    return read_summary(folder)
+
+
+def read_summary(folder):
+    """The ``summary.json`` of a finished run.
+
+    Arguments
+    ---------
+    folder : pathlib.Path
+        Output folder of the run.
+
+    Returns
+    -------
+    dict
+    """
+    path = folder / "summary.json"
+    if not path.exists():
+        raise SystemExit(
+            f"{path} is missing: the run in {folder} did not finish (run "
+            "this benchmark again to resume it)."
+        )
+    return json.loads(path.read_text())
 
 
 def gap_statistics(trace, settle_step):
@@ -106,13 +206,20 @@ def gap_statistics(trace, settle_step):
 
 
 def plot(summaries, out_png):
-    """Soft sparsity and target against the step, one line per run."""
-    import matplotlib
+    """Soft sparsity and target against the step, one line per run.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Arguments
+    ---------
+    summaries : dict
+        Damping -> the run's ``summary.json``.
+    out_png : str
+        Where the figure goes.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    figure, axes = plt.subplots(figsize=(8, 4))
+    figure = Figure(figsize=(8, 4))
+    axes = figure.add_subplot()
     for damping, summary in summaries.items():
         trace = summary["trace"]
         axes.plot(
@@ -133,9 +240,8 @@ def plot(summaries, out_png):
     axes.set_title("Sparsity during one-pass SPG training (tiny model)")
     axes.legend()
     axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(out_png, dpi=120)
-    plt.close(figure)
+    FigureCanvasAgg(figure)
+    figure.savefig(out_png, format="png", dpi=120, bbox_inches="tight")
 
 
 def main(argv=None):
@@ -165,21 +271,27 @@ def main(argv=None):
         help="further train.py overrides, e.g. --lr_gate 0.005 (last)",
     )
     args = parser.parse_args(argv)
+    try:
+        check_recipe_args(args.recipe_args)
+    except ValueError as error:
+        parser.error(str(error))
     summaries = {}
     for damping in args.dampings:
-        folder = run_folder(args.out, damping)
-        summary_file = folder / "summary.json"
-        if not summary_file.exists():
-            train(folder, damping, args.recipe_args, args.threads)
-        summaries[damping] = json.loads(summary_file.read_text())
+        folder = run_folder(args.out, damping, args.recipe_args)
+        if (folder / "summary.json").exists():
+            summaries[damping] = read_summary(folder)
+        else:
+            summaries[damping] = train(
+                folder, damping, args.recipe_args, args.threads
+            )
     print(
         f"\ngap = soft sparsity - target, trace points after step "
         f"{args.settle_step}"
     )
     print(
         f"{'damping':>8} {'mean gap':>9} {'sd':>7} {'max |gap|':>9} "
-        f"{'hard trained':>12} {'calibration':>11} {'WER clean':>9} "
-        f"{'WER other':>9}"
+        f"{'hard trained':>12} {'calibration':>11} {'layers':>11} "
+        f"{'WER clean':>9} {'WER other':>9}"
     )
     largest = {}
     for damping, summary in summaries.items():
@@ -187,15 +299,18 @@ def main(argv=None):
         largest[damping] = worst
         sparsity = summary["sparsity"]
         wer = summary.get("wer", {})
+        factor = sparsity.get("calibration_factor")
+        layers = [layer["sparsity"] for layer in sparsity["layers"]]
         print(
             f"{damping:>8g} {mean:>+9.4f} {sd:>7.4f} {worst:>9.4f} "
             f"{sparsity['hard_sparsity_trained']:>12.4f} "
-            f"{sparsity.get('calibration_factor') or 1.0:>11.4f} "
+            f"{'-' if factor is None else f'{factor:.4f}':>11} "
+            f"{f'{min(layers):.2f}-{max(layers):.2f}':>11} "
             f"{wer.get('test-clean', float('nan')):>9.2f} "
             f"{wer.get('test-other', float('nan')):>9.2f}"
         )
     plot(summaries, args.plot)
-    print(f"traces: {args.plot}")
+    print(f"traces: {os.path.relpath(args.plot)}")
     print(
         f"largest sparsity gap after step {args.settle_step}: "
         + ", ".join(f"damping {d:g} {g:.4f}" for d, g in largest.items())

@@ -21,6 +21,7 @@ Authors
 """
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -242,9 +243,15 @@ class LagrangianSparsityRegularizer(nn.Module):
         self.warmup_steps = int(warmup_steps)
         self.ramp_steps = int(ramp_steps)
         self.lr_scale = float(lr_scale)
-        if not damping >= 0:
+        if (
+            isinstance(damping, bool)
+            or not isinstance(damping, (int, float))
+            or not math.isfinite(damping)
+            or damping < 0
+        ):
             raise ValueError(
-                f"sparsity_damping: must be a number >= 0, got {damping!r}."
+                "sparsity_damping: must be a finite number >= 0, got "
+                f"{damping!r}."
             )
         self.damping = float(damping)
         self.multiplier_param = nn.Parameter(torch.zeros(2))

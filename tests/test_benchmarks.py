@@ -7,12 +7,14 @@ are.
 
 import importlib.util
 import json
+import pathlib
 import re
+import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, assert_png
 
 from speechbrain_spg import native_gate
 from speechbrain_spg.architectures import TINY_OVERRIDES, build_config
@@ -294,9 +296,14 @@ def _controller_summary(damping):
         }
         for step in range(10, 410, 10)
     ]
+    layers = [{"sparsity": 0.4}, {"sparsity": 0.55}, {"sparsity": 0.7}]
     return {
         "trace": trace,
-        "sparsity": {"hard_sparsity_trained": 0.51, "calibration_factor": 0.99},
+        "sparsity": {
+            "hard_sparsity_trained": 0.51,
+            "calibration_factor": 0.99 if damping else None,
+            "layers": layers,
+        },
         "wer": {"test-clean": 40.0, "test-other": 60.0},
     }
 
@@ -307,34 +314,52 @@ def test_sparsity_controller_runs_the_recipe_then_reads_the_traces(
     controller = load_benchmark("sparsity_controller", monkeypatch)
     commands = []
 
-    def fake_run(command, cwd, env, check):
+    def fake_run(command, cwd, env):
         commands.append(command)
         damping = float(command[command.index("--sparsity_damping") + 1])
-        folder = tmp_path / "runs" / f"damping_{damping:g}"
-        assert command[command.index("--output_folder") + 1] == str(folder)
+        folder = pathlib.Path(command[command.index("--output_folder") + 1])
+        assert folder.name == f"damping_{damping:g}_lr_gate_0.005"
         folder.mkdir(parents=True)
         summary = _controller_summary(damping)
         (folder / "summary.json").write_text(json.dumps(summary))
+        return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(controller.subprocess, "run", fake_run)
     argv = ["--dampings", "0", "9", "--out", str(tmp_path / "runs")]
     argv += ["--plot", str(tmp_path / "traces.png")]
-    controller.main(argv + ["--recipe-args", "--lr_gate", "0.005"])
+    recipe_args = ["--recipe-args", "--lr_gate", "0.005"]
+    controller.main(argv + recipe_args)
     assert len(commands) == 2
     assert commands[0][-2:] == ["--lr_gate", "0.005"]
-    assert (tmp_path / "traces.png").stat().st_size > 0
+    assert_png(tmp_path / "traces.png")
     lines = capsys.readouterr().out.strip().splitlines()
     rows = [
         line.split() for line in lines if line.split()[:1] in (["0"], ["9"])
     ]
-    assert [row[:4] for row in rows] == [
-        ["0", "+0.0000", "0.0200", "0.0200"],
-        ["9", "+0.0000", "0.0020", "0.0020"],
+    assert rows == [
+        ["0", "+0.0000", "0.0200", "0.0200", "0.5100", "-", "0.40-0.70"]
+        + ["40.00", "60.00"],
+        ["9", "+0.0000", "0.0020", "0.0020", "0.5100", "0.9900", "0.40-0.70"]
+        + ["40.00", "60.00"],
     ]
-    assert rows[0][4:] == ["0.5100", "0.9900", "40.00", "60.00"]
     assert lines[-1] == (
         "largest sparsity gap after step 200: damping 0 0.0200, damping 9 0.0020"
     )
-    # A second call reads the runs, it does not train again.
-    controller.main(argv)
+    # A second call reads the runs, it does not train again; other recipe
+    # arguments are other runs.
+    controller.main(argv + recipe_args)
     assert len(commands) == 2
+    monkeypatch.setattr(
+        controller.subprocess,
+        "run",
+        lambda command, cwd, env: subprocess.CompletedProcess(command, 1),
+    )
+    with pytest.raises(SystemExit, match="the recipe run for damping 0 failed"):
+        controller.main(argv)
+
+
+def test_sparsity_controller_refuses_the_overrides_it_sets(monkeypatch, capsys):
+    controller = load_benchmark("sparsity_controller", monkeypatch)
+    with pytest.raises(SystemExit):
+        controller.main(["--recipe-args", "--output_folder=elsewhere"])
+    assert "--output_folder is set by the benchmark" in capsys.readouterr().err

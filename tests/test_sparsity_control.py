@@ -108,8 +108,12 @@ def test_damping_adds_a_fixed_quadratic_term():
     assert damped(torch.tensor(0.5), step=0).item() == pytest.approx(
         plain(torch.tensor(0.5), step=0).item()
     )
-    with pytest.raises(ValueError, match="^sparsity_damping: must be"):
-        LagrangianSparsityRegularizer(0.5, damping=-1.0)
+    for bad in (-1.0, float("inf"), float("nan"), True, "100", None):
+        message = (
+            f"sparsity_damping: must be a finite number >= 0, got {bad!r}."
+        )
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            LagrangianSparsityRegularizer(0.5, damping=bad)
 
 
 def _sparsity_against_a_task_pull(source, damping, steps=250, ramp=50):
@@ -135,7 +139,7 @@ def _sparsity_against_a_task_pull(source, damping, steps=250, ramp=50):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        lobe.gate.step += 1
+        lobe.gate.advance()
         with torch.no_grad():
             target = lobe.regularizer.target_at(lobe.gate.step_count)
             gaps.append(lobe.soft_sparsity().item() - target)
