@@ -61,8 +61,11 @@ class SPGOptions:
     sparsity_damping : float
         Fixed quadratic coefficient of the sparsity regulariser (>= 0; see
         ``LagrangianSparsityRegularizer``): damps the oscillation of the
-        sparsity around the target and its overshoot after the ramp. 0
-        gives the plain two-multiplier Lagrangian.
+        sparsity around the target and its overshoot after the ramp. Larger
+        values hold the target more closely but make the layers'
+        sparsities more alike (measured on a tiny model:
+        ``benchmarks/RESULTS.md``). 0 gives the plain two-multiplier
+        Lagrangian.
     gate_impl : str
         ``"fused"`` (default: gate and soft sparsity in one pass),
         ``"compiled"`` (the same through ``torch.compile``; fastest where a
