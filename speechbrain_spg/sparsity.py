@@ -14,8 +14,8 @@ lobes' option ``sparsity_damping`` defaults to 100): a restoring force on
 the thresholds proportional to the gap, which ``lambda_1`` does not have to
 build up first, so the sparsity oscillates less around the target and
 overshoots less after the ramp. At the target it adds nothing, value or
-gradient. Being the same for all thresholds, a large damping also makes
-the layers' sparsities more alike (``benchmarks/RESULTS.md``, "Sparsity
+gradient. A large damping also made the layers' sparsities more alike
+(measured on a tiny model: ``benchmarks/RESULTS.md``, "Sparsity
 controller").
 
 Authors
