@@ -617,9 +617,12 @@ class SPGWav2Vec2(SPGLobeMixin, Wav2Vec2):
     torch.Size([2, 198, 32])
     >>> lobe.gate.num_groups, lobe.gated_params
     (12, 16384)
-    >>> # Multipliers still at 0: only the damping term, 100 * gap^2.
-    >>> gap = lobe.soft_sparsity() - 0.6
-    >>> torch.allclose(lobe.sparsity_loss(), 100 * gap**2)
+    >>> lobe.sparsity_loss()  # multipliers still at 0
+    tensor(0., grad_fn=<AddBackward0>)
+    >>> damped = SPGWav2Vec2(src, save_path="", target_sparsity=0.6,
+    ...                      sparsity_damping=100.0)
+    >>> gap = damped.soft_sparsity() - 0.6
+    >>> torch.allclose(damped.sparsity_loss(), 100 * gap**2)
     True
     """
 

@@ -63,9 +63,9 @@ class SPGOptions:
         ``LagrangianSparsityRegularizer``): damps the oscillation of the
         sparsity around the target and its overshoot after the ramp. Larger
         values hold the target more closely but make the layers'
-        sparsities more alike (measured on a tiny model:
-        ``benchmarks/RESULTS.md``). 0 gives the plain two-multiplier
-        Lagrangian.
+        sparsities more alike; the effect on WER was not clear (a tiny
+        model: ``benchmarks/RESULTS.md``). 0 (default) gives the paper's
+        two-multiplier Lagrangian.
     gate_impl : str
         ``"fused"`` (default: gate and soft sparsity in one pass),
         ``"compiled"`` (the same through ``torch.compile``; fastest where a
@@ -99,7 +99,7 @@ class SPGOptions:
     warmup_steps: int = 0
     ramp_steps: int = 0
     gate_lr_scale: float = 1.0
-    sparsity_damping: float = 100.0
+    sparsity_damping: float = 0.0
     gate_impl: str = "fused"
     recompute_gated_weights: bool = False
 

@@ -9,14 +9,14 @@ pruning stage removes (``|W| <= |t|``). A Lagrangian regulariser,
 drives the soft sparsity ``s`` to a (scheduled) target. The multipliers are
 maximised while everything else is minimised: they pass through a gradient
 reversal, so ONE ordinary minimising optimiser over all parameters performs
-their gradient ascent. ``damping`` is a fixed coefficient (0 here; the
-lobes' option ``sparsity_damping`` defaults to 100): a restoring force on
+their gradient ascent. ``damping`` is a fixed coefficient (0 by default;
+the lobes' option ``sparsity_damping``): a restoring force on
 the thresholds proportional to the gap, which ``lambda_1`` does not have to
 build up first, so the sparsity oscillates less around the target and
 overshoots less after the ramp. At the target it adds nothing, value or
-gradient. A large damping also made the layers' sparsities more alike
-(measured on a tiny model: ``benchmarks/RESULTS.md``, "Sparsity
-controller").
+gradient. A large damping also made the layers' sparsities more alike,
+and its effect on WER was not clear (measured on a tiny model:
+``benchmarks/RESULTS.md``, "Sparsity controller").
 
 Authors
  * speechbrain-spg developers 2026
