@@ -199,8 +199,8 @@ def _gradients_with_graph(ctx, grad_output, grad_zeros):
     """The gradients of ``GatedLinearFunction.backward`` as differentiable
     tensors, for ``create_graph=True``: the gate's math in PyTorch
     operations (``fused_gate``'s eager mask; no kernel, no kept memory),
-    the soft-zero count
-    differentiable in ``t`` only, as ``FusedPinchFunction``'s."""
+    the soft-zero count differentiable in ``t`` only, as
+    ``FusedPinchFunction``'s."""
     x, weight, threshold, tau = ctx.saved_tensors
     ctx.gated = None
     needs = ctx.needs_input_grad

@@ -12,7 +12,7 @@ import dataclasses
 import re
 import warnings
 
-from speechbrain_spg.sparsity import validate_target
+from speechbrain_spg.sparsity import validate_damping, validate_target
 
 #: Encoder attention (q/k/v/out) and feed-forward (in/out) linear layers of
 #: wav2vec2, HuBERT and WavLM, as named inside the HuggingFace models.
@@ -130,7 +130,7 @@ class SPGOptions:
                 stacklevel=3,
             )
         _check_number("gate_lr_scale", self.gate_lr_scale, 0, strict=True)
-        _check_number("sparsity_damping", self.sparsity_damping, 0)
+        validate_damping(self.sparsity_damping)
         _check_int("warmup_steps", self.warmup_steps)
         _check_int("ramp_steps", self.ramp_steps)
         for key in ("inject_sparsity_loss", "recompute_gated_weights"):

@@ -64,6 +64,42 @@ def validate_target(target, key="target_sparsity"):
     return float(target)
 
 
+def validate_damping(damping, key="sparsity_damping"):
+    """Checks that a damping coefficient is a finite number >= 0.
+
+    Arguments
+    ---------
+    damping : float
+        The fixed quadratic coefficient of the regulariser.
+    key : str
+        Name of the hyperparameter, for the error message.
+
+    Returns
+    -------
+    float
+        The damping.
+
+    Example
+    -------
+    >>> validate_damping(100)
+    100.0
+    >>> validate_damping(float("inf"))
+    Traceback (most recent call last):
+      ...
+    ValueError: sparsity_damping: must be a finite number >= 0, got inf.
+    """
+    if (
+        isinstance(damping, bool)
+        or not isinstance(damping, (int, float))
+        or not math.isfinite(damping)
+        or damping < 0
+    ):
+        raise ValueError(
+            f"{key}: must be a finite number >= 0, got {damping!r}."
+        )
+    return float(damping)
+
+
 def scheduled_target(step, target, warmup_steps=0, ramp_steps=0):
     """Target sparsity at a training step: 0 during warm-up, then a linear ramp.
 
@@ -245,17 +281,7 @@ class LagrangianSparsityRegularizer(nn.Module):
         self.warmup_steps = int(warmup_steps)
         self.ramp_steps = int(ramp_steps)
         self.lr_scale = float(lr_scale)
-        if (
-            isinstance(damping, bool)
-            or not isinstance(damping, (int, float))
-            or not math.isfinite(damping)
-            or damping < 0
-        ):
-            raise ValueError(
-                "sparsity_damping: must be a finite number >= 0, got "
-                f"{damping!r}."
-            )
-        self.damping = float(damping)
+        self.damping = validate_damping(damping)
         self.multiplier_param = nn.Parameter(torch.zeros(2))
 
     def target_at(self, step):
