@@ -3,7 +3,8 @@
 The block under "Use SPG from Python" is taken from README.md, its hub id
 replaced by a tiny local model (no downloads here), and executed in a
 temporary folder: it must train, prune onto the target and export a compact
-model that loads back.
+model that loads back, also through the YAML block of "Use a compressed
+model anywhere".
 """
 
 import os
@@ -11,29 +12,38 @@ import re
 
 import pytest
 import torch
+from hyperpyyaml import load_hyperpyyaml
 
-from speechbrain_spg.export import load_compact
+from speechbrain_spg.export import CompactWav2Vec2, load_compact
 
 README = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"
 )
 HEADING = "## Use SPG from Python (any training loop)"
 SOURCE_LINE = 'source = "facebook/wav2vec2-base"'
+YAML_HEADING = "## Use a compressed model anywhere"
+YAML_SOURCE = "results/wav2vec2_base_spg/1986/compact"
 
 
-def python_example():
-    """The first ```python block after ``HEADING`` in README.md."""
+def readme_block(heading, language):
+    """The first fenced ``language`` block after ``heading`` in README.md."""
     with open(README, encoding="utf-8") as f:
         text = f.read()
-    assert HEADING in text, f"README.md has no section {HEADING!r}"
-    section = text[text.index(HEADING) :]
-    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert match, f"no python block under {HEADING!r}"
+    assert heading in text, f"README.md has no section {heading!r}"
+    section = text[text.index(heading) :]
+    match = re.search(rf"```{language}\n(.*?)```", section, re.DOTALL)
+    assert match, f"no {language} block under {heading!r}"
     return match.group(1)
 
 
-def test_example_uses_the_hub_id_the_test_replaces():
+def python_example():
+    """The Python block of the plain training loop."""
+    return readme_block(HEADING, "python")
+
+
+def test_examples_use_the_paths_the_test_replaces():
     assert python_example().count(SOURCE_LINE) == 1
+    assert readme_block(YAML_HEADING, "yaml").count(YAML_SOURCE) == 1
 
 
 def test_python_example_trains_prunes_and_exports(
@@ -66,3 +76,19 @@ def test_python_example_trains_prunes_and_exports(
         expected = lobe.model(wav).last_hidden_state
         got = model(wav).last_hidden_state
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    # The one-line YAML of "Use a compressed model anywhere".
+    yaml = readme_block(YAML_HEADING, "yaml").replace(
+        YAML_SOURCE, str(tmp_path / "compact_wav2vec2")
+    )
+    compact = load_hyperpyyaml(yaml)["wav2vec2"]
+    assert type(compact) is CompactWav2Vec2
+    with torch.no_grad():
+        features = compact.eval()(wav)
+        # The same SpeechBrain wrapper around the pruned lobe; output_norm
+        # is the YAML's only difference.
+        lobe_features = lobe(wav)
+    # SpeechBrain's output_norm: a layer norm over time and features.
+    normed = torch.nn.functional.layer_norm(
+        lobe_features, lobe_features.shape[1:]
+    )
+    torch.testing.assert_close(features, normed, atol=1e-5, rtol=1e-4)
