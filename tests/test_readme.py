@@ -7,18 +7,16 @@ model that loads back, also through the YAML block of "Use a compressed
 model anywhere".
 """
 
-import os
 import re
 
 import pytest
 import torch
+from conftest import REPO
 from hyperpyyaml import load_hyperpyyaml
 
 from speechbrain_spg.export import CompactWav2Vec2, load_compact
 
-README = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"
-)
+README = REPO / "README.md"
 HEADING = "## Use SPG from Python (any training loop)"
 SOURCE_LINE = 'source = "facebook/wav2vec2-base"'
 YAML_HEADING = "## Use a compressed model anywhere"
