@@ -15,7 +15,9 @@ rule), within float32 rounding: the exponential is within about 1 ulp,
 ``1 / (2 tau)`` and ``1 / tau`` are multiplications, ``W^2 - t^2`` is one fused
 multiply-add, sums are taken per 16,384 weights in float32 and added in
 double. Below a sigmoid argument of -80 the mask is 0 instead of a number
-below 1.8e-35 (a fully pinched matrix gates to exact zeros).
+below 1.8e-35 (a fully pinched matrix gates to exact zeros), and a gated
+weight below float32's smallest normal number is 0
+(``fused_gate.flush_subnormal``).
 
 The library is built at first use by the system's C compiler (``$CC``,
 else ``gcc``, else ``cc``; ``torch.compile`` needs one on a CPU too), with

@@ -74,6 +74,17 @@ static inline __m256 mask_of(__m256 w, __m256 t2, __m256 inv_two_tau)
         _mm256_mul_ps(_mm256_fmsub_ps(w, w, t2), inv_two_tau));
 }
 
+/* v with its subnormal lanes set to zero (fused_gate.flush_subnormal): a
+ * subnormal gated weight slows down every matrix product that reads it. */
+static inline __m256 flush_subnormal(__m256 v)
+{
+    /* An ordered compare: a NaN is not below, and stays NaN. */
+    const __m256 subnormal = _mm256_cmp_ps(
+        _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v),
+        _mm256_set1_ps(1.17549435e-38f), _CMP_LT_OQ);
+    return _mm256_andnot_ps(subnormal, v);
+}
+
 /* Lanes below `lanes` set (for the last, partial vector of a chunk). */
 static inline __m256i lanes_below(int64_t lanes)
 {
@@ -122,7 +133,7 @@ static inline int64_t chunks_of(int64_t n)
     return (n + SPG_CHUNK - 1) / SPG_CHUNK;
 }
 
-/* out = W * M; result[0] = sum(M). */
+/* out = W * M (subnormal values flushed to 0); result[0] = sum(M). */
 void spg_forward(const float *weight, float *out, int64_t n,
                  const float *threshold, const float *temperature,
                  float *result, int threads)
@@ -141,7 +152,7 @@ void spg_forward(const float *weight, float *out, int64_t n,
             const __m256 w = load(weight + i, lanes);
             const __m256 m = mask_of(w, t2, inv_two_tau);
             mask_sum = _mm256_add_ps(mask_sum, valid(m, lanes));
-            store(out + i, _mm256_mul_ps(w, m), lanes);
+            store(out + i, flush_subnormal(_mm256_mul_ps(w, m)), lanes);
         }
         total += sum_lanes(mask_sum);
     }

@@ -177,6 +177,22 @@ def test_weights_far_above_the_threshold_pass_exactly():
         assert threshold_grad.item() == 0.0, backward
 
 
+def test_subnormal_gated_weights_are_zero():
+    # At W = +-1e-5 and a sigmoid argument of -79 (not clipped), W * M is
+    # 4.9e-40, subnormal: the kernel writes 0 (fused_gate.flush_subnormal),
+    # keeps normal values and a NaN, and counts the mask as before.
+    threshold = torch.tensor((1e-10 + 2 * 79 * 1e-3) ** 0.5)
+    tau = torch.tensor(1e-3)
+    weight = torch.tensor([1e-5, -1e-5, 0.5, float("nan")] * 5)
+    gated, mask_sum = native_gate.forward(weight, threshold, tau)
+    assert torch.equal(gated[0::4], torch.zeros(5))
+    assert torch.equal(gated[1::4], torch.zeros(5))
+    assert torch.equal(gated[2::4], torch.full((5,), 0.5))
+    assert torch.isnan(gated[3::4]).all()
+    eager, _ = _forward_math(weight, threshold, tau)
+    assert torch.equal(gated[:3], eager[:3])
+
+
 def test_weights_far_below_the_threshold_are_pinched_to_zero():
     # z = (W^2 - t^2) / (2 tau) < -80 for every weight: the mask is 0 (the
     # sigmoid is below 1.8e-35 there), and no subnormal is computed.

@@ -844,3 +844,36 @@ def test_history_clock_resumes_old_checkpoints(tmp_path, train_module):
     (tmp_path / "history.json").write_text(json.dumps(rows))
     assert train_module.history_clock(str(tmp_path)) == 210.5
     assert train_module.history_clock(str(tmp_path), up_to_epoch=1) == 100.0
+
+
+FLUSH_PROBE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import train
+if sys.argv[2] == "flush":
+    train.flush_subnormals()
+torch.set_num_threads(2)
+# Every product is 1e-42 and every sum of 512 of them 5e-40: subnormal.
+a = torch.full((1024, 512), 1e-21)
+print(int((a @ a.T != 0).sum()))
+"""
+
+
+@pytest.mark.skipif(
+    not torch.backends.cpu.get_cpu_capability().startswith("AVX"),
+    reason="flush-to-zero is an x86 (SSE/AVX) mode",
+)
+def test_recipe_flushes_subnormals_in_every_cpu_thread():
+    # Set first, the mode reaches the threads PyTorch starts afterwards:
+    # a two-thread product of subnormal results comes out all zero.
+    def nonzero(mode):
+        out = subprocess.run(
+            [sys.executable, "-c", FLUSH_PROBE, str(RECIPE_DIR), mode],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return int(out.stdout.split()[-1])
+
+    assert nonzero("keep") == 1024 * 1024
+    assert nonzero("flush") == 0
