@@ -552,8 +552,14 @@ class SelfPinchingGate(nn.Module):
             ``W * M``.
         """
         threshold, tau = self._threshold_and_tau(index)
-        if self.impl == "reference" or not torch.is_grad_enabled():
+        if self.impl == "reference":
             return PinchFunction.apply(weight, threshold, tau)
+        if not torch.is_grad_enabled():
+            # Evaluation: the fast kernel's value, which, unlike the
+            # reference path's, holds no subnormal number.
+            return gated_value(
+                weight, threshold, tau, self.impl == "compiled", out_dtype
+            )
         gated, soft_zeros = FusedPinchFunction.apply(
             weight,
             threshold,

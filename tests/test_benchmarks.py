@@ -363,3 +363,54 @@ def test_sparsity_controller_refuses_the_overrides_it_sets(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         controller.main(["--recipe-args", "--output_folder=elsewhere"])
     assert "--output_folder is set by the benchmark" in capsys.readouterr().err
+
+
+def test_subnormal_cost_measures_the_flushes_of_a_checkpoint(
+    monkeypatch, capsys, tmp_path
+):
+    subnormal_cost = load_benchmark("subnormal_cost", monkeypatch)
+    with pytest.raises(FileNotFoundError, match="run the SPG demo first"):
+        subnormal_cost.newest_checkpoint(tmp_path)
+    # Thresholds of 1.85 weight std: the sigmoid's argument at W = 0 is
+    # -85.6, so small weights gate to subnormal numbers unless flushed.
+    lobe = subnormal_cost.SPGWav2Vec2(
+        str(subnormal_cost.SOURCE), save_path="", output_norm=True
+    )
+    lobe.gate.threshold_param.data.fill_(1.85 / lobe.gate.lr_scale)
+    folder = tmp_path / "run" / "save" / "CKPT+2026-11-27+00-00-00+00"
+    folder.mkdir(parents=True)
+    torch.save(lobe.state_dict(), folder / "ssl.ckpt")
+    args = ["--rounds", "1", "--steps", "1", "--batch", "1", "--seconds", "0.3"]
+    threads = torch.get_num_threads()
+    try:
+        ratios = subnormal_cost.main(["--checkpoint", str(tmp_path), *args])
+    finally:
+        torch.set_num_threads(threads)  # the benchmark runs on one thread
+    out = capsys.readouterr().out
+    assert f"checkpoint: {folder / 'ssl.ckpt'}" in out
+    assert "subnormal gated weights: 0.0000%" in out
+    share = re.search(r"without the gate's flush: (\d+\.\d+)%", out)
+    assert float(share.group(1)) > 1.0
+    assert re.fullmatch(
+        r"step-time ratio vs dense: spg \d+\.\d{3}, no flush-to-zero "
+        r"\d+\.\d{3}, subnormal gated weights \d+\.\d{3}",
+        out.strip().splitlines()[-1],
+    )
+    assert set(ratios) == {
+        "dense",
+        "spg",
+        "dense, no flush-to-zero",
+        "spg, no flush-to-zero",
+        "spg, subnormal gated weights",
+    }
+    # Each SPG row against the dense row of its flush-to-zero setting.
+    assert ratios["dense"] == ratios["dense, no flush-to-zero"] == 1.0
+    dense_state = tmp_path / "dense.ckpt"
+    torch.save(
+        {"model.encoder.layers.0.attention.k_proj.weight": 0}, dense_state
+    )
+    with pytest.raises(SystemExit, match="not an SPG lobe's checkpoint"):
+        subnormal_cost.main(["--checkpoint", str(dense_state), *args])
+    torch.set_num_threads(threads)
+    # The flush-to-zero of the benchmark is undone.
+    assert torch.tensor(1e-30) * torch.tensor(1e-10) != 0

@@ -167,6 +167,25 @@ def test_fast_gate_returns_no_subnormal_gated_weight(compiled, recompute_mask):
     torch.testing.assert_close(t.grad, t_ref.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["fused", "compiled", "reference"])
+def test_evaluation_gates_without_subnormals_on_the_fast_paths(
+    impl, monkeypatch
+):
+    # Without gradients (validation, test, the eval cache) the fast
+    # gates use their forward kernel too; the reference path does not
+    # flush.
+    weight, threshold, tau = _subnormal_case()
+    gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5, impl=impl)
+    monkeypatch.setattr(gate, "_threshold_and_tau", lambda i: (threshold, tau))
+    with torch.no_grad():
+        gated = gate(0, weight)
+    assert torch.equal(gated[2::4], weight[2::4])
+    if impl == "reference":
+        assert (gated[::4] != 0).all()
+    else:
+        assert torch.equal(gated[::4], torch.zeros(4))
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_flushing_subnormals_keeps_nan(compiled):
     # A non-finite weight must stay visible (the recipe skips such steps).
