@@ -38,7 +38,9 @@ The numbers are those of casting a float32 ``W * M``.
 
 The sigmoid's argument is clipped at ``SIGMOID_SATURATION`` (see there):
 no value changes, but a CPU no longer computes subnormal numbers for the
-weights far above their threshold.
+weights far above their threshold. For the same reason no gated weight is
+returned subnormal (``flush_subnormal``; the Triton kernels on CUDA keep
+them, GPUs are not slowed down by them).
 
 Where ``torch.compile`` works (a C++ compiler on CPU, Triton on CUDA) the
 element-wise math is compiled into single kernels; otherwise the same math
@@ -113,8 +115,9 @@ def flush_subnormal(x):
     A gated weight ``W * M`` of a pinched weight can be subnormal (``M``
     tiny and ``W`` small); the matrix products of the forward and backward
     passes then take a slow microcode path on x86 CPUs for every vector
-    that holds one. 0.2% subnormal gated weights made the training step of
-    a trained tiny model 1.48x slower (``benchmarks/RESULTS.md``). Zero
+    that holds one. 0.4% subnormal gated weights made the training step of
+    a trained tiny lobe 1.6x slower (1023 against 639 ms,
+    ``benchmarks/subnormal_cost.py``; ``benchmarks/RESULTS.md``). Zero
     differs from such a value by less than the dtype's smallest normal
     number (1.2e-38 in float32), and the backward reads these weights'
     mask as the mask at ``W = 0``, as it did for underflowing products.

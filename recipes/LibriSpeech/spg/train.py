@@ -755,7 +755,7 @@ def flush_subnormals():
     projections of a block at 99% sparsity), the gradients that flow back
     through it are so small that matrix products return subnormal numbers,
     which x86 CPUs compute through a slow microcode path: a 952 x 192 by
-    192 x 192 product took 131 ms instead of 0.6 ms (``benchmarks/
+    192 x 192 product took about 130 ms instead of 0.6 ms (``benchmarks/
     RESULTS.md``). Values below 1.2e-38 become 0; nothing else changes.
 
     ``torch.set_flush_denormal`` sets the calling thread; the threads that
