@@ -20,6 +20,7 @@ import contextlib
 import difflib
 import math
 import re
+import warnings
 
 import torch
 from speechbrain.integrations.huggingface.hubert import HuBERT
@@ -214,6 +215,43 @@ def refuse_misspelled_options(kwargs, option_names):
             )
 
 
+def keeps_subnormals():
+    """Whether this thread computes subnormal floats on an x86 CPU, where
+    they are slow (no ``torch.set_flush_denormal(True)``).
+
+    Returns
+    -------
+    bool
+        False on other CPUs (the setting does not apply there) and with
+        flush-to-zero on.
+
+    Example
+    -------
+    >>> torch.set_flush_denormal(True) and keeps_subnormals()
+    False
+    >>> _ = torch.set_flush_denormal(False)
+    """
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        return False
+    return bool(torch.tensor(1e-30) * torch.tensor(1e-10) != 0)
+
+
+def warn_about_subnormals():
+    """The warning of CPU training without flush-to-zero (shown once per
+    process by Python's default warning filter)."""
+    warnings.warn(
+        "SPG training on a CPU that computes subnormal numbers: as the "
+        "gates pinch whole matrices, the gradients through them become "
+        "subnormal and x86 CPUs compute these slowly (a trained tiny "
+        "model's step: 1.19x instead of 1.13x the dense one; "
+        "benchmarks/RESULTS.md). Call torch.set_flush_denormal(True) first "
+        "in your script, before any other torch work (README: 'Use SPG "
+        "from Python'); the recipe's train.py does.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 class GatedWavLMAttention(WavLMAttention):
     """WavLM attention whose projection weights go through their gates.
 
@@ -346,6 +384,13 @@ class SPGLobeMixin:
         self.gate.soft_zeros.clear()
         if training:
             self.gate.advance()
+            if (
+                not getattr(self, "_checked_subnormals", False)
+                and wav.device.type == "cpu"
+            ):
+                self._checked_subnormals = True
+                if keeps_subnormals():
+                    warn_about_subnormals()
         # Fused paths on a GPU: a block's matrices gated in one call (little
         # host work per matrix).
         with (

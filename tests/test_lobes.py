@@ -2,6 +2,7 @@
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -464,3 +465,26 @@ def test_pruned_checkpoint_round_trip_keeps_masks(wav2vec2_source, tmp_path):
     assert fresh.sparsity_report().removed_params == sum(
         int((~mask).sum()) for mask in masks
     )
+
+
+@pytest.mark.skipif(
+    not torch.backends.cpu.get_cpu_capability().startswith("AVX"),
+    reason="flush-to-zero is an x86 (SSE/AVX) mode",
+)
+def test_cpu_training_without_flush_to_zero_warns_once(wav2vec2_source):
+    def first_steps(flush):
+        lobe = SPGWav2Vec2(str(wav2vec2_source), save_path="").train()
+        torch.set_flush_denormal(flush)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for _ in range(2):
+                    lobe(torch.randn(1, 4000)).sum().backward()
+        finally:
+            torch.set_flush_denormal(False)
+        return [str(w.message) for w in caught if "subnormal" in str(w.message)]
+
+    messages = first_steps(flush=False)
+    assert len(messages) == 1  # checked on the first training step only
+    assert "torch.set_flush_denormal(True)" in messages[0]
+    assert first_steps(flush=True) == []
