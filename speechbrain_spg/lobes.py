@@ -236,7 +236,7 @@ def keeps_subnormals():
     return bool(torch.tensor(1e-30) * torch.tensor(1e-10) != 0)
 
 
-def warn_about_subnormals():
+def _warn_about_subnormals():
     """The warning of CPU training without flush-to-zero (shown once per
     process by Python's default warning filter)."""
     warnings.warn(
@@ -390,7 +390,7 @@ class SPGLobeMixin:
             ):
                 self._checked_subnormals = True
                 if keeps_subnormals():
-                    warn_about_subnormals()
+                    _warn_about_subnormals()
         # Fused paths on a GPU: a block's matrices gated in one call (little
         # host work per matrix).
         with (
