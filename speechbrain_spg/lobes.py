@@ -215,6 +215,22 @@ def refuse_misspelled_options(kwargs, option_names):
             )
 
 
+def x86_cpu():
+    """Whether PyTorch runs on an x86 CPU (SSE / AVX): there subnormal
+    floats are slow and ``torch.set_flush_denormal`` applies.
+
+    Returns
+    -------
+    bool
+
+    Example
+    -------
+    >>> isinstance(x86_cpu(), bool)
+    True
+    """
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX")
+
+
 def keeps_subnormals():
     """Whether this thread computes subnormal floats on an x86 CPU, where
     they are slow (no ``torch.set_flush_denormal(True)``).
@@ -231,9 +247,7 @@ def keeps_subnormals():
     False
     >>> _ = torch.set_flush_denormal(False)
     """
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
-        return False
-    return bool(torch.tensor(1e-30) * torch.tensor(1e-10) != 0)
+    return x86_cpu() and bool(torch.tensor(1e-30) * torch.tensor(1e-10) != 0)
 
 
 def _warn_about_subnormals():
@@ -311,6 +325,9 @@ class SPGLobeMixin:
         ``recompute_gated_weights``) and the wrapper's own arguments.
     """
 
+    #: Set at the first training step on a CPU (see ``keeps_subnormals``).
+    _checked_subnormals = False
+
     def __init__(self, source, save_path="", **kwargs):
         spg_keys = {f.name for f in SPGOptions.__dataclass_fields__.values()}
         refuse_misspelled_options(kwargs, spg_keys)
@@ -384,10 +401,7 @@ class SPGLobeMixin:
         self.gate.soft_zeros.clear()
         if training:
             self.gate.advance()
-            if (
-                not getattr(self, "_checked_subnormals", False)
-                and wav.device.type == "cpu"
-            ):
+            if not self._checked_subnormals and wav.device.type == "cpu":
                 self._checked_subnormals = True
                 if keeps_subnormals():
                     _warn_about_subnormals()

@@ -18,6 +18,7 @@ from speechbrain_spg.lobes import (
     SPGWav2Vec2,
     SPGWavLM,
     install_gates,
+    x86_cpu,
 )
 from speechbrain_spg.options import DEFAULT_PRUNE_MODULES, SPGOptions
 
@@ -468,8 +469,7 @@ def test_pruned_checkpoint_round_trip_keeps_masks(wav2vec2_source, tmp_path):
 
 
 @pytest.mark.skipif(
-    not torch.backends.cpu.get_cpu_capability().startswith("AVX"),
-    reason="flush-to-zero is an x86 (SSE/AVX) mode",
+    not x86_cpu(), reason="flush-to-zero is an x86 (SSE/AVX) mode"
 )
 def test_cpu_training_without_flush_to_zero_warns_once(wav2vec2_source):
     def first_steps(flush):

@@ -50,7 +50,7 @@ from speechbrain_spg.architectures import (
     save_random_model,
 )
 from speechbrain_spg.export import read_manifest
-from speechbrain_spg.lobes import SPGHuBERT, SPGWav2Vec2, SPGWavLM
+from speechbrain_spg.lobes import SPGHuBERT, SPGWav2Vec2, SPGWavLM, x86_cpu
 
 FRAGMENT_DIR = REPO / "hparams"
 
@@ -860,8 +860,7 @@ print(int((a @ a.T != 0).sum()))
 
 
 @pytest.mark.skipif(
-    not torch.backends.cpu.get_cpu_capability().startswith("AVX"),
-    reason="flush-to-zero is an x86 (SSE/AVX) mode",
+    not x86_cpu(), reason="flush-to-zero is an x86 (SSE/AVX) mode"
 )
 def test_recipe_flushes_subnormals_in_every_cpu_thread():
     # Set first, the mode reaches the threads PyTorch starts afterwards:
