@@ -56,7 +56,10 @@ SpeechBrain's ``Brain.fit_batch``: forward, backward, optimiser step, then
 ``zero_grad(set_to_none=True)``, so gradients are not kept through the next
 forward pass (``--zero-grad before-backward`` clears them between forward
 and backward instead, as many plain PyTorch loops do: the previous step's
-gradients are then alive during the forward pass). CPU mode uses short audio so it
+gradients are then alive during the forward pass). Subnormal results are
+flushed to zero during the steps (``torch.set_flush_denormal(True)``, as the
+recipe's ``train.py`` does; x86 CPUs compute them slowly, see
+``subnormal_cost.py``). CPU mode uses short audio so it
 finishes in minutes on a laptop; CUDA mode uses batch 8 x 15 s under bf16
 autocast. Timings of separate processes vary by several percent on a
 shared CPU: ``--rounds N`` measures every variant N times, interleaved, and
@@ -223,6 +226,23 @@ class PeakRSS:
             self.peak = self._high_water_mark()
 
 
+@contextlib.contextmanager
+def flush_subnormals():
+    """Subnormal results flushed to zero within the block, as in the
+    recipe's ``train.py`` (``torch.set_flush_denormal``: x86 and ARM CPUs;
+    x86 ones compute subnormals slowly); the setting before is restored.
+    PyTorch's CPU worker threads take the setting when they start, so the
+    block should begin before other torch work of the process."""
+    # A subnormal product (1e-40) comes out as 0 when flushing.
+    was_on = bool(torch.tensor(1e-30) * torch.tensor(1e-10) == 0)
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if not was_on:
+            torch.set_flush_denormal(False)
+
+
 def synchronize(device):
     """Waits for the device."""
     if device == "cuda":
@@ -281,7 +301,14 @@ def training_setup(variant, source, args):
 
 
 def measure(variant, source, args):
-    """Median step time, eval time and peak memory of one variant."""
+    """Median step time, eval time and peak memory of one variant (with
+    subnormal results flushed to zero, as in the recipe)."""
+    with flush_subnormals():
+        return _measure(variant, source, args)
+
+
+def _measure(variant, source, args):
+    """``measure`` without the flush-to-zero setting."""
     device = args.device
     lobe, head, optimizer, wav, targets, autocast = training_setup(
         variant, source, args

@@ -14,7 +14,8 @@ prints, per step:
 
 A step whose wall time exceeds the device's busy time waits on the host
 (Python, autograd, kernel launches); one where they match is bound by the
-kernels themselves.
+kernels themselves. Subnormal results are flushed to zero, as in the
+recipe (``gate_overhead.flush_subnormals``).
 
 Usage:
     python benchmarks/gate_profile.py --device cuda
@@ -135,7 +136,10 @@ def main(argv=None):
         f"device {args.device}, batch {args.batch} x {args.seconds} s, "
         f"{args.steps} profiled steps after {args.warmup} warm-up"
     )
-    with tempfile.TemporaryDirectory() as work:
+    with (
+        gate_overhead.flush_subnormals(),
+        tempfile.TemporaryDirectory() as work,
+    ):
         for hub_id in args.models:
             source = save_random_model(hub_config(hub_id), f"{work}/{hub_id}")
             print(f"\n{hub_id} (random weights)")

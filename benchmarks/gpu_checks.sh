@@ -6,28 +6,33 @@
 #      tests/test_triton_gate.py (fused, compiled and Triton gate vs the
 #      reference on CUDA: outputs, gradients, bf16 autocast step, the cast
 #      in the gate's kernel, no device read-back while gating);
-#   2. python benchmarks/gate_overhead.py --device cuda --rounds 2
+#   2. python benchmarks/gate_overhead.py --device cuda --rounds 2 --steps 40
 #      (wav2vec2-base and HuBERT-large, batch 8 x 15 s, bf16 autocast) with
 #      the variants dense and compiled (all matrices gated in one call of
 #      the hand-written Triton kernels), each measured twice in separate
-#      processes: wav2vec2-base's rounds spread over 1.08-1.20 in run 4,
-#      so one round cannot decide its goal; the reference, per-matrix,
-#      per-block and torch.compile-per-block paths were measured in earlier
-#      runs (benchmarks/RESULTS.md);
-#   3. python benchmarks/step_overhead.py --device cuda --pairs 20 (training
-#      steps of the dense and SPG lobes, alternating, in one process);
-#   4. python benchmarks/gate_profile.py --device cuda (HuBERT-large, dense
-#      and compiled: wall vs device-busy time per step, top kernels);
-#   5. python benchmarks/gate_host_overhead.py --device cuda (host time per
-#      gated matrix: one call per matrix, one per block with Triton, one per
-#      block with torch.compile, the lobes' default);
+#      processes, 40 timed steps each (2 s of wav2vec2-base steps): its
+#      rounds of 20 steps spread over 1.08-1.20 in run 4, so one short
+#      round cannot decide its goal; the reference, per-matrix, per-block
+#      and torch.compile-per-block paths were measured in earlier runs
+#      (benchmarks/RESULTS.md);
+#   3. python benchmarks/step_overhead.py --device cuda --pairs 40 (training
+#      steps of the dense and SPG lobes, alternating, in one process; run 4
+#      gave 1.039 for wav2vec2-base here against 1.140-1.157 from step 2);
+#   4. python benchmarks/gate_profile.py --device cuda on wav2vec2-base,
+#      dense and compiled: wall vs device-busy time per step, which tells
+#      whether its SPG step waits on the host (HuBERT-large's was profiled in
+#      run 3: its device was busy 2.4% longer than dense's);
+#   5. python benchmarks/gate_host_overhead.py --device cuda --modes
+#      per_block lobe_default (host time per gated matrix: one call per
+#      block with Triton, and the lobes' default of one call for all; the
+#      torch.compile modes compile for longer than run 4 gave them);
 #   6. python benchmarks/eval_overhead.py --device cuda --pairs 20
 #      (evaluation passes of the dense and SPG lobes, alternating, in one
 #      process).
 # Most important first: a run cut short by the device's time limit keeps
 # the step-time numbers. Run 3 (2026-11-27, H100) took 418 s with these
-# steps and three variants, one round, in step 2 (four processes per model
-# now instead of three); budget about 8 minutes.
+# steps and three variants, one round, 20 steps, in step 2 (four processes
+# per model now, with twice the steps); budget about 8 minutes.
 #
 # The GPU image has torch, transformers and pytest but not SpeechBrain. On the
 # CPU machine, once, in the repository root:
@@ -62,17 +67,19 @@ timeout 180 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
     -k cuda 2>&1 | grep -v DEBUG | tee "$out/tests.txt"
 tests=${PIPESTATUS[0]}
 timeout 300 python3 benchmarks/gate_overhead.py --device cuda --variants \
-    dense compiled --rounds 2 2>&1 \
+    dense compiled --rounds 2 --steps 40 2>&1 \
     | grep -v "feature extractor is frozen" | tee "$out/gate_overhead.txt"
 bench=${PIPESTATUS[0]}
-timeout 100 python3 benchmarks/step_overhead.py --device cuda --pairs 20 2>&1 \
+timeout 120 python3 benchmarks/step_overhead.py --device cuda --pairs 40 2>&1 \
     | grep -v "feature extractor is frozen" | tee "$out/step_overhead.txt"
 steps=${PIPESTATUS[0]}
-timeout 90 python3 benchmarks/gate_profile.py --device cuda 2>&1 \
+timeout 90 python3 benchmarks/gate_profile.py --device cuda \
+    --models facebook/wav2vec2-base 2>&1 \
     > "$out/gate_profile.txt"
 profile=$?
 grep "^== " "$out/gate_profile.txt"
-timeout 60 python3 benchmarks/gate_host_overhead.py --device cuda 2>&1 \
+timeout 60 python3 benchmarks/gate_host_overhead.py --device cuda \
+    --modes per_block lobe_default 2>&1 \
     | tee "$out/gate_host_overhead.txt"
 host=${PIPESTATUS[0]}
 timeout 90 python3 benchmarks/eval_overhead.py --device cuda --pairs 20 2>&1 \

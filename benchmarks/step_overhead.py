@@ -11,7 +11,9 @@ alternately, dense-SPG then SPG-dense, so that both see the same machine
 state. It prints the median of the per-pair ratios and their interquartile
 range, and the median number of minor page faults per step of each lobe
 (Unix): memory the allocator gave back to the system and takes again is
-zeroed by the kernel, which a CPU step pays for. The last line reads
+zeroed by the kernel, which a CPU step pays for. Subnormal results are
+flushed to zero, as in the recipe (``gate_overhead.flush_subnormals``). The
+last line reads
 ``step-time ratio spg/dense: MODEL R, MODEL R``.
 
 ``--variant`` picks the SPG variant among those of ``gate_overhead.py``
@@ -135,7 +137,10 @@ def main(argv=None):
         f"{torch.get_num_threads()} CPU threads"
     )
     medians = {}
-    with tempfile.TemporaryDirectory() as work:
+    with (
+        gate_overhead.flush_subnormals(),
+        tempfile.TemporaryDirectory() as work,
+    ):
         for hub_id in args.models:
             source = save_random_model(hub_config(hub_id), f"{work}/{hub_id}")
             times, ratios, faults = measure(source, args)

@@ -38,6 +38,56 @@ def load_benchmark(name, monkeypatch):
     return module
 
 
+def flushing():
+    """Whether this thread flushes subnormal results to zero."""
+    return bool(torch.tensor(1e-30) * torch.tensor(1e-10) == 0)
+
+
+@pytest.fixture
+def subnormals_kept():
+    """Flush-to-zero off for the test (skipped on a CPU without it), and
+    off again afterwards."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero setting")
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(False)
+
+
+def test_benchmarks_flush_subnormals_as_the_recipe_and_restore(
+    monkeypatch, subnormals_kept
+):
+    gate_overhead = load_benchmark("gate_overhead", monkeypatch)
+    assert not flushing()
+    with gate_overhead.flush_subnormals():
+        assert flushing()
+    assert not flushing()
+    # A setting that was on stays on.
+    torch.set_flush_denormal(True)
+    with gate_overhead.flush_subnormals():
+        assert flushing()
+    assert flushing()
+    # Restored when the block raises.
+    torch.set_flush_denormal(False)
+    with pytest.raises(KeyError):
+        with gate_overhead.flush_subnormals():
+            raise KeyError("step")
+    assert not flushing()
+
+
+def test_gate_overhead_measures_with_subnormals_flushed(
+    monkeypatch, subnormals_kept
+):
+    gate_overhead = load_benchmark("gate_overhead", monkeypatch)
+    monkeypatch.setattr(
+        gate_overhead, "_measure", lambda *args: {"flushing": flushing()}
+    )
+    assert gate_overhead.measure("compiled", "source", None) == {
+        "flushing": True
+    }
+    assert not flushing()
+
+
 def test_gate_overhead_prints_a_table_and_the_ratio_line(monkeypatch, capsys):
     gate_overhead = load_benchmark("gate_overhead", monkeypatch)
     monkeypatch.setattr(
@@ -121,7 +171,19 @@ def test_gate_profile_prints_a_profile_per_variant(monkeypatch, capsys):
         "hub_config",
         lambda hub_id: build_config("hubert", **TINY_OVERRIDES),
     )
+    profile_variant = gate_profile.profile_variant
+    flushed = []
+
+    def recording_profile(*args):
+        flushed.append(flushing())
+        profile_variant(*args)
+
+    monkeypatch.setattr(gate_profile, "profile_variant", recording_profile)
+    # Off before; True where the CPU has the setting.
+    supported = torch.set_flush_denormal(False)
     gate_profile.main(["--steps", "1", "--warmup", "1", "--top", "5"])
+    # Profiled with subnormals flushed, as the recipe trains; then off.
+    assert flushed == [supported, supported] and not flushing()
     out = capsys.readouterr().out
     summaries = re.findall(
         r"== (\w+): (\d+\.\d) ms per step \(wall, profiled\), "
@@ -166,6 +228,32 @@ def test_gate_host_overhead_prints_the_cost_per_matrix(monkeypatch, capsys):
         lines[-1],
     )
     assert match, lines[-1]
+
+
+def test_gate_host_overhead_measures_the_chosen_modes_against_dense(
+    monkeypatch, capsys
+):
+    gate_host_overhead = load_benchmark("gate_host_overhead", monkeypatch)
+    gate_host_overhead.main(
+        ["--matrices", "6", "--steps", "2", "--warmup", "1"]
+        + ["--modes", "lobe_default", "per_block"]
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [line.split(":")[0].strip() for line in lines[1:-1]]
+    # Dense comes first although not asked for; the benchmark's order.
+    assert rows == ["dense", "per_block", "lobe_default"]
+    assert re.fullmatch(
+        r"host time per gated matrix over dense: "
+        r"per block -?\d+\.\d us, lobe default -?\d+\.\d us",
+        lines[-1],
+    ), lines[-1]
+
+
+def test_gate_host_overhead_refuses_an_unknown_mode(monkeypatch, capsys):
+    gate_host_overhead = load_benchmark("gate_host_overhead", monkeypatch)
+    with pytest.raises(SystemExit):
+        gate_host_overhead.main(["--modes", "per_layer"])
+    assert "invalid choice: 'per_layer'" in capsys.readouterr().err
 
 
 def assert_pair_summary(lines, label):
@@ -227,6 +315,8 @@ def test_step_overhead_alternates_training_steps_and_prints_the_ratio_line(
     def recording_step(setup, device):
         name = "spg" if hasattr(setup[0], "gate") else "dense"
         order.append(name)
+        # Subnormals flushed, as in the recipe.
+        assert flushing() == supported
         before = setup[0].gate.step_count if name == "spg" else None
         seconds = timed_step(setup, device)
         if name == "spg":
@@ -237,6 +327,8 @@ def test_step_overhead_alternates_training_steps_and_prints_the_ratio_line(
         return seconds
 
     monkeypatch.setattr(step_overhead, "timed_step", recording_step)
+    # Off before; True where the CPU has the setting.
+    supported = torch.set_flush_denormal(False)
     step_overhead.main(
         ["--models", "facebook/wav2vec2-base", "--pairs", "4", "--warmup", "1"]
     )
