@@ -48,7 +48,8 @@ fine-tuning step (forward, CTC loss + sparsity loss, backward, Adam step) of
 - optionally (``--variants ... compiled_unclipped_sigmoid``) the compiled
   gate without the clip of its sigmoid's argument
   (``fused_gate.SIGMOID_SATURATION``; the same numbers, with subnormal
-  intermediates on CPU),
+  intermediates on CPU, which the flush-to-zero of these steps, below,
+  turns into zeros: ``subnormal_cost.py`` measures their cost),
 
 plus evaluation-mode inference (cached gated weights) and peak memory. The
 CNN front end is frozen, as in the recipes. The step runs in the order of
