@@ -18,6 +18,7 @@ Authors
  * speechbrain-spg developers 2026
 """
 
+import argparse
 import tempfile
 
 import torch
@@ -82,8 +83,12 @@ def ideal_ratio(hub_id, sparsity):
     }
 
 
-def main():
-    """Prints every number with its context."""
+def main(argv=None):
+    """Prints every number with its context (no options: ``--help`` says
+    what it does)."""
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(
+        argv
+    )
     print("## Architectures (random weights, meta device)")
     print(
         "| model | total params | gated matrices | gated weights | "

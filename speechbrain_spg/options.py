@@ -67,9 +67,11 @@ class SPGOptions:
         model: ``benchmarks/RESULTS.md``). 0 (default) gives the paper's
         two-multiplier Lagrangian.
     gate_impl : str
-        ``"fused"`` (default: gate and soft sparsity in one pass),
-        ``"compiled"`` (the same through ``torch.compile``; fastest where a
-        compiler is available) or ``"reference"`` (plain autograd, for tests).
+        ``"fused"`` (default: gate and soft sparsity in one pass, eager
+        PyTorch), ``"compiled"`` (the same math in hand-written C kernels on
+        x86-64 CPUs and Triton kernels on CUDA, ``torch.compile`` kernels
+        elsewhere, eager where nothing compiles) or ``"reference"`` (plain
+        autograd, for tests).
     recompute_gated_weights : bool
         Keep no gated weight from the forward pass to the backward pass:
         the matrix product's backward computes ``W * M`` again. Saves memory

@@ -506,3 +506,18 @@ def test_subnormal_cost_measures_the_flushes_of_a_checkpoint(
     torch.set_num_threads(threads)
     # The flush-to-zero of the benchmark is undone.
     assert torch.tensor(1e-30) * torch.tensor(1e-10) != 0
+
+
+def test_core_numbers_help_describes_it_and_runs_nothing(monkeypatch, capsys):
+    core_numbers = load_benchmark("core_numbers", monkeypatch)
+
+    def not_run(*args):
+        raise AssertionError("--help ran the benchmark")
+
+    monkeypatch.setattr(core_numbers, "architecture_counts", not_run)
+    with pytest.raises(SystemExit) as stop:
+        core_numbers.main(["--help"])
+    assert stop.value.code == 0
+    assert "Prints the core library's headline numbers" in (
+        capsys.readouterr().out
+    )

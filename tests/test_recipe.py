@@ -199,6 +199,33 @@ def test_full_size_yaml_needs_data_folder(name):
     assert raw["ssl_source"] == FULL_SIZE_YAMLS[name][0]
 
 
+#: The SPG recipe YAMLs (method spg).
+SPG_YAMLS = sorted(
+    [name for name in FULL_SIZE_YAMLS if "_spg" in name]
+    + [name for name, (method, _) in TINY_YAMLS.items() if method == "spg"]
+)
+
+
+@pytest.mark.parametrize("name", SPG_YAMLS)
+def test_spg_yaml_takes_the_lobe_knobs_from_the_command_line(name):
+    """The README's knobs ``--gate_impl`` and ``--recompute_gated_weights``
+    are top-level keys of every SPG YAML, passed on to the lobe (an
+    override of a key the YAML lacks is a KeyError)."""
+    path = RECIPE_DIR / "hparams" / name
+    overrides = {
+        "gate_impl": "reference",
+        "recompute_gated_weights": True,
+        "data_folder": "unused",
+        "ssl_source": "unused",
+    }
+    with open(path, encoding="utf-8") as fin:
+        resolved = resolve_references(fin, overrides).getvalue()
+    lobe = ruamel.yaml.YAML().load(resolved)["ssl"]
+    assert lobe.tag.value.startswith("!new:speechbrain_spg.lobes.SPG")
+    assert lobe["gate_impl"] == "reference"
+    assert lobe["recompute_gated_weights"] is True
+
+
 @pytest.mark.parametrize("name", sorted(FULL_SIZE_YAMLS))
 def test_full_size_yaml_instantiates(
     name, full_size_dir, tmp_path, train_module
