@@ -47,9 +47,10 @@ fine-tuning step (forward, CTC loss + sparsity loss, backward, Adam step) of
   backward pass; computed again there),
 - optionally (``--variants ... compiled_unclipped_sigmoid``) the compiled
   gate without the clip of its sigmoid's argument
-  (``fused_gate.SIGMOID_SATURATION``; the same numbers, with subnormal
-  intermediates on CPU, which the flush-to-zero of these steps, below,
-  turns into zeros: ``subnormal_cost.py`` measures their cost),
+  (``fused_gate.SIGMOID_SATURATION``, which the ``torch.compile`` and
+  Triton kernels read; the same numbers). The C kernels of x86-64 CPUs
+  clip with their own constant, so where they run this variant is the
+  ``compiled`` one; ``gate_kernels.py`` times the unclipped kernel,
 
 plus evaluation-mode inference (cached gated weights) and peak memory. The
 CNN front end is frozen, as in the recipes. The step runs in the order of
@@ -231,9 +232,11 @@ class PeakRSS:
 def flush_subnormals():
     """Subnormal results flushed to zero within the block, as in the
     recipe's ``train.py`` (``torch.set_flush_denormal``: x86 and ARM CPUs;
-    x86 ones compute subnormals slowly); the setting before is restored.
-    PyTorch's CPU worker threads take the setting when they start, so the
-    block should begin before other torch work of the process."""
+    x86 ones compute subnormals slowly). PyTorch's CPU worker threads take
+    the setting of the thread that starts them, so the block should begin
+    before other torch work of the process. On leaving it, the setting of
+    this thread is restored; worker threads started inside the block keep
+    flushing (a benchmark's own process ends with it)."""
     # A subnormal product (1e-40) comes out as 0 when flushing.
     was_on = bool(torch.tensor(1e-30) * torch.tensor(1e-10) == 0)
     torch.set_flush_denormal(True)

@@ -7,6 +7,7 @@
 #      reference on CUDA: outputs, gradients, bf16 autocast step, the cast
 #      in the gate's kernel, no device read-back while gating);
 #   2. python benchmarks/gate_overhead.py --device cuda --rounds 2 --steps 40
+#      --eval-steps 40
 #      (wav2vec2-base and HuBERT-large, batch 8 x 15 s, bf16 autocast) with
 #      the variants dense and compiled (all matrices gated in one call of
 #      the hand-written Triton kernels), each measured twice in separate
@@ -44,7 +45,9 @@
 #     hyperpyyaml==1.2.3 ruamel.yaml==0.18.17 ruamel.yaml.clib soundfile cffi \
 #     pycparser
 # then run this script with `.whl` carried (device tool: carry [".whl"],
-# command `bash benchmarks/gpu_checks.sh`, timeout_s 600; a first start takes minutes).
+# command `bash benchmarks/gpu_checks.sh`, timeout_s 590; a first start takes minutes).
+# The steps' own timeouts add up to 550 s, so the script always reaches its
+# last line within the device's 600 s per command.
 # Logs go to $OUT (device tool) or ./gpu_checks_out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,27 +65,27 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
 python3 -c "import torch, transformers, triton; print(torch.__version__, \
 transformers.__version__, triton.__version__, torch.cuda.get_device_name())" \
     >> "$out/device.txt"
-timeout 180 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+timeout 100 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/test_fused_gate.py tests/test_gates.py tests/test_triton_gate.py \
     -k cuda 2>&1 | grep -v DEBUG | tee "$out/tests.txt"
 tests=${PIPESTATUS[0]}
-timeout 300 python3 benchmarks/gate_overhead.py --device cuda --variants \
-    dense compiled --rounds 2 --steps 40 2>&1 \
+timeout 240 python3 benchmarks/gate_overhead.py --device cuda --variants \
+    dense compiled --rounds 2 --steps 40 --eval-steps 40 2>&1 \
     | grep -v "feature extractor is frozen" | tee "$out/gate_overhead.txt"
 bench=${PIPESTATUS[0]}
-timeout 120 python3 benchmarks/step_overhead.py --device cuda --pairs 40 2>&1 \
+timeout 80 python3 benchmarks/step_overhead.py --device cuda --pairs 40 2>&1 \
     | grep -v "feature extractor is frozen" | tee "$out/step_overhead.txt"
 steps=${PIPESTATUS[0]}
-timeout 90 python3 benchmarks/gate_profile.py --device cuda \
+timeout 50 python3 benchmarks/gate_profile.py --device cuda \
     --models facebook/wav2vec2-base 2>&1 \
     > "$out/gate_profile.txt"
 profile=$?
 grep "^== " "$out/gate_profile.txt"
-timeout 60 python3 benchmarks/gate_host_overhead.py --device cuda \
+timeout 40 python3 benchmarks/gate_host_overhead.py --device cuda \
     --modes per_block lobe_default 2>&1 \
     | tee "$out/gate_host_overhead.txt"
 host=${PIPESTATUS[0]}
-timeout 90 python3 benchmarks/eval_overhead.py --device cuda --pairs 20 2>&1 \
+timeout 40 python3 benchmarks/eval_overhead.py --device cuda --pairs 20 2>&1 \
     | grep -v "feature extractor is frozen" | tee "$out/eval_overhead.txt"
 evaluation=${PIPESTATUS[0]}
 echo "tests exit $tests, gate_overhead exit $bench, step_overhead exit" \

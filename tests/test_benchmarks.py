@@ -44,14 +44,24 @@ def flushing():
 
 
 @pytest.fixture
-def subnormals_kept():
-    """Flush-to-zero off for the test (skipped on a CPU without it), and
-    off again afterwards."""
-    if not torch.set_flush_denormal(True):
+def flush_off():
+    """Flush-to-zero off, with PyTorch's CPU thread pool started while it
+    is off (worker threads take the setting of the thread that starts
+    them: a pool started inside a benchmark's flushing block would keep
+    flushing in later tests), and off again afterwards. Yields whether
+    this CPU has the setting."""
+    supported = torch.set_flush_denormal(False)
+    torch.ones(1 << 20).exp()  # element-wise work split over the threads
+    torch.ones(256, 256) @ torch.ones(256, 256)
+    yield supported
+    torch.set_flush_denormal(False)
+
+
+@pytest.fixture
+def subnormals_kept(flush_off):
+    """``flush_off``, skipped on a CPU without the setting."""
+    if not flush_off:
         pytest.skip("this CPU has no flush-to-zero setting")
-    torch.set_flush_denormal(False)
-    yield
-    torch.set_flush_denormal(False)
 
 
 def test_benchmarks_flush_subnormals_as_the_recipe_and_restore(
@@ -164,7 +174,9 @@ def test_gate_kernels_prints_a_cost_per_kernel(monkeypatch, capsys):
         assert float(cost.split()[0]) > 0
 
 
-def test_gate_profile_prints_a_profile_per_variant(monkeypatch, capsys):
+def test_gate_profile_prints_a_profile_per_variant(
+    monkeypatch, capsys, flush_off
+):
     gate_profile = load_benchmark("gate_profile", monkeypatch)
     monkeypatch.setattr(
         gate_profile,
@@ -179,11 +191,9 @@ def test_gate_profile_prints_a_profile_per_variant(monkeypatch, capsys):
         profile_variant(*args)
 
     monkeypatch.setattr(gate_profile, "profile_variant", recording_profile)
-    # Off before; True where the CPU has the setting.
-    supported = torch.set_flush_denormal(False)
     gate_profile.main(["--steps", "1", "--warmup", "1", "--top", "5"])
     # Profiled with subnormals flushed, as the recipe trains; then off.
-    assert flushed == [supported, supported] and not flushing()
+    assert flushed == [flush_off, flush_off] and not flushing()
     out = capsys.readouterr().out
     summaries = re.findall(
         r"== (\w+): (\d+\.\d) ms per step \(wall, profiled\), "
@@ -301,7 +311,7 @@ def test_eval_overhead_alternates_the_lobes_and_prints_the_ratio_line(
 
 
 def test_step_overhead_alternates_training_steps_and_prints_the_ratio_line(
-    monkeypatch, capsys
+    monkeypatch, capsys, flush_off
 ):
     step_overhead = load_benchmark("step_overhead", monkeypatch)
     monkeypatch.setattr(
@@ -327,8 +337,7 @@ def test_step_overhead_alternates_training_steps_and_prints_the_ratio_line(
         return seconds
 
     monkeypatch.setattr(step_overhead, "timed_step", recording_step)
-    # Off before; True where the CPU has the setting.
-    supported = torch.set_flush_denormal(False)
+    supported = flush_off
     step_overhead.main(
         ["--models", "facebook/wav2vec2-base", "--pairs", "4", "--warmup", "1"]
     )

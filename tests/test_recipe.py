@@ -209,8 +209,8 @@ SPG_YAMLS = sorted(
 @pytest.mark.parametrize("name", SPG_YAMLS)
 def test_spg_yaml_takes_the_lobe_knobs_from_the_command_line(name):
     """The README's knobs ``--gate_impl`` and ``--recompute_gated_weights``
-    are top-level keys of every SPG YAML, passed on to the lobe (an
-    override of a key the YAML lacks is a KeyError)."""
+    are top-level keys of every SPG YAML, passed on to the lobe (the
+    recipe refuses an override of a key the YAML lacks: KeyError)."""
     path = RECIPE_DIR / "hparams" / name
     overrides = {
         "gate_impl": "reference",
@@ -219,7 +219,9 @@ def test_spg_yaml_takes_the_lobe_knobs_from_the_command_line(name):
         "ssl_source": "unused",
     }
     with open(path, encoding="utf-8") as fin:
-        resolved = resolve_references(fin, overrides).getvalue()
+        resolved = resolve_references(
+            fin, overrides, overrides_must_match=True
+        ).getvalue()
     lobe = ruamel.yaml.YAML().load(resolved)["ssl"]
     assert lobe.tag.value.startswith("!new:speechbrain_spg.lobes.SPG")
     assert lobe["gate_impl"] == "reference"
