@@ -8,6 +8,7 @@ model anywhere".
 """
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -54,11 +55,18 @@ def test_python_example_trains_prunes_and_exports(
     torch.manual_seed(0)
     namespace = {}
     try:
-        exec(compile(code, "README.md example", "exec"), namespace)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exec(compile(code, "README.md example", "exec"), namespace)
     finally:
         # The example flushes subnormals to zero; the other tests expect
         # PyTorch's default.
         torch.set_flush_denormal(False)
+    # Nothing the example's own lines do draws a warning (e.g. float() of a
+    # tensor that requires grad).
+    assert [
+        str(w.message) for w in caught if w.filename == "README.md example"
+    ] == []
     printed = capsys.readouterr().out
     # Three training steps, each printing the soft sparsity.
     steps = re.findall(r"step (\d): soft sparsity (\d\.\d{3})", printed)
