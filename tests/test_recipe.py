@@ -188,6 +188,20 @@ def test_every_shipped_yaml_is_covered():
     assert fragments == set(FRAGMENTS)
 
 
+def test_recipe_readme_lists_every_yaml_with_its_method():
+    """The recipe folder's README has one table row per YAML, naming the
+    method the YAML sets."""
+    readme = (RECIPE_DIR / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(
+        r"^\| `([\w.]+\.yaml)` \| [^|]+ \| (\w+) \|", readme, re.M
+    )
+    methods = {}
+    for path in (RECIPE_DIR / "hparams").glob("*.yaml"):
+        with open(path, encoding="utf-8") as fin:
+            methods[path.name] = ruamel.yaml.YAML().load(fin)["method"]
+    assert dict(rows) == methods
+
+
 @pytest.mark.parametrize("name", sorted(FULL_SIZE_YAMLS))
 def test_full_size_yaml_needs_data_folder(name):
     path = RECIPE_DIR / "hparams" / name
