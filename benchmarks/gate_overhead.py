@@ -97,7 +97,7 @@ from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
 from speechbrain_spg import fused_gate, gates, native_gate, triton_gate
 from speechbrain_spg.architectures import hub_config, save_random_model
-from speechbrain_spg.lobes import SPGWav2Vec2
+from speechbrain_spg.lobes import SPGWav2Vec2, flushes_subnormals
 
 MODELS = ("facebook/wav2vec2-base", "facebook/hubert-large-ll60k")
 VARIANTS = ("dense", "reference", "fused", "compiled")
@@ -229,22 +229,20 @@ class PeakRSS:
 
 
 @contextlib.contextmanager
-def flush_subnormals():
-    """Subnormal results flushed to zero within the block, as in the
-    recipe's ``train.py`` (``torch.set_flush_denormal``: x86 and ARM CPUs;
-    x86 ones compute subnormals slowly). PyTorch's CPU worker threads take
-    the setting of the thread that starts them, so the block should begin
-    before other torch work of the process. On leaving it, the setting of
-    this thread is restored; worker threads started inside the block keep
-    flushing (a benchmark's own process ends with it)."""
-    # A subnormal product (1e-40) comes out as 0 when flushing.
-    was_on = bool(torch.tensor(1e-30) * torch.tensor(1e-10) == 0)
-    torch.set_flush_denormal(True)
+def flush_subnormals(on=True):
+    """Subnormal results flushed to zero within the block (``on``), as in
+    the recipe's ``train.py``, or kept (``torch.set_flush_denormal``: x86
+    and ARM CPUs; x86 ones compute subnormals slowly). PyTorch's CPU worker
+    threads take the setting of the thread that starts them, so the block
+    should begin before other torch work of the process. On leaving it, the
+    setting of this thread is restored; worker threads started inside the
+    block keep the block's (a benchmark's own process ends with it)."""
+    was_on = flushes_subnormals()
+    torch.set_flush_denormal(on)
     try:
         yield
     finally:
-        if not was_on:
-            torch.set_flush_denormal(False)
+        torch.set_flush_denormal(was_on)
 
 
 def synchronize(device):

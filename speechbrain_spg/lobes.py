@@ -231,6 +231,24 @@ def x86_cpu():
     return torch.backends.cpu.get_cpu_capability().startswith("AVX")
 
 
+def flushes_subnormals():
+    """Whether this thread flushes subnormal float results to zero
+    (``torch.set_flush_denormal(True)``).
+
+    Returns
+    -------
+    bool
+        From a product whose exact value (1e-40) is subnormal.
+
+    Example
+    -------
+    >>> torch.set_flush_denormal(True) and not flushes_subnormals()
+    False
+    >>> _ = torch.set_flush_denormal(False)
+    """
+    return bool(torch.tensor(1e-30) * torch.tensor(1e-10) == 0)
+
+
 def keeps_subnormals():
     """Whether this thread computes subnormal floats on an x86 CPU, where
     they are slow (no ``torch.set_flush_denormal(True)``).
@@ -247,7 +265,7 @@ def keeps_subnormals():
     False
     >>> _ = torch.set_flush_denormal(False)
     """
-    return x86_cpu() and bool(torch.tensor(1e-30) * torch.tensor(1e-10) != 0)
+    return x86_cpu() and not flushes_subnormals()
 
 
 def _warn_about_subnormals():
