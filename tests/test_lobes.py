@@ -1,5 +1,6 @@
 """Tests of the SPG lobes: structure, configuration, reports, checkpoints."""
 
+import copy
 import json
 import re
 import warnings
@@ -101,6 +102,37 @@ def test_tiny_lobe_structure(model_type, tiny_sources):
     # State-dict keys of the HuggingFace model are unchanged by the gates.
     reference = AutoModel.from_pretrained(tiny_sources[model_type])
     assert set(lobe.model.state_dict()) == set(reference.state_dict())
+
+
+def test_training_forward_looks_up_no_layer_by_name(
+    wav2vec2_source, monkeypatch
+):
+    """The gated layers are found once, at construction: by name, the
+    lookups cost about 1 ms of host time per wav2vec2-base step."""
+    lobe = SPGWav2Vec2(wav2vec2_source, save_path="").train()
+    layers = lobe.gated_layers()
+    assert layers == [lobe.model.get_submodule(n) for n in lobe.gated_names]
+
+    def refuse(self, name):
+        raise AssertionError(f"looked up {name!r} by name")
+
+    monkeypatch.setattr(torch.nn.Module, "get_submodule", refuse)
+    (lobe(_wave(samples=2000)).sum() + lobe.sparsity_loss()).backward()
+    # (LayerDrop may skip a block: its matrices get no weight gradient.)
+    assert any(layer.weight.grad is not None for layer in layers)
+    assert lobe.gate.threshold_param.grad.abs().sum() > 0
+
+
+def test_a_copied_lobe_gates_its_own_layers(wav2vec2_source):
+    lobe = SPGWav2Vec2(wav2vec2_source, save_path="", threshold_init=0.9)
+    twin = copy.deepcopy(lobe).eval()
+    mine = twin.gated_layers()
+    assert mine == [twin.model.get_submodule(n) for n in twin.gated_names]
+    assert not any(a is b for a, b in zip(mine, lobe.gated_layers()))
+    with torch.no_grad():
+        twin.gate.threshold_param.fill_(3.0)  # the copy pinches harder
+        wav = _wave(seed=3)
+        assert (twin(wav) - lobe.eval()(wav)).abs().max().item() > 1e-3
 
 
 @pytest.mark.parametrize("model_type", sorted(LOBES))
