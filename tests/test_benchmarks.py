@@ -265,6 +265,52 @@ def test_gate_host_overhead_refuses_an_unknown_mode(monkeypatch, capsys):
     assert "invalid choice: 'per_layer'" in capsys.readouterr().err
 
 
+def test_lobe_host_overhead_takes_the_gpu_path_on_a_cpu(monkeypatch, capsys):
+    lobe_host_overhead = load_benchmark("lobe_host_overhead", monkeypatch)
+    gates = lobe_host_overhead.gates
+    calls = []
+    forward_many = gates.SelfPinchingGate.forward_many
+
+    def recording(self, first, weights, out_dtype=None):
+        calls.append((first, len(weights), out_dtype))
+        return forward_many(self, first, weights, out_dtype)
+
+    monkeypatch.setattr(gates.SelfPinchingGate, "forward_many", recording)
+    default_pregating = gates.default_pregating
+    lobe_host_overhead.main(
+        ["--models", "facebook/wav2vec2-base", "--pairs", "2", "--warmup", "1"]
+        + ["--simulate-triton"]
+    )
+    # wav2vec2-base's 12 blocks: 72 matrices gated in one call per step, in
+    # bf16 (autocast), as on one GPU; 1 warm-up + 2 timed SPG steps.
+    assert calls == [(0, 72, torch.bfloat16)] * 3
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(
+        "device cpu (Triton simulated: no-op launches, bf16 autocast), tiny "
+        "width, batch 1 x 0.2 s, 2 alternating pairs"
+    )
+    model_line = "facebook/wav2vec2-base at tiny width (72 gated matrices)"
+    assert model_line in lines[-3]
+    assert re.search(r"per pair: median -?\d+\.\d\d ms", lines[-2])
+    assert re.fullmatch(
+        r"host time per training step over dense: "
+        r"facebook/wav2vec2-base -?\d+\.\d\d ms",
+        lines[-1],
+    ), lines[-1]
+    # The patches end with the run.
+    assert gates.default_pregating is default_pregating
+    assert not lobe_host_overhead.gate_host_overhead.triton_gate.supports(
+        [torch.zeros(2)]
+    )
+
+
+def test_lobe_host_overhead_simulates_triton_on_a_cpu_only(monkeypatch, capsys):
+    lobe_host_overhead = load_benchmark("lobe_host_overhead", monkeypatch)
+    with pytest.raises(SystemExit):
+        lobe_host_overhead.main(["--device", "cuda", "--simulate-triton"])
+    assert "--simulate-triton is for --device cpu" in capsys.readouterr().err
+
+
 def assert_pair_summary(lines, label):
     """The last two lines of an alternating benchmark on wav2vec2-base:
     ordered per-pair statistics, then ``LABEL ratio`` with their median."""
