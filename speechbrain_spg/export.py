@@ -117,6 +117,22 @@ def pruned_state_dict(lobe):
         Key -> tensor (CPU, detached copies), HuggingFace key names.
     masks : dict
         Weight key -> boolean mask, for every gated matrix.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain_spg.architectures import (
+    ...     TINY_OVERRIDES, build_config, save_random_model)
+    >>> from speechbrain_spg.lobes import SPGWav2Vec2
+    >>> src = save_random_model(build_config("wav2vec2", **TINY_OVERRIDES),
+    ...                         tempfile.mkdtemp())
+    >>> lobe = SPGWav2Vec2(src, save_path="", threshold_init=0.8)
+    >>> state, masks = pruned_state_dict(lobe)
+    >>> key = "encoder.layers.0.attention.q_proj.weight"
+    >>> bool((state[key][~masks[key]] == 0).all()), len(masks)
+    (True, 12)
+    >>> lobe.is_pruned  # the lobe itself is left as it was
+    False
     """
     state = {
         key: value.detach().cpu().clone()
@@ -461,6 +477,27 @@ def read_manifest(path, verify=True):
     CompactExportError
         Missing manifest, manifest key or file, checksum mismatch, a loaded
         file without a checksum, unsupported model.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain_spg.architectures import (
+    ...     TINY_OVERRIDES, build_config, save_random_model)
+    >>> from speechbrain_spg.lobes import SPGWav2Vec2
+    >>> src = save_random_model(build_config("wav2vec2", **TINY_OVERRIDES),
+    ...                         tempfile.mkdtemp())
+    >>> lobe = SPGWav2Vec2(src, save_path="", threshold_init=0.8)
+    >>> out = os.path.join(tempfile.mkdtemp(), "compact")
+    >>> _ = export_compact(lobe, out)
+    >>> manifest = read_manifest(out)
+    >>> manifest["model_type"], manifest["params"]["gated"]
+    ('wav2vec2', 16384)
+    >>> with open(os.path.join(out, "hf", "config.json"), "a") as f:
+    ...     _ = f.write(" ")
+    >>> read_manifest(out)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    speechbrain_spg.export.CompactExportError: ...config.json: sha256 ... does not match the manifest ...
     """
     path = os.fspath(path)
     manifest_path = os.path.join(path, MANIFEST)
@@ -540,6 +577,25 @@ def load_compact(path, verify=True):
     CompactExportError
         If the export is incomplete, tampered with, or its tensors do not fit
         the architecture in its manifest.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain_spg.architectures import (
+    ...     TINY_OVERRIDES, build_config, save_random_model)
+    >>> from speechbrain_spg.lobes import SPGWav2Vec2
+    >>> src = save_random_model(build_config("wav2vec2", **TINY_OVERRIDES),
+    ...                         tempfile.mkdtemp())
+    >>> lobe = SPGWav2Vec2(src, save_path="", threshold_init=0.8).eval()
+    >>> _ = lobe.hard_prune()
+    >>> out = os.path.join(tempfile.mkdtemp(), "compact")
+    >>> _ = export_compact(lobe, out)
+    >>> model = load_compact(out)
+    >>> wav = torch.randn(1, 4000)
+    >>> with torch.no_grad():
+    ...     same = model(wav).last_hidden_state - lobe.model(wav).last_hidden_state
+    >>> type(model).__name__, model.training, same.abs().max().item() < 1e-5
+    ('Wav2Vec2Model', False, True)
     """
     manifest = read_manifest(path, verify=verify)
     config = AutoConfig.for_model(**_config_kwargs(manifest["config"]))

@@ -341,6 +341,25 @@ class SPGLobeMixin:
         ``inject_sparsity_loss``, ``warmup_steps``, ``ramp_steps``,
         ``gate_lr_scale``, ``sparsity_damping``, ``gate_impl``,
         ``recompute_gated_weights``) and the wrapper's own arguments.
+
+    Example
+    -------
+    Used through ``SPGWav2Vec2``, ``SPGHuBERT`` and ``SPGWavLM``: a training
+    step, then the hard pruning that ends the run.
+
+    >>> import tempfile
+    >>> from speechbrain_spg.architectures import (
+    ...     TINY_OVERRIDES, build_config, save_random_model)
+    >>> src = save_random_model(build_config("hubert", **TINY_OVERRIDES),
+    ...                         tempfile.mkdtemp())
+    >>> lobe = SPGHuBERT(src, save_path="", threshold_init=0.8)
+    >>> loss = lobe(torch.randn(2, 4000)).pow(2).mean() + lobe.sparsity_loss()
+    >>> loss.backward()
+    >>> lobe.gate.threshold_param.grad.shape  # one threshold per matrix
+    torch.Size([12])
+    >>> report = lobe.hard_prune(calibrate=False)
+    >>> lobe.is_pruned, 0.0 < report.hard < 1.0
+    (True, True)
     """
 
     #: Set at the first training step on a CPU (see ``keeps_subnormals``).
