@@ -16,7 +16,8 @@ per gated matrix.
 
 - ``--device cuda``: the GPU path as it runs (hand-written Triton kernels,
   all matrices in one call, bf16 autocast); with kernels this small the
-  difference is the host time the gates add on that machine.
+  GPU waits on the host, so the difference is mostly the host time the
+  gates add on that machine.
 - ``--device cpu --simulate-triton``: the same path on a CPU, the Triton
   launches replaced by no-ops (``gate_host_overhead.simulated_triton``),
   the matrices gated in one call as on one GPU, under bf16 autocast.
@@ -82,8 +83,8 @@ def tiny_width_config(hub_id):
     >>> config.do_stable_layer_norm
     True
     """
+    blocks = hub_config(hub_id).num_hidden_layers  # (unknown id: ValueError)
     model_type, overrides = HUB_CONFIGS[hub_id]
-    blocks = hub_config(hub_id).num_hidden_layers
     return build_config(
         model_type,
         **{
@@ -160,6 +161,12 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     check_pairs(parser, args)
+    unknown = [hub_id for hub_id in args.models if hub_id not in HUB_CONFIGS]
+    if unknown:
+        parser.error(
+            f"--models: no stored configuration for {unknown}; known: "
+            f"{sorted(HUB_CONFIGS)}"
+        )
     if args.simulate_triton and args.device != "cpu":
         parser.error("--simulate-triton is for --device cpu")
     # One short utterance: the work of a step hardly depends on it.

@@ -304,11 +304,17 @@ def test_lobe_host_overhead_takes_the_gpu_path_on_a_cpu(monkeypatch, capsys):
     )
 
 
-def test_lobe_host_overhead_simulates_triton_on_a_cpu_only(monkeypatch, capsys):
+def test_lobe_host_overhead_refuses_bad_arguments(monkeypatch, capsys):
     lobe_host_overhead = load_benchmark("lobe_host_overhead", monkeypatch)
     with pytest.raises(SystemExit):
         lobe_host_overhead.main(["--device", "cuda", "--simulate-triton"])
     assert "--simulate-triton is for --device cpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        lobe_host_overhead.main(["--models", "facebook/wav2vec2-tiny"])
+    assert (
+        "--models: no stored configuration for ['facebook/wav2vec2-tiny']; "
+        "known: ['facebook/hubert-base-ls960'"
+    ) in capsys.readouterr().err
 
 
 def assert_pair_summary(lines, label):
