@@ -553,6 +553,52 @@ def test_bad_log_interval_is_refused(bad, tiny_hparams, train_module):
     )
 
 
+@pytest.mark.parametrize(
+    "method, backend, gpus, refused",
+    [
+        ("spg", True, 2, True),
+        ("spg", True, 1, False),  # DataParallel copies nothing then
+        ("spg", False, 4, False),
+        ("ump", True, 2, False),
+        ("dense", True, 2, False),
+    ],
+)
+def test_data_parallel_is_refused_for_spg_on_several_gpus(
+    method, backend, gpus, refused, train_module
+):
+    run_opts = {"data_parallel_backend": backend}
+    hparams = {"method": method}
+    if not refused:
+        train_module.refuse_data_parallel(hparams, run_opts, gpus, "a.yaml")
+        return
+    with pytest.raises(ValueError) as error:
+        train_module.refuse_data_parallel(hparams, run_opts, gpus, "a.yaml")
+    assert_one_message(
+        error.value,
+        "a.yaml: --data_parallel_backend on 2 GPUs cannot train "
+        "self-pinching gates (DataParallel's copies of the gated layers "
+        "would all read the thresholds of the first GPU). Use DDP instead: "
+        "torchrun --nproc_per_node=2 train.py a.yaml",
+    )
+
+
+def test_recipe_refuses_data_parallel_before_any_work(
+    wav2vec2_source, tmp_path, train_module, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="--data_parallel_backend on 2 GPUs"):
+        train_module.run_recipe(
+            str(TINY_YAML),
+            {"data_parallel_backend": True},
+            yaml_overrides(wav2vec2_source, out),
+        )
+    # Before the experiment folder and the data: only the empty checkpoint
+    # folder that loading the YAML makes.
+    assert [p.name for p in out.rglob("*")] == ["save"]
+    assert not any((out / "save").iterdir())
+
+
 def test_method_and_lobe_must_agree(tiny_hparams, train_module):
     path = str(TINY_YAML)
     with pytest.raises(ValueError) as error:

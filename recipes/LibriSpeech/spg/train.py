@@ -456,6 +456,49 @@ def check_hparams(hparams, path):
         )
 
 
+def refuse_data_parallel(hparams, run_opts, gpus, path):
+    """Refuses SpeechBrain's DataParallel backend for SPG runs on several
+    GPUs.
+
+    DataParallel copies the model to every GPU in each forward pass, but the
+    copies of the gated layers keep pointing at the one gate (thresholds,
+    soft-zero counts) of the first GPU. With one GPU it does not copy
+    anything, and UMP and dense runs do not train gates.
+
+    Arguments
+    ---------
+    hparams : dict
+        The loaded hyperparameters (``method``).
+    run_opts : dict
+        SpeechBrain's run options (``data_parallel_backend``).
+    gpus : int
+        Visible CUDA devices.
+    path : str
+        The hyperparameter file, for the message.
+
+    Example
+    -------
+    >>> refuse_data_parallel({"method": "spg"}, {}, 4, "spg.yaml")
+    >>> refuse_data_parallel(
+    ...     {"method": "spg"}, {"data_parallel_backend": True}, 2, "spg.yaml"
+    ... )  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    ValueError: spg.yaml: --data_parallel_backend on 2 GPUs cannot train ...
+    """
+    if (
+        hparams.get("method") == "spg"
+        and run_opts.get("data_parallel_backend")
+        and gpus > 1
+    ):
+        raise ValueError(
+            f"{path}: --data_parallel_backend on {gpus} GPUs cannot train "
+            "self-pinching gates (DataParallel's copies of the gated layers "
+            "would all read the thresholds of the first GPU). Use DDP "
+            f"instead: torchrun --nproc_per_node={gpus} train.py {path}"
+        )
+
+
 def freeze_unused_parameters(lobe):
     """Freezes SSL parameters that would get no gradient (DDP needs this).
 
@@ -776,6 +819,9 @@ def run_recipe(hparams_file, run_opts, overrides):
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)
     check_hparams(hparams, hparams_file)
+    refuse_data_parallel(
+        hparams, run_opts or {}, torch.cuda.device_count(), hparams_file
+    )
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=hparams_file,
