@@ -420,6 +420,19 @@ class SPGLobeMixin:
         -------
         list of GatedLinear
             One per gated matrix.
+
+        Example
+        -------
+        >>> import tempfile
+        >>> from speechbrain_spg.architectures import (
+        ...     TINY_OVERRIDES, build_config, save_random_model)
+        >>> src = save_random_model(build_config("wav2vec2", **TINY_OVERRIDES),
+        ...                         tempfile.mkdtemp())
+        >>> lobe = SPGWav2Vec2(src, save_path="")
+        >>> layers = lobe.gated_layers()
+        >>> lobe.gated_names[0], layers[0] is lobe.model.get_submodule(
+        ...     lobe.gated_names[0])
+        ('encoder.layers.0.attention.k_proj', True)
         """
         return list(self._gated_layers)
 
@@ -445,6 +458,14 @@ class SPGLobeMixin:
             mode during training they carry the sparsity regulariser's
             gradient.
         """
+        if getattr(self, "_is_replica", False):
+            raise RuntimeError(
+                f"{type(self).__name__} cannot run under torch.nn.DataParallel "
+                "on several devices: the copies of its gated layers would all "
+                "read the gate (thresholds) of the first device. Use "
+                "DistributedDataParallel instead (torchrun; see the README's "
+                "Multi-GPU section)."
+            )
         training = self.training and torch.is_grad_enabled()
         self.gate.soft_zeros.clear()
         if training:

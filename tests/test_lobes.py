@@ -123,6 +123,21 @@ def test_training_forward_looks_up_no_layer_by_name(
     assert lobe.gate.threshold_param.grad.abs().sum() > 0
 
 
+def test_data_parallel_copies_of_a_lobe_refuse_to_run(wav2vec2_source):
+    lobe = SPGWav2Vec2(wav2vec2_source, save_path="")
+    # What torch.nn.DataParallel makes for every device in each step.
+    replica = lobe._replicate_for_data_parallel()
+    for mode in (True, False):
+        with pytest.raises(RuntimeError) as error:
+            replica.train(mode)(_wave(samples=2000))
+        assert str(error.value).startswith(
+            "SPGWav2Vec2 cannot run under torch.nn.DataParallel on several "
+            "devices: the copies of its gated layers would all read the gate "
+            "(thresholds) of the first device."
+        )
+    assert lobe(_wave(samples=2000)).shape[0] == 2  # the lobe itself runs
+
+
 def test_a_copied_lobe_gates_its_own_layers(wav2vec2_source):
     lobe = SPGWav2Vec2(wav2vec2_source, save_path="", threshold_init=0.9)
     before = [layer.weight.detach().clone() for layer in lobe.gated_layers()]
