@@ -10,6 +10,7 @@ Authors
 """
 
 import os
+import tempfile
 
 import torch
 from transformers import (
@@ -181,6 +182,37 @@ def save_random_model(config, path, seed=0):
     build_model(config, seed=seed).save_pretrained(path)
     default_feature_extractor().save_pretrained(path)
     return str(path)
+
+
+def tiny_model_folder(model_type="wav2vec2", seed=0):
+    """A tiny random model of one family, saved in a new temporary folder.
+
+    For examples and quick trials: ``TINY_OVERRIDES``' sizes (about 0.1M
+    parameters), no download; pass the folder as a lobe's ``source``.
+
+    Arguments
+    ---------
+    model_type : str
+        ``"wav2vec2"``, ``"hubert"`` or ``"wavlm"``.
+    seed : int
+        Seed of the random initialisation.
+
+    Returns
+    -------
+    str
+        The folder (made with ``tempfile.mkdtemp``; the caller removes it).
+
+    Example
+    -------
+    >>> folder = tiny_model_folder("wavlm")
+    >>> sorted(os.listdir(folder))
+    ['config.json', 'model.safetensors', 'preprocessor_config.json']
+    """
+    return save_random_model(
+        build_config(model_type, **TINY_OVERRIDES),
+        tempfile.mkdtemp(prefix=f"tiny_{model_type}_"),
+        seed,
+    )
 
 
 def default_feature_extractor():

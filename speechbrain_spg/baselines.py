@@ -61,12 +61,9 @@ def uniform_magnitude_prune(lobe, sparsity=None):
 
     Example
     -------
-    >>> import tempfile
-    >>> from speechbrain_spg.architectures import (
-    ...     TINY_OVERRIDES, build_config, save_random_model)
+    >>> from speechbrain_spg.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
-    >>> src = save_random_model(build_config("wav2vec2", **TINY_OVERRIDES),
-    ...                         tempfile.mkdtemp())
+    >>> src = tiny_model_folder("wav2vec2")
     >>> lobe = SPGWav2Vec2(src, save_path="", target_sparsity=0.65)
     >>> report = uniform_magnitude_prune(lobe)
     >>> round(report.hard, 3), {round(layer.hard, 2) for layer in report.layers}

@@ -120,12 +120,9 @@ def pruned_state_dict(lobe):
 
     Example
     -------
-    >>> import tempfile
-    >>> from speechbrain_spg.architectures import (
-    ...     TINY_OVERRIDES, build_config, save_random_model)
+    >>> from speechbrain_spg.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
-    >>> src = save_random_model(build_config("wav2vec2", **TINY_OVERRIDES),
-    ...                         tempfile.mkdtemp())
+    >>> src = tiny_model_folder("wav2vec2")
     >>> lobe = SPGWav2Vec2(src, save_path="", threshold_init=0.8)
     >>> state, masks = pruned_state_dict(lobe)
     >>> key = "encoder.layers.0.attention.q_proj.weight"
@@ -324,11 +321,9 @@ def export_compact(lobe, path, dtype="float32", overwrite=False):
     Example
     -------
     >>> import tempfile
-    >>> from speechbrain_spg.architectures import (
-    ...     TINY_OVERRIDES, build_config, save_random_model)
+    >>> from speechbrain_spg.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
-    >>> src = save_random_model(build_config("wav2vec2", **TINY_OVERRIDES),
-    ...                         tempfile.mkdtemp())
+    >>> src = tiny_model_folder("wav2vec2")
     >>> lobe = SPGWav2Vec2(src, save_path="", threshold_init=0.8)
     >>> _ = lobe.hard_prune()
     >>> out = os.path.join(tempfile.mkdtemp(), "compact")
@@ -481,11 +476,9 @@ def read_manifest(path, verify=True):
     Example
     -------
     >>> import tempfile
-    >>> from speechbrain_spg.architectures import (
-    ...     TINY_OVERRIDES, build_config, save_random_model)
+    >>> from speechbrain_spg.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
-    >>> src = save_random_model(build_config("wav2vec2", **TINY_OVERRIDES),
-    ...                         tempfile.mkdtemp())
+    >>> src = tiny_model_folder("wav2vec2")
     >>> lobe = SPGWav2Vec2(src, save_path="", threshold_init=0.8)
     >>> out = os.path.join(tempfile.mkdtemp(), "compact")
     >>> _ = export_compact(lobe, out)
@@ -581,11 +574,9 @@ def load_compact(path, verify=True):
     Example
     -------
     >>> import tempfile
-    >>> from speechbrain_spg.architectures import (
-    ...     TINY_OVERRIDES, build_config, save_random_model)
+    >>> from speechbrain_spg.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
-    >>> src = save_random_model(build_config("wav2vec2", **TINY_OVERRIDES),
-    ...                         tempfile.mkdtemp())
+    >>> src = tiny_model_folder("wav2vec2")
     >>> lobe = SPGWav2Vec2(src, save_path="", threshold_init=0.8).eval()
     >>> _ = lobe.hard_prune()
     >>> out = os.path.join(tempfile.mkdtemp(), "compact")
@@ -648,11 +639,9 @@ class CompactWav2Vec2(Wav2Vec2):
     Example
     -------
     >>> import tempfile
-    >>> from speechbrain_spg.architectures import (
-    ...     TINY_OVERRIDES, build_config, save_random_model)
+    >>> from speechbrain_spg.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
-    >>> src = save_random_model(build_config("wav2vec2", **TINY_OVERRIDES),
-    ...                         tempfile.mkdtemp())
+    >>> src = tiny_model_folder("wav2vec2")
     >>> out = os.path.join(tempfile.mkdtemp(), "compact")
     >>> _ = export_compact(SPGWav2Vec2(src, save_path=""), out)
     >>> lobe = CompactWav2Vec2(out)

@@ -347,11 +347,8 @@ class SPGLobeMixin:
     Used through ``SPGWav2Vec2``, ``SPGHuBERT`` and ``SPGWavLM``: a training
     step, then the hard pruning that ends the run.
 
-    >>> import tempfile
-    >>> from speechbrain_spg.architectures import (
-    ...     TINY_OVERRIDES, build_config, save_random_model)
-    >>> src = save_random_model(build_config("hubert", **TINY_OVERRIDES),
-    ...                         tempfile.mkdtemp())
+    >>> from speechbrain_spg.architectures import tiny_model_folder
+    >>> src = tiny_model_folder("hubert")
     >>> lobe = SPGHuBERT(src, save_path="", threshold_init=0.8)
     >>> loss = lobe(torch.randn(2, 4000)).pow(2).mean() + lobe.sparsity_loss()
     >>> loss.backward()
@@ -423,11 +420,8 @@ class SPGLobeMixin:
 
         Example
         -------
-        >>> import tempfile
-        >>> from speechbrain_spg.architectures import (
-        ...     TINY_OVERRIDES, build_config, save_random_model)
-        >>> src = save_random_model(build_config("wav2vec2", **TINY_OVERRIDES),
-        ...                         tempfile.mkdtemp())
+        >>> from speechbrain_spg.architectures import tiny_model_folder
+        >>> src = tiny_model_folder("wav2vec2")
         >>> lobe = SPGWav2Vec2(src, save_path="")
         >>> layers = lobe.gated_layers()
         >>> lobe.gated_names[0], layers[0] is lobe.model.get_submodule(
@@ -735,11 +729,8 @@ class SPGWav2Vec2(SPGLobeMixin, Wav2Vec2):
 
     Example
     -------
-    >>> import tempfile
-    >>> from speechbrain_spg.architectures import (
-    ...     TINY_OVERRIDES, build_config, save_random_model)
-    >>> src = save_random_model(build_config("wav2vec2", **TINY_OVERRIDES),
-    ...                         tempfile.mkdtemp())
+    >>> from speechbrain_spg.architectures import tiny_model_folder
+    >>> src = tiny_model_folder("wav2vec2")
     >>> lobe = SPGWav2Vec2(src, save_path="", target_sparsity=0.6)
     >>> lobe(torch.randn(2, 4000)).shape
     torch.Size([2, 198, 32])
@@ -770,11 +761,8 @@ class SPGHuBERT(SPGLobeMixin, HuBERT):
 
     Example
     -------
-    >>> import tempfile
-    >>> from speechbrain_spg.architectures import (
-    ...     TINY_OVERRIDES, build_config, save_random_model)
-    >>> src = save_random_model(build_config("hubert", **TINY_OVERRIDES),
-    ...                         tempfile.mkdtemp())
+    >>> from speechbrain_spg.architectures import tiny_model_folder
+    >>> src = tiny_model_folder("hubert")
     >>> lobe = SPGHuBERT(src, save_path="", tie="block")
     >>> lobe.gate.num_groups
     2
@@ -796,11 +784,8 @@ class SPGWavLM(SPGLobeMixin, WavLM):
 
     Example
     -------
-    >>> import tempfile
-    >>> from speechbrain_spg.architectures import (
-    ...     TINY_OVERRIDES, build_config, save_random_model)
-    >>> src = save_random_model(build_config("wavlm", **TINY_OVERRIDES),
-    ...                         tempfile.mkdtemp())
+    >>> from speechbrain_spg.architectures import tiny_model_folder
+    >>> src = tiny_model_folder("wavlm")
     >>> lobe = SPGWavLM(src, save_path="", tie="global")
     >>> lobe.gate.num_groups
     1
