@@ -304,6 +304,37 @@ def test_lobe_host_overhead_takes_the_gpu_path_on_a_cpu(monkeypatch, capsys):
     )
 
 
+def test_lobe_host_overhead_takes_the_cpu_path_without_simulation(
+    monkeypatch, capsys
+):
+    lobe_host_overhead = load_benchmark("lobe_host_overhead", monkeypatch)
+    gates = lobe_host_overhead.gates
+    calls = []
+    monkeypatch.setattr(
+        gates.SelfPinchingGate,
+        "forward_many",
+        lambda *args, **kwargs: calls.append(args),
+    )
+    linear = gates.SelfPinchingGate.linear
+    per_matrix = []
+
+    def recording(self, index, *args):
+        per_matrix.append(index)
+        return linear(self, index, *args)
+
+    monkeypatch.setattr(gates.SelfPinchingGate, "linear", recording)
+    lobe_host_overhead.main(
+        ["--models", "facebook/wav2vec2-base", "--pairs", "2", "--warmup", "1"]
+    )
+    # One matrix per call (C kernels where they run), float32: 3 SPG steps.
+    assert calls == [] and sorted(per_matrix) == sorted(list(range(72)) * 3)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("device cpu (float32), tiny width")
+    assert lines[-1].startswith(
+        "host time per training step over dense: facebook/wav2vec2-base "
+    )
+
+
 def test_lobe_host_overhead_refuses_bad_arguments(monkeypatch, capsys):
     lobe_host_overhead = load_benchmark("lobe_host_overhead", monkeypatch)
     with pytest.raises(SystemExit):
