@@ -361,6 +361,9 @@ class SPGLobeMixin:
 
     #: Set at the first training step on a CPU (see ``keeps_subnormals``).
     _checked_subnormals = False
+    #: Set on the copies ``torch.nn.DataParallel`` makes (PyTorch's
+    #: ``_replicate_for_data_parallel``), which refuse to run.
+    _is_replica = False
 
     def __init__(self, source, save_path="", **kwargs):
         spg_keys = {f.name for f in SPGOptions.__dataclass_fields__.values()}
@@ -452,7 +455,7 @@ class SPGLobeMixin:
             mode during training they carry the sparsity regulariser's
             gradient.
         """
-        if getattr(self, "_is_replica", False):
+        if self._is_replica:
             raise RuntimeError(
                 f"{type(self).__name__} cannot run under torch.nn.DataParallel "
                 "on several devices: the copies of its gated layers would all "
