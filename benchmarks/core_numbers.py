@@ -23,7 +23,7 @@ import tempfile
 
 import torch
 
-from speechbrain_spg.architectures import (
+from speechbrain_spg.data.architectures import (
     TINY_OVERRIDES,
     build_config,
     build_model,

@@ -26,7 +26,7 @@ import time
 
 from transformers import AutoModel
 
-from speechbrain_spg.architectures import hub_config, save_random_model
+from speechbrain_spg.data.architectures import hub_config, save_random_model
 from speechbrain_spg.export import export_compact, load_compact
 from speechbrain_spg.lobes import SPGWav2Vec2
 

@@ -96,7 +96,7 @@ import transformers
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
 from speechbrain_spg import fused_gate, gates, native_gate, triton_gate
-from speechbrain_spg.architectures import hub_config, save_random_model
+from speechbrain_spg.data.architectures import hub_config, save_random_model
 from speechbrain_spg.lobes import SPGWav2Vec2, flushes_subnormals
 
 MODELS = ("facebook/wav2vec2-base", "facebook/hubert-large-ll60k")

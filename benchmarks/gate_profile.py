@@ -37,7 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).parent))
 import gate_overhead  # noqa: E402 - the benchmark next to this file
 
-from speechbrain_spg.architectures import hub_config, save_random_model  # noqa: E402
+from speechbrain_spg.data.architectures import hub_config, save_random_model  # noqa: E402
 
 
 def busy_time_us(intervals):

@@ -51,7 +51,7 @@ from eval_overhead import add_pair_arguments, alternate, check_pairs  # noqa: E4
 from step_overhead import timed_step  # noqa: E402
 
 from speechbrain_spg import gates  # noqa: E402
-from speechbrain_spg.architectures import (  # noqa: E402
+from speechbrain_spg.data.architectures import (  # noqa: E402
     HUB_CONFIGS,
     TINY_OVERRIDES,
     build_config,

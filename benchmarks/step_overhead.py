@@ -54,7 +54,7 @@ from eval_overhead import (  # noqa: E402
     print_ratio_line,
 )
 
-from speechbrain_spg.architectures import hub_config, save_random_model  # noqa: E402
+from speechbrain_spg.data.architectures import hub_config, save_random_model  # noqa: E402
 
 
 def timed_step(setup, device):

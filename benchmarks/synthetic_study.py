@@ -9,7 +9,7 @@ epochs, the same data and the same schedule:
   (``tiny_ump.yaml``);
 - SPG at each target: one-pass compression (``tiny_spg.yaml``);
 
-then ``python -m speechbrain_spg.compare`` over all of them (WER per split,
+then ``python -m speechbrain_spg.evaluation.compare`` over all of them (WER per split,
 MAPSSWE against dense, compression wall time, plots). The Markdown table and
 plots go to ``benchmarks/synthetic_study/``, and the study's section of
 ``benchmarks/RESULTS.md`` is rewritten with them, the command, the machine
@@ -31,14 +31,14 @@ import sys
 
 import torch
 
-from speechbrain_spg import compare
-from speechbrain_spg.compare import (
+from speechbrain_spg.evaluation import compare
+from speechbrain_spg.evaluation.compare import (
     compression_time,
     final_dev_wer,
     load_run,
     time_to_reach,
 )
-from speechbrain_spg.significance import compare_hypothesis_files
+from speechbrain_spg.evaluation.significance import compare_hypothesis_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "LibriSpeech", "spg")

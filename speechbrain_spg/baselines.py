@@ -61,7 +61,7 @@ def uniform_magnitude_prune(lobe, sparsity=None):
 
     Example
     -------
-    >>> from speechbrain_spg.architectures import tiny_model_folder
+    >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
     >>> src = tiny_model_folder("wav2vec2")
     >>> lobe = SPGWav2Vec2(src, save_path="", target_sparsity=0.65)

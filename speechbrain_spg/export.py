@@ -120,7 +120,7 @@ def pruned_state_dict(lobe):
 
     Example
     -------
-    >>> from speechbrain_spg.architectures import tiny_model_folder
+    >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
     >>> src = tiny_model_folder("wav2vec2")
     >>> lobe = SPGWav2Vec2(src, save_path="", threshold_init=0.8)
@@ -321,7 +321,7 @@ def export_compact(lobe, path, dtype="float32", overwrite=False):
     Example
     -------
     >>> import tempfile
-    >>> from speechbrain_spg.architectures import tiny_model_folder
+    >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
     >>> src = tiny_model_folder("wav2vec2")
     >>> lobe = SPGWav2Vec2(src, save_path="", threshold_init=0.8)
@@ -476,7 +476,7 @@ def read_manifest(path, verify=True):
     Example
     -------
     >>> import tempfile
-    >>> from speechbrain_spg.architectures import tiny_model_folder
+    >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
     >>> src = tiny_model_folder("wav2vec2")
     >>> lobe = SPGWav2Vec2(src, save_path="", threshold_init=0.8)
@@ -574,7 +574,7 @@ def load_compact(path, verify=True):
     Example
     -------
     >>> import tempfile
-    >>> from speechbrain_spg.architectures import tiny_model_folder
+    >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
     >>> src = tiny_model_folder("wav2vec2")
     >>> lobe = SPGWav2Vec2(src, save_path="", threshold_init=0.8).eval()
@@ -639,7 +639,7 @@ class CompactWav2Vec2(Wav2Vec2):
     Example
     -------
     >>> import tempfile
-    >>> from speechbrain_spg.architectures import tiny_model_folder
+    >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
     >>> src = tiny_model_folder("wav2vec2")
     >>> out = os.path.join(tempfile.mkdtemp(), "compact")

@@ -295,7 +295,7 @@ class GatedWavLMAttention(WavLMAttention):
 
     Example
     -------
-    >>> from speechbrain_spg.architectures import (
+    >>> from speechbrain_spg.data.architectures import (
     ...     TINY_OVERRIDES, build_config, build_model)
     >>> model = build_model(build_config("wavlm", **TINY_OVERRIDES))
     >>> _ = install_gates(model, SPGOptions())
@@ -347,7 +347,7 @@ class SPGLobeMixin:
     Used through ``SPGWav2Vec2``, ``SPGHuBERT`` and ``SPGWavLM``: a training
     step, then the hard pruning that ends the run.
 
-    >>> from speechbrain_spg.architectures import tiny_model_folder
+    >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> src = tiny_model_folder("hubert")
     >>> lobe = SPGHuBERT(src, save_path="", threshold_init=0.8)
     >>> loss = lobe(torch.randn(2, 4000)).pow(2).mean() + lobe.sparsity_loss()
@@ -423,7 +423,7 @@ class SPGLobeMixin:
 
         Example
         -------
-        >>> from speechbrain_spg.architectures import tiny_model_folder
+        >>> from speechbrain_spg.data.architectures import tiny_model_folder
         >>> src = tiny_model_folder("wav2vec2")
         >>> lobe = SPGWav2Vec2(src, save_path="")
         >>> layers = lobe.gated_layers()
@@ -732,7 +732,7 @@ class SPGWav2Vec2(SPGLobeMixin, Wav2Vec2):
 
     Example
     -------
-    >>> from speechbrain_spg.architectures import tiny_model_folder
+    >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> src = tiny_model_folder("wav2vec2")
     >>> lobe = SPGWav2Vec2(src, save_path="", target_sparsity=0.6)
     >>> lobe(torch.randn(2, 4000)).shape
@@ -764,7 +764,7 @@ class SPGHuBERT(SPGLobeMixin, HuBERT):
 
     Example
     -------
-    >>> from speechbrain_spg.architectures import tiny_model_folder
+    >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> src = tiny_model_folder("hubert")
     >>> lobe = SPGHuBERT(src, save_path="", tie="block")
     >>> lobe.gate.num_groups
@@ -787,7 +787,7 @@ class SPGWavLM(SPGLobeMixin, WavLM):
 
     Example
     -------
-    >>> from speechbrain_spg.architectures import tiny_model_folder
+    >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> src = tiny_model_folder("wavlm")
     >>> lobe = SPGWavLM(src, save_path="", tie="global")
     >>> lobe.gate.num_groups

@@ -1,7 +1,7 @@
 """Shared fixtures: tiny random wav2vec2 / HuBERT / WavLM folders, no network.
 
 Every model the tests load is a local folder written by
-``speechbrain_spg.architectures.save_random_model``; nothing is downloaded.
+``speechbrain_spg.data.architectures.save_random_model``; nothing is downloaded.
 """
 
 import importlib.util
@@ -16,7 +16,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from speechbrain_spg.architectures import (  # noqa: E402
+from speechbrain_spg.data.architectures import (  # noqa: E402
     TINY_OVERRIDES,
     build_config,
     save_random_model,

@@ -17,7 +17,7 @@ import torch
 from conftest import REPO, assert_png
 
 from speechbrain_spg import native_gate
-from speechbrain_spg.architectures import TINY_OVERRIDES, build_config
+from speechbrain_spg.data.architectures import TINY_OVERRIDES, build_config
 from speechbrain_spg.lobes import flushes_subnormals as flushing
 
 BENCHMARKS = REPO / "benchmarks"

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import assert_png, parse_markdown_table
 
-from speechbrain_spg.compare import (
+from speechbrain_spg.evaluation.compare import (
     choose_baseline,
     compare_runs,
     display_names,
@@ -21,7 +21,7 @@ from speechbrain_spg.compare import (
     plot_training,
     plot_wer_vs_ratio,
 )
-from speechbrain_spg.significance import mapsswe, word_errors
+from speechbrain_spg.evaluation.significance import mapsswe, word_errors
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLITS = ("test-clean", "test-other")
@@ -342,7 +342,7 @@ def test_main_writes_report_and_plots(tmp_path, run_dirs, capsys):
     for path in written[1:]:
         assert_png(path)
     document = (out / "comparison.md").read_text(encoding="utf-8")
-    assert "python -m speechbrain_spg.compare " in document
+    assert "python -m speechbrain_spg.evaluation.compare " in document
     assert f"--out {out} --alpha 0.01" in document
     assert "alpha = 0.01" in document
     assert "Baseline: dense" in document
@@ -380,7 +380,7 @@ def test_main_reports_errors_with_exit_status_2(tmp_path, capsys):
 def test_command_line_in_a_subprocess(tmp_path, run_dirs):
     out = tmp_path / "cli"
     env = {**os.environ, "PYTHONPATH": REPO_ROOT, "MPLBACKEND": "Agg"}
-    command = [sys.executable, "-m", "speechbrain_spg.compare"]
+    command = [sys.executable, "-m", "speechbrain_spg.evaluation.compare"]
     result = subprocess.run(
         [*command, str(run_dirs["dense"]), "--baseline", str(run_dirs["spg"])],
         cwd=tmp_path,

@@ -14,7 +14,7 @@ from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 from speechbrain.integrations.huggingface.wavlm import WavLM
 from transformers import AutoModel
 
-from speechbrain_spg.architectures import (
+from speechbrain_spg.data.architectures import (
     TINY_OVERRIDES,
     build_config,
     build_model,

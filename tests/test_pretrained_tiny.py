@@ -17,7 +17,7 @@ from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 from speechbrain.nnet.linear import Linear
 from speechbrain.utils.metric_stats import ErrorRateStats
 
-from speechbrain_spg.synthetic import generate_corpus
+from speechbrain_spg.data.synthetic import generate_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAINED = os.path.join(

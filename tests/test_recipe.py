@@ -42,8 +42,8 @@ from speechbrain.integrations.huggingface.hubert import HuBERT
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 from speechbrain.utils.checkpoints import Checkpointer
 
-from speechbrain_spg import compare
-from speechbrain_spg.architectures import (
+from speechbrain_spg.evaluation import compare
+from speechbrain_spg.data.architectures import (
     TINY_OVERRIDES,
     build_config,
     hub_config,
@@ -166,7 +166,7 @@ def recipe_ssl_source(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """LibriSpeech-layout tree of short eSpeak NG utterances."""
-    from speechbrain_spg.synthetic import generate_corpus
+    from speechbrain_spg.data.synthetic import generate_corpus
 
     out = tmp_path_factory.mktemp("corpus")
     summary = generate_corpus(out, hours=CORPUS_HOURS, seed=11, progress=False)

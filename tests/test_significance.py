@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import norm
 
-from speechbrain_spg.significance import (
+from speechbrain_spg.evaluation.significance import (
     BootstrapResult,
     MapssweResult,
     Segment,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from speechbrain_spg import synthetic
-from speechbrain_spg.synthetic import (
+from speechbrain_spg.data import synthetic
+from speechbrain_spg.data.synthetic import (
     MANIFEST_NAME,
     SPLITS,
     ESpeakNG,
@@ -344,7 +344,7 @@ def test_bad_options(tmp_path, options, message):
 
 def test_cli(corpus, tmp_path):
     root, summary = corpus
-    command = [sys.executable, "-m", "speechbrain_spg.synthetic"]
+    command = [sys.executable, "-m", "speechbrain_spg.data.synthetic"]
     command += ["--out", str(tmp_path), "--hours", str(HOURS)]
     result = subprocess.run(
         [*command, "--seed", str(SEED)],

@@ -828,7 +828,7 @@ def run_recipe(hparams_file, run_opts, overrides):
         overrides=overrides,
     )
     if hparams.get("synthetic_corpus"):
-        from speechbrain_spg.synthetic import generate_corpus
+        from speechbrain_spg.data.synthetic import generate_corpus
 
         run_on_main(generate_corpus, kwargs=hparams["synthetic_corpus"])
 

@@ -5,13 +5,13 @@ compressed models) the way the paper does: parameter counts, compression
 ratio, WER per test split, the WER change against a baseline, and whether
 that change is statistically significant under the matched-pairs
 sentence-segment word error test (MAPSSWE,
-:func:`speechbrain_spg.significance.mapsswe`), run on the per-utterance
+:func:`speechbrain_spg.evaluation.significance.mapsswe`), run on the per-utterance
 hypotheses that the recipe writes.
 
 A run folder holds ``summary.json`` (written by the recipe) and one
 ``hyps_<split>.jsonl`` per split in ``summary["wer"]``. From the command line::
 
-    python -m speechbrain_spg.compare RUN_DIR [RUN_DIR ...] \\
+    python -m speechbrain_spg.evaluation.compare RUN_DIR [RUN_DIR ...] \\
         [--baseline RUN_DIR] [--out DIR] [--alpha 0.05]
 
 writes ``<out>/comparison.md`` (a Markdown table) and PNG plots: WER against
@@ -37,7 +37,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from speechbrain_spg.significance import (
+from speechbrain_spg.evaluation.significance import (
     compare_hypothesis_files,
     load_hypotheses,
 )
@@ -358,7 +358,7 @@ class ComparisonRow:
         Split -> whether ``p_value < alpha``.
     tests : dict
         Split -> the full
-        :class:`speechbrain_spg.significance.HypothesisComparison`
+        :class:`speechbrain_spg.evaluation.significance.HypothesisComparison`
         (baseline as system A), which also holds a paired bootstrap.
 
     Example
@@ -472,7 +472,7 @@ def compare_runs(runs, baseline, alpha=0.05):
 
     WERs come from the summaries; the significance of each difference comes
     from the MAPSSWE on the hypotheses files, with utterances matched by id
-    (:func:`speechbrain_spg.significance.compare_hypothesis_files`).
+    (:func:`speechbrain_spg.evaluation.significance.compare_hypothesis_files`).
 
     Arguments
     ---------
@@ -1032,7 +1032,7 @@ def choose_baseline(runs):
 def _parse_args(argv):
     """Parses the command line."""
     parser = argparse.ArgumentParser(
-        prog="python -m speechbrain_spg.compare",
+        prog="python -m speechbrain_spg.evaluation.compare",
         description=(
             "Compare recipe runs against a baseline: parameters, compression "
             "ratio, WER, WER change and its MAPSSWE significance, plus plots."
@@ -1169,7 +1169,7 @@ def main(argv=None):
         ordered, [row.system for row in rows], splits, args.out
     )
     report = os.path.join(args.out, "comparison.md")
-    command = "python -m speechbrain_spg.compare " + shlex.join(argv)
+    command = "python -m speechbrain_spg.evaluation.compare " + shlex.join(argv)
     document = _markdown_document(
         table,
         command,

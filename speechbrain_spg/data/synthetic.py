@@ -32,7 +32,7 @@ function of its inputs.
 
 Command line::
 
-    python -m speechbrain_spg.synthetic --out DIR --hours H --seed S [--workers N]
+    python -m speechbrain_spg.data.synthetic --out DIR --hours H --seed S [--workers N]
 
 Authors
  * speechbrain-spg developers 2026
@@ -1567,7 +1567,7 @@ def generate_corpus(
         espeak_version = engine.version()
     os.makedirs(root, exist_ok=True)
     manifest = {
-        "generator": "speechbrain_spg.synthetic",
+        "generator": "speechbrain_spg.data.synthetic",
         "options": options,
         "complete": False,
         "espeak_ng_version": espeak_version,
@@ -1669,7 +1669,7 @@ def main(argv=None):
     >>> shutil.rmtree(out)
     """
     parser = argparse.ArgumentParser(
-        prog="python -m speechbrain_spg.synthetic",
+        prog="python -m speechbrain_spg.data.synthetic",
         description="Generate a synthetic English speech corpus (eSpeak NG) "
         "in the LibriSpeech layout, under OUT/LibriSpeech.",
     )
