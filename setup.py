@@ -15,8 +15,6 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     packages=find_packages(include=["speechbrain_spg", "speechbrain_spg.*"]),
-    # The C source of the CPU gate kernels, built at first use.
-    package_data={"speechbrain_spg": ["*.c"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

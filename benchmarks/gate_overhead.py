@@ -7,50 +7,14 @@ fine-tuning step (forward, CTC loss + sparsity loss, backward, Adam step) of
 
 - the plain SpeechBrain lobe (dense),
 - the SPG lobe with the reference gate (``gate_impl: reference``),
-- the SPG lobe with the fused gate (``gate_impl: fused``; eager on CPU),
-- the SPG lobe with the compiled fused gate (``gate_impl: compiled``),
-- optionally (``--variants ... compiled_recompute compiled_from_gated``)
-  the compiled gate with a given backward instead of the device's default:
-  recompute the mask from ``W`` and ``t`` (the CUDA default), or read it
-  back from the kept gated weight (the CPU default),
-- optionally (``--variants ... compiled_float32_gate``) the compiled gate
-  returning float32 under autocast (the matrix product casts it, as before
-  the gate learnt to cast in its own kernel; CUDA mode),
-- optionally (``--variants ... compiled_per_matrix`` /
-  ``compiled_per_block``) the compiled gate called once per matrix or once
-  per transformer block (``gates.pregated_weights``), whatever the device's
-  default (per block on CUDA, per matrix on CPU),
-- optionally (``--variants ... compiled_triton_per_block``) the compiled
-  gate with the hand-written Triton kernels (``triton_gate``) called once
-  per transformer block instead of once for all matrices
-  (``gates.matrices_per_call``; CUDA mode; on CPU the same as
-  ``compiled``),
+- the SPG lobe with the fused gate (``gate_impl: fused``; eager PyTorch),
+- the SPG lobe with the compiled gate (``gate_impl: compiled``:
+  ``torch.compile``, the hand-written Triton kernels on CUDA),
 - optionally (``--variants ... compiled_no_triton``) the compiled gate
-  without the Triton kernels: a block's matrices gated by the
-  ``torch.compile`` batch kernels instead (CUDA mode; on CPU the same as
-  ``compiled``),
-- optionally (``--variants ... compiled_no_native``) the compiled gate
-  without the hand-written C kernels of ``native_gate`` (CPU mode): the
-  ``torch.compile`` kernels instead, as before they existed,
-- optionally (``--variants ... compiled_no_reuse``) the compiled gate
-  without keeping the gated weights' memory from step to step
-  (``SelfPinchingGate.reuse_memory``; CPU mode, C kernels): new memory per
-  step, as before it did,
-- optionally (``--variants ... compiled_two_nodes``) the compiled gate
-  with kept memory, but the gate and the matrix product as two autograd
-  nodes (CPU mode): the product's backward then writes the gradient of
-  ``W * M`` into new memory, as before ``fused_linear`` (the
-  ``compiled_recompute`` / ``compiled_from_gated`` variants use two nodes
-  too, as their backward is the gate's),
+  without the Triton kernels (CUDA mode; on CPU the same as ``compiled``),
 - optionally (``--variants ... compiled_recompute_gated``) the compiled gate
   with ``recompute_gated_weights: True`` (no gated weight kept for the
   backward pass; computed again there),
-- optionally (``--variants ... compiled_unclipped_sigmoid``) the compiled
-  gate without the clip of its sigmoid's argument
-  (``fused_gate.SIGMOID_SATURATION``, which the ``torch.compile`` and
-  Triton kernels read; the same numbers). The C kernels of x86-64 CPUs
-  clip with their own constant, so where they run this variant is the
-  ``compiled`` one; ``gate_kernels.py`` times the unclipped kernel,
 
 plus evaluation-mode inference (cached gated weights) and peak memory. The
 CNN front end is frozen, as in the recipes. The step runs in the order of
@@ -60,8 +24,7 @@ forward pass (``--zero-grad before-backward`` clears them between forward
 and backward instead, as many plain PyTorch loops do: the previous step's
 gradients are then alive during the forward pass). Subnormal results are
 flushed to zero during the steps (``torch.set_flush_denormal(True)``, as the
-recipe's ``train.py`` does; x86 CPUs compute them slowly, see
-``subnormal_cost.py``). CPU mode uses short audio so it
+recipe's ``train.py`` does; x86 CPUs compute them slowly). CPU mode uses short audio so it
 finishes in minutes on a laptop; CUDA mode uses batch 8 x 15 s under bf16
 autocast. Timings of separate processes vary by several percent on a
 shared CPU: ``--rounds N`` measures every variant N times, interleaved, and
@@ -84,7 +47,6 @@ import contextlib
 import gc
 import logging
 import multiprocessing
-import os
 import statistics
 import tempfile
 import time
@@ -95,53 +57,22 @@ import torch.nn.functional as F
 import transformers
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
-from speechbrain_spg import fused_gate, gates, native_gate, triton_gate
 from speechbrain_spg.data.architectures import hub_config, save_random_model
+from speechbrain_spg.kernels import triton
 from speechbrain_spg.lobes import SPGWav2Vec2, flushes_subnormals
 
 MODELS = ("facebook/wav2vec2-base", "facebook/hubert-large-ll60k")
 VARIANTS = ("dense", "reference", "fused", "compiled")
-#: Variants that force one backward of the compiled gate.
-RECOMPUTE = {"compiled_recompute": True, "compiled_from_gated": False}
 
 
 def build(variant, source, device):
     """The lobe under test and a linear CTC head."""
-    # The patches hold for this process only (each variant runs in a fresh
+    # The patch holds for this process only (each variant runs in a fresh
     # one).
-    if variant in RECOMPUTE or variant == "compiled_two_nodes":
-        # The one-node path (``fused_linear``) always reads the mask back.
-        gates.SelfPinchingGate.linear = lambda self, *args: None
-    if variant in RECOMPUTE:
-        recompute = RECOMPUTE[variant]
-        fused_gate.default_recompute_mask = lambda weight: recompute
-        variant = "compiled"
-    if variant == "compiled_two_nodes":
-        variant = "compiled"
-    if variant == "compiled_float32_gate":
-        gates.autocast_dtype = lambda weight: None
-        variant = "compiled"
-    if variant in ("compiled_per_matrix", "compiled_per_block"):
-        per_block = variant == "compiled_per_block"
-        gates.default_pregating = lambda weight: per_block
-        variant = "compiled"
-    if variant == "compiled_triton_per_block":
-        gates.matrices_per_call = lambda gate, layers: gates.MATRICES_PER_CALL
-        variant = "compiled"
     if variant == "compiled_no_triton":
-        triton_gate.supports = lambda weights: False
-        variant = "compiled"
-    if variant == "compiled_no_native":
-        os.environ[native_gate.SWITCH] = "0"
-        variant = "compiled"
-    if variant == "compiled_unclipped_sigmoid":
-        # An int, as the clip itself (see there): no clip in float32.
-        fused_gate.SIGMOID_SATURATION = 10**18
+        triton.supports = lambda weights: False
         variant = "compiled"
     options = {}
-    reuse_memory = variant != "compiled_no_reuse"
-    if not reuse_memory:
-        variant = "compiled"
     if variant == "compiled_recompute_gated":
         options["recompute_gated_weights"] = True
         variant = "compiled"
@@ -156,7 +87,6 @@ def build(variant, source, device):
             gate_impl=variant,
             **options,
         )
-        lobe.gate.reuse_memory = reuse_memory
     head = torch.nn.Linear(lobe.model.config.hidden_size, 32)
     return lobe.to(device), head.to(device)
 

@@ -30,12 +30,12 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.models.wavlm.modeling_wavlm import WavLMAttention
 
-from speechbrain_spg.fused_gate import FusedSoftZerosFunction
-from speechbrain_spg.gates import (
+from speechbrain_spg.gate import hard_mask
+from speechbrain_spg.kernels import soft_zero_counts
+from speechbrain_spg.layers import (
     GatedLinear,
     SelfPinchingGate,
     group_indices,
-    hard_mask,
     pregated_weights,
 )
 from speechbrain_spg.options import (
@@ -49,7 +49,6 @@ from speechbrain_spg.sparsity import (
     LayerSparsity,
     SparsityReport,
     hard_zero_counts,
-    soft_zero_counts,
 )
 
 
@@ -274,9 +273,8 @@ def _warn_about_subnormals():
     warnings.warn(
         "SPG training on a CPU that computes subnormal numbers: as the "
         "gates pinch whole matrices, the gradients through them become "
-        "subnormal and x86 CPUs compute these slowly (a trained tiny "
-        "model's step: 1.19x instead of 1.13x the dense one; "
-        "benchmarks/RESULTS.md). Call torch.set_flush_denormal(True) first "
+        "subnormal and x86 CPUs compute these slowly. Call "
+        "torch.set_flush_denormal(True) first "
         "in your script, before any other torch work (README: 'Use SPG "
         "from Python'); the recipe's train.py does.",
         UserWarning,
@@ -383,9 +381,7 @@ class SPGLobeMixin:
         self.source = str(source)
         self.spg_options = options
         self.gate, self.gated_names = install_gates(self.model, options)
-        # Looked up once: by name, in every training step, the lookups took
-        # 1.1 ms (wav2vec2-base) and 2.2 ms (HuBERT-large) of host time on
-        # the project's CPU machine (``benchmarks/RESULTS.md``).
+        # Looked up once, not by name in every training step (host time).
         self._gated_layers = tuple(
             self.model.get_submodule(name) for name in self.gated_names
         )
@@ -505,17 +501,13 @@ class SPGLobeMixin:
             layers = self.gated_layers()
             index = torch.tensor(missing, device=self.gate.scale.device)
             weights = [layers[i].weight.detach() for i in missing]
-            thresholds = self.gate.thresholds()[index]
-            taus = self.gate.taus()[index]
-            if self.gate.impl == "reference":
-                computed = soft_zero_counts(weights, thresholds, taus).unbind()
-            else:
-                compiled = self.gate.impl == "compiled"
-                computed = [
-                    FusedSoftZerosFunction.apply(w, t, tau, compiled)
-                    for w, t, tau in zip(weights, thresholds, taus)
-                ]
-            recorded.update(zip(missing, computed))
+            computed = soft_zero_counts(
+                weights,
+                self.gate.thresholds()[index],
+                self.gate.taus()[index],
+                self.gate.impl,
+            )
+            recorded.update(zip(missing, computed.unbind()))
         counts = torch.stack([recorded[i] for i in range(count)])
         if not torch.is_grad_enabled():
             counts = counts.detach()
@@ -582,6 +574,7 @@ class SPGLobeMixin:
                     [layer.weight for layer in layers],
                     thresholds,
                     self.gate.taus(),
+                    "reference",
                 )
         per_layer = tuple(
             LayerSparsity(

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from speechbrain_spg.gates import SoftZerosFunction, hard_mask
+from speechbrain_spg.gate import hard_mask
 
 
 def validate_target(target, key="target_sparsity"):
@@ -328,37 +328,6 @@ class LagrangianSparsityRegularizer(nn.Module):
         gap = soft_sparsity - self.target_at(step)
         lam = GradientReversal.apply(self.multiplier_param) * self.lr_scale
         return lam[0] * gap + (lam[1] + self.damping) * gap * gap
-
-
-def soft_zero_counts(weights, thresholds, taus):
-    """Expected number of pruned weights of each matrix.
-
-    Arguments
-    ---------
-    weights : list of torch.Tensor
-        The gated matrices.
-    thresholds : torch.Tensor
-        Absolute threshold of each matrix (differentiable).
-    taus : torch.Tensor
-        Temperature of each matrix.
-
-    Returns
-    -------
-    torch.Tensor
-        1-D tensor, ``sum(1 - M)`` per matrix, differentiable in thresholds.
-
-    Example
-    -------
-    >>> w = [torch.tensor([0.0, 2.0]), torch.tensor([0.0, 0.1, 5.0])]
-    >>> soft_zero_counts(w, torch.tensor([1.0, 1.0]), torch.tensor([0.01, 0.01]))
-    tensor([1., 2.])
-    """
-    return torch.stack(
-        [
-            SoftZerosFunction.apply(w.detach(), thresholds[i], taus[i])
-            for i, w in enumerate(weights)
-        ]
-    )
 
 
 def hard_zero_counts(weights, thresholds):

@@ -1,22 +1,18 @@
 """Gated matrices, six per hand-written Triton launch (CUDA).
 
 On a GPU the gate's arithmetic is cheap and the host work around it is
-not: with ``torch.compile``-d batch kernels (``batched_gate``) every call
-still pays the call wrappers of Dynamo, AOTAutograd and Inductor and one
-launch per matrix and kernel. Here one launch gates six matrices (one
-transformer block, ``gates.MATRICES_PER_CALL``) forward and one backward
-(``triton_gate_kernels``), and one small sum adds up the partial sums of
-all launches of a call: the host work is an allocation per matrix and a
-launch per six. On one GPU the lobes pass all their matrices in one call
-(``gates.matrices_per_call``).
+not: ``torch.compile``-d kernels pay Dynamo's and Inductor's call wrappers
+and one launch per matrix and kernel. Here one launch gates six matrices
+(one transformer block) forward and one backward (``triton_kernels``), and
+one small sum adds up the partial sums of all launches of a call. On one
+GPU the lobes pass all their matrices in one call
+(``layers.matrices_per_call``).
 
-The math is ``fused_gate``'s (clipped sigmoid, mask recomputed in the
-backward), so ``FusedPinchAllFunction`` gives the same numbers within
-float32 rounding. ``triton_batch_kernels`` has the contract of
-``batched_gate.BatchKernels``; the gate uses it for float32 CUDA weights
-when Triton is installed (``supports``), and the ``torch.compile`` batch
-kernels otherwise. The kernels are read with Triton's interpreter
-(``TRITON_INTERPRET=1``) on a CPU in the tests.
+The math is the eager backend's (clipped sigmoid, mask computed again in
+the backward), so the numbers agree within float32 rounding;
+``triton_kernels`` implements the ``GateKernels`` interface for float32
+CUDA weights when Triton is installed (``supports``). The tests run the
+kernels with Triton's interpreter (``TRITON_INTERPRET=1``) on a CPU.
 
 Authors
  * speechbrain-spg developers 2026
@@ -30,7 +26,8 @@ import warnings
 
 import torch
 
-from speechbrain_spg import fused_gate
+from speechbrain_spg.gate import SIGMOID_SATURATION
+from speechbrain_spg.kernels import GateKernels
 
 #: At most this many programs per matrix and launch; each handles at least
 #: ``ELEMENTS_PER_PROGRAM`` elements (HuBERT-large's FFN matrices: 512
@@ -60,7 +57,7 @@ def triton_installed():
 
 
 def supports(weights):
-    """Whether ``triton_batch_kernels`` gates these weights.
+    """Whether ``triton_kernels`` gates these weights.
 
     Arguments
     ---------
@@ -95,7 +92,7 @@ def supports(weights):
 
 def _kernels():
     """The ``triton_gate_kernels`` module (imports Triton)."""
-    return importlib.import_module("speechbrain_spg.triton_gate_kernels")
+    return importlib.import_module("speechbrain_spg.kernels.triton_kernels")
 
 
 def programs_per_matrix(numels):
@@ -178,7 +175,7 @@ def _launch_all(kernel, weights, tensors, vectors, partial, in_place=False):
                     first,
                     *vectors,
                     partial,
-                    float(fused_gate.SIGMOID_SATURATION),
+                    float(SIGMOID_SATURATION),
                     BLOCK_SIZE=kernels.BLOCK,
                 )
             except Exception as error:
@@ -254,7 +251,7 @@ def _backward_upcast(weights, thresholds, taus, grads, grad_zeros):
 
 #: Set by the first failure of a Triton kernel in this process: from then
 #: on ``supports`` says no, so the gate uses the ``torch.compile`` kernels,
-#: one block per call (``gates.matrices_per_call``).
+#: one block per call (``layers.matrices_per_call``).
 _FAILURE = {"failed": False}
 
 
@@ -292,7 +289,7 @@ def _with_fallback(triton_fn, fallback_fn):
                 warnings.warn(
                     f"The Triton gate kernel {triton_fn.__name__} failed "
                     f"({type(error).__name__}: {error}); using the "
-                    "torch.compile batch kernels from now on.",
+                    "torch.compile kernels from now on.",
                     stacklevel=2,
                 )
         return fallback_fn(*args)
@@ -301,31 +298,31 @@ def _with_fallback(triton_fn, fallback_fn):
 
 
 @functools.cache
-def triton_batch_kernels(fallback):
-    """``batched_gate.BatchKernels`` running the Triton kernels.
+def triton_kernels(fallback):
+    """The ``GateKernels`` that run the Triton kernels.
 
     Arguments
     ---------
-    fallback : batched_gate.BatchKernels
+    fallback : GateKernels
         Used for the backward that reads the mask back from the gated
-        weight (not the CUDA default), and for everything after a Triton
-        failure.
+        weight (not the CUDA default), for the soft-zero counts of ungated
+        matrices, and for everything after a Triton failure.
 
     Returns
     -------
-    batched_gate.BatchKernels
-        Same contract as ``fallback``.
+    GateKernels
 
     Example
     -------
-    >>> from speechbrain_spg.batched_gate import EAGER_BATCH_KERNELS
-    >>> triton_batch_kernels(EAGER_BATCH_KERNELS).compiled
-    True
+    >>> from speechbrain_spg.kernels import EAGER
+    >>> triton_kernels(EAGER).name
+    'triton'
     """
-    return type(fallback)(
+    return GateKernels(
+        "triton",
         _with_fallback(_forward, fallback.forward),
         _with_fallback(_backward_inplace, fallback.backward),
         _with_fallback(_backward_upcast, fallback.backward_upcast),
         fallback.backward_from_gated,
-        compiled=True,
+        fallback.soft_zeros,
     )

@@ -1,12 +1,9 @@
-"""Self-pinching gates: weight matrices masked by a function of themselves.
+"""Gated layers: the thresholds of the tie groups and the gated ``nn.Linear``.
 
-A gated weight matrix ``W`` is used as ``W * M`` with the soft mask
-
-    M = sigmoid((W^2 - t^2) / (2 * tau))
-
-where ``t`` is one learnable threshold shared by a tie group of matrices and
-``tau`` a small temperature. Weights whose magnitude is below ``t`` are
-"pinched" towards zero; the hard mask used at the end is ``|W| > |t|``.
+``SelfPinchingGate`` holds one learnable threshold per tie group of weight
+matrices (``group_indices``) and gates a matrix through the backend that
+``gate_impl`` selects (``speechbrain_spg.kernels``); ``GatedLinear`` replaces
+an ``nn.Linear`` of the model and multiplies with its gated weight.
 
 Thresholds are stored in units of each matrix's weight standard deviation
 (``scale``, measured once when the gate is built) and the temperature is
@@ -25,18 +22,12 @@ import torch.nn.functional as F
 from speechbrain.utils.distributed import is_distributed_initialized
 from torch import nn
 
-from speechbrain_spg import native_gate, triton_gate
-from speechbrain_spg.batched_gate import (
-    FusedPinchAllFunction,
-    batch_kernels_for,
-)
-from speechbrain_spg.fused_gate import (
-    FusedPinchFunction,
+from speechbrain_spg.kernels import (
     autocast_dtype,
-    gated_value,
+    gate,
+    gated_values,
+    select_kernels,
 )
-from speechbrain_spg.fused_linear import GatedLinearFunction, takes
-from speechbrain_spg.reused_memory import ReusedMemory
 
 #: Smallest weight standard deviation a gate uses as a matrix's ``scale``.
 #: A matrix of (almost) only zeros, such as a layer pruned entirely in an
@@ -47,214 +38,11 @@ MIN_SCALE = 1e-6
 
 #: Matrices gated per call by ``pregated_weights``: one transformer block of
 #: wav2vec2 / HuBERT / WavLM (q, k, v, out, FFN in, FFN out). Every call then
-#: has the same shapes, so one compilation of the batch kernels serves the
-#: whole model (compiling one call for all 144 matrices of HuBERT-large took
-#: 166 s on a 2-core CPU), and each block's backward runs as soon as its
-#: gradients are in (memory, DDP overlap). With the Triton kernels
-#: (``triton_gate``) on one GPU, all matrices are gated in one call instead
-#: (``matrices_per_call``).
+#: has the same shapes, so one compilation of the kernels serves the whole
+#: model, and each block's backward runs as soon as its gradients are in
+#: (memory, DDP overlap). With the Triton kernels on one GPU, all matrices
+#: are gated in one call instead (``matrices_per_call``).
 MATRICES_PER_CALL = 6
-
-
-def soft_mask(weight, threshold, tau):
-    """Returns the self-pinching soft mask ``sigmoid((W^2 - t^2) / (2 tau))``.
-
-    Arguments
-    ---------
-    weight : torch.Tensor
-        The weight matrix ``W``.
-    threshold : torch.Tensor or float
-        The absolute threshold ``t`` (its sign does not matter).
-    tau : torch.Tensor or float
-        The temperature (positive).
-
-    Returns
-    -------
-    torch.Tensor
-        The mask, same shape as ``weight``, values in (0, 1).
-
-    Example
-    -------
-    >>> w = torch.tensor([0.0, 1.0, 3.0])
-    >>> soft_mask(w, 1.0, 0.01).round(decimals=4)
-    tensor([0.0000, 0.5000, 1.0000])
-    """
-    return torch.sigmoid((weight * weight - threshold * threshold) / (2 * tau))
-
-
-def hard_mask(weight, threshold):
-    """Returns the hard mask ``|W| > |t|`` that the pruning stage applies.
-
-    Arguments
-    ---------
-    weight : torch.Tensor
-        The weight matrix ``W``.
-    threshold : torch.Tensor or float
-        The absolute threshold ``t``.
-
-    Returns
-    -------
-    torch.Tensor
-        Boolean tensor, ``True`` where the weight is kept.
-
-    Example
-    -------
-    >>> hard_mask(torch.tensor([-2.0, 0.5, 1.5]), -1.0)
-    tensor([ True, False,  True])
-    """
-    return weight.abs() > abs(threshold)
-
-
-def pinch_reference(weight, threshold, tau):
-    """Plain autograd reference of the gate, ``W * soft_mask(W, t, tau)``.
-
-    Arguments
-    ---------
-    weight : torch.Tensor
-        The weight matrix ``W``.
-    threshold : torch.Tensor
-        The absolute threshold ``t`` (scalar tensor).
-    tau : torch.Tensor or float
-        The temperature.
-
-    Returns
-    -------
-    torch.Tensor
-        The gated weight.
-
-    Example
-    -------
-    >>> pinch_reference(torch.tensor([0.0, 3.0]), torch.tensor(1.0), 0.01)
-    tensor([0., 3.])
-    """
-    return weight * soft_mask(weight, threshold, tau)
-
-
-class PinchFunction(torch.autograd.Function):
-    """Memory-lean gate: saves only ``W`` and ``t`` and recomputes the mask.
-
-    With ``z = (W^2 - t^2) / (2 tau)``, ``M = sigmoid(z)`` and
-    ``s = M (1 - M) / tau``, the gradients of ``W * M`` are
-    ``d/dW = M + W^2 s`` and ``d/dt = -t W s``.
-
-    Example
-    -------
-    >>> w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    >>> t = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
-    >>> torch.autograd.gradcheck(PinchFunction.apply, (w, t, 0.1))
-    True
-    """
-
-    @staticmethod
-    def forward(ctx, weight, threshold, tau):
-        """Computes ``W * M``; see the class docstring.
-
-        Arguments
-        ---------
-        ctx : context
-            Autograd context.
-        weight : torch.Tensor
-            The weight matrix.
-        threshold : torch.Tensor
-            Scalar absolute threshold.
-        tau : float or torch.Tensor
-            The temperature (not differentiated).
-
-        Returns
-        -------
-        torch.Tensor
-            The gated weight.
-        """
-        ctx.save_for_backward(weight, threshold)
-        ctx.tau = tau
-        return weight * soft_mask(weight, threshold, tau)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        """Recomputes the mask and returns the gradients of ``W`` and ``t``.
-
-        Arguments
-        ---------
-        ctx : context
-            Autograd context.
-        grad_output : torch.Tensor
-            Gradient of the loss with respect to the gated weight.
-
-        Returns
-        -------
-        tuple
-            Gradients for ``weight``, ``threshold`` and ``None`` for tau.
-        """
-        weight, threshold = ctx.saved_tensors
-        mask = soft_mask(weight, threshold, ctx.tau)
-        slope = mask * (1 - mask) / ctx.tau
-        grad_weight = grad_threshold = None
-        if ctx.needs_input_grad[0]:
-            grad_weight = grad_output * (mask + weight * weight * slope)
-        if ctx.needs_input_grad[1]:
-            grad_threshold = -(grad_output * weight * slope).sum() * threshold
-        return grad_weight, grad_threshold, None
-
-
-class SoftZerosFunction(torch.autograd.Function):
-    """Expected number of pinched weights, ``sum(1 - M)``, differentiable in t.
-
-    The weights are treated as constants (the sparsity regulariser moves the
-    thresholds, the task loss moves the weights) and nothing but ``W`` and
-    ``t`` is saved for backward.
-
-    Example
-    -------
-    >>> w = torch.tensor([0.0, 0.1, 3.0])
-    >>> t = torch.tensor(1.0, requires_grad=True)
-    >>> SoftZerosFunction.apply(w, t, 0.01)
-    tensor(2., grad_fn=<SoftZerosFunctionBackward>)
-    """
-
-    @staticmethod
-    def forward(ctx, weight, threshold, tau):
-        """Counts ``sum(1 - M)``.
-
-        Arguments
-        ---------
-        ctx : context
-            Autograd context.
-        weight : torch.Tensor
-            The weight matrix (not differentiated).
-        threshold : torch.Tensor
-            Scalar absolute threshold.
-        tau : float or torch.Tensor
-            The temperature.
-
-        Returns
-        -------
-        torch.Tensor
-            Scalar expected count of pruned weights.
-        """
-        ctx.save_for_backward(weight, threshold)
-        ctx.tau = tau
-        return (1 - soft_mask(weight, threshold, tau)).sum()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        """Gradient with respect to the threshold only.
-
-        Arguments
-        ---------
-        ctx : context
-            Autograd context.
-        grad_output : torch.Tensor
-            Scalar upstream gradient.
-
-        Returns
-        -------
-        tuple
-            ``None``, gradient of the threshold, ``None``.
-        """
-        weight, threshold = ctx.saved_tensors
-        mask = soft_mask(weight, threshold, ctx.tau)
-        slope = (mask * (1 - mask)).sum() / ctx.tau
-        return None, grad_output * slope * threshold, None
 
 
 def group_indices(names, tie):
@@ -391,32 +179,16 @@ class SelfPinchingGate(nn.Module):
         size ``lr`` moves the threshold by ``lr * lr_scale``. Lets one optimiser
         shared with the SSL weights move the thresholds fast enough.
     impl : str
-        ``"reference"`` (plain autograd functions), ``"fused"`` (one fused
-        pass that also yields the soft-zero count used by the sparsity
-        regulariser; eager PyTorch) or ``"compiled"`` (the fused math through
-        ``torch.compile``, eager if compiling fails).
+        The backend (``kernels.select_kernels``): ``"fused"`` (eager, one
+        pass that also yields the soft-zero count the regulariser needs),
+        ``"compiled"`` (``torch.compile``, Triton on CUDA) or
+        ``"reference"`` (the formula under autograd).
     recompute_gated : bool
         Training passes keep no gated weight for the backward pass: the
         matrix product's backward computes ``W * M`` again (``regate``) and
         the gate's backward recomputes the mask. Saves one copy of the
         gated weights in memory from the forward pass to the backward pass,
         at the cost of about one more pass over them (see ``GatedLinear``).
-    reuse_memory : bool
-        With the C kernels (float32 CPU training, ``native_gate``), keep the
-        memory of each gated weight from step to step: the gated weight,
-        then the weight's gradient, live there (``reused_memory``). Training
-        mode only (``train(False)`` lets it go); not with
-        ``recompute_gated``, whose point is not to hold gated weights. The
-        backward then reads ``W * M`` from that memory, not from autograd's
-        saved tensors, so saved-tensor hooks (activation checkpointing,
-        offloading) do not free or move it: turn this off with them.
-        With it, ``GatedLinear`` runs gate and matrix product as one
-        autograd node (``linear``, ``fused_linear``), whose backward keeps
-        the gradient of ``W * M`` in memory of the weight's size kept too
-        (one per size); a backward with ``create_graph=True`` (a gradient
-        penalty on a layer's input) runs the gate's PyTorch math there
-        instead. Turned off while training, the memory is kept until
-        ``train(False)``.
 
     Example
     -------
@@ -425,7 +197,7 @@ class SelfPinchingGate(nn.Module):
     (2, [0.5, 0.5, 0.5])
     >>> w = torch.tensor([0.1, 2.0])
     >>> gate(0, w)
-    tensor([0.0083, 2.0000], grad_fn=<PinchFunctionBackward>)
+    tensor([0.0083, 2.0000], grad_fn=<GateFunctionBackward>)
     """
 
     def __init__(
@@ -435,9 +207,8 @@ class SelfPinchingGate(nn.Module):
         tau_scale,
         threshold_init,
         lr_scale=1.0,
-        impl="reference",
+        impl="fused",
         recompute_gated=False,
-        reuse_memory=True,
     ):
         super().__init__()
         num_groups = max(groups) + 1
@@ -445,10 +216,6 @@ class SelfPinchingGate(nn.Module):
         self.lr_scale = float(lr_scale)
         self.impl = impl
         self.recompute_gated = bool(recompute_gated)
-        self.reuse_memory = bool(reuse_memory)
-        self._memories = tuple(ReusedMemory() for _ in groups)
-        # Per weight size: the gradient of W * M in ``linear``'s backward.
-        self._product_memories = {}
         self.soft_zeros = RecordedSoftZeros()
         self.threshold_param = nn.Parameter(
             torch.full((num_groups,), threshold_init / self.lr_scale)
@@ -526,7 +293,8 @@ class SelfPinchingGate(nn.Module):
         recompute_mask=None,
         out_dtype=None,
     ):
-        """Gates one weight matrix.
+        """Gates one weight matrix; with gradients on, records its
+        soft-zero count for the regulariser (``soft_zeros``).
 
         Arguments
         ---------
@@ -535,16 +303,14 @@ class SelfPinchingGate(nn.Module):
         weight : torch.Tensor
             Its weights.
         overwrite_grad : bool
-            On the fused paths, let the backward reuse the gradient buffer
-            of the gated weight (see ``FusedPinchFunction``); only for a
-            caller that feeds the result to one operation and nothing else.
+            The backward may write the weight gradient into the gradient of
+            the gated weight: only for a caller that feeds the result to one
+            operation and nothing else (``kernels.GateFunction``).
         recompute_mask : bool, optional
-            On the fused paths, how the backward gets the mask (see
-            ``FusedPinchFunction``; default: ``default_recompute_mask``).
+            How the backward gets the mask (default:
+            ``kernels.default_recompute_mask``).
         out_dtype : torch.dtype, optional
-            On the fused paths, return ``W * M`` in this dtype (cast in the
-            gate's kernel, for a matrix product under autocast); the
-            reference path returns ``W``'s dtype.
+            Return ``W * M`` in this dtype (autocast's), cast in the kernel.
 
         Returns
         -------
@@ -552,135 +318,22 @@ class SelfPinchingGate(nn.Module):
             ``W * M``.
         """
         threshold, tau = self._threshold_and_tau(index)
-        if self.impl == "reference":
-            return PinchFunction.apply(weight, threshold, tau)
+        thresholds, taus = threshold.reshape(1), tau.reshape(1)
         if not torch.is_grad_enabled():
-            # Evaluation: the fast kernel's value, which, unlike the
-            # reference path's, holds no subnormal number.
-            return gated_value(
-                weight, threshold, tau, self.impl == "compiled", out_dtype
-            )
-        gated, soft_zeros = FusedPinchFunction.apply(
-            weight,
-            threshold,
-            tau,
-            self.impl == "compiled",
+            return gated_values(
+                [weight], thresholds, taus, self.impl, out_dtype
+            )[0]
+        zeros, (gated,) = gate(
+            [weight],
+            thresholds,
+            taus,
+            self.impl,
             True if self.recompute_gated else recompute_mask,
-            overwrite_grad,
             out_dtype,
-            self._memory(index),
+            overwrite_grad,
         )
-        self.soft_zeros[index] = soft_zeros
+        self.soft_zeros[index] = zeros[0]
         return gated
-
-    def _memory(self, index):
-        """The kept memory of matrix ``index`` for this training pass, or
-        None (see ``reuse_memory``; none under ``torch.compile``, which
-        uses its own kernels)."""
-        if (
-            not self.reuse_memory
-            or self.recompute_gated
-            or not self.training
-            or torch.compiler.is_compiling()
-        ):
-            return None
-        return self._memories[index]
-
-    def train(self, mode=True):
-        """Sets training mode; leaving it lets go of the kept memory of the
-        gated weights (``reuse_memory``).
-
-        Arguments
-        ---------
-        mode : bool
-            Training (True) or evaluation mode.
-
-        Returns
-        -------
-        SelfPinchingGate
-            This gate.
-
-        Example
-        -------
-        >>> gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5, impl="compiled")
-        >>> w = torch.randn(4, 4, requires_grad=True)
-        >>> gate(0, w).sum().backward()
-        >>> gate.eval().memory_held
-        0
-        """
-        if not mode:
-            for memory in self._memories:
-                memory.release()
-            self._product_memories.clear()
-        return super().train(mode)
-
-    @property
-    def memory_held(self):
-        """Bytes of memory kept between steps (``reuse_memory``): the
-        gated weights' (then their gradients'), and that of ``linear``'s
-        weight-gradient products."""
-        memories = (*self._memories, *self._product_memories.values())
-        return sum(memory.held for memory in memories)
-
-    def linear(self, index, x, weight, bias):
-        """``F.linear(x, W * M, b)`` in one autograd node whose backward,
-        from the second step on, needs no new memory of the weight's size
-        (``fused_linear``; unless something else holds the kept memory:
-        see ``reused_memory``), where it runs: kept memory in use
-        (``reuse_memory``, training, gradients on, ``impl="compiled"``)
-        and float32 CPU tensors for the C kernels. Records the soft-zero
-        count, like ``forward``.
-
-        Arguments
-        ---------
-        index : int
-            Position of the matrix in the gate.
-        x : torch.Tensor
-            Input (..., in_features).
-        weight : torch.Tensor
-            Weight (out_features, in_features) of matrix ``index``.
-        bias : torch.Tensor or None
-            Bias (out_features).
-
-        Returns
-        -------
-        torch.Tensor or None
-            The layer's output, or None where this path does not run (the
-            caller then gates with ``forward`` and multiplies).
-
-        Example
-        -------
-        >>> gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5, impl="compiled")
-        >>> x, w = torch.ones(2, 3), torch.ones(4, 3, requires_grad=True)
-        >>> y = gate.linear(0, x, w, None)
-        >>> y is None or (y.shape == (2, 4) and 0 in gate.soft_zeros)
-        True
-        """
-        memory = self._memory(index)
-        if (
-            self.impl != "compiled"
-            or memory is None
-            or not torch.is_grad_enabled()
-            # Nothing of the gate to train: W * M is not overwritten then.
-            or not (weight.requires_grad or self.threshold_param.requires_grad)
-        ):
-            return None
-        threshold, tau = self._threshold_and_tau(index)
-        if not takes(x, weight, bias, threshold, tau):
-            if not native_gate.supports((weight,)):
-                # Kept for weights of another kind (float32 before a move
-                # to float64, say): no use holding it.
-                self._product_memories.pop(weight.numel(), None)
-            return None
-        product_memory = self._product_memories.get(weight.numel())
-        if product_memory is None:  # (no new object per call: hot path)
-            product_memory = ReusedMemory()
-            self._product_memories[weight.numel()] = product_memory
-        output, soft_zeros = GatedLinearFunction.apply(
-            x, weight, bias, threshold, tau, memory, product_memory
-        )
-        self.soft_zeros[index] = soft_zeros
-        return output
 
     def _threshold_and_tau(self, index):
         """Threshold and temperature of one matrix, indexed with Python ints
@@ -694,7 +347,7 @@ class SelfPinchingGate(nn.Module):
 
     def regate(self, index, weight, out_dtype=None):
         """``W * M`` of one matrix computed again, outside autograd, with
-        the kernel of ``forward`` (what ``recompute_gated`` gives the
+        the backend of ``forward`` (what ``recompute_gated`` gives the
         backward pass of a matrix product).
 
         Arguments
@@ -704,8 +357,7 @@ class SelfPinchingGate(nn.Module):
         weight : torch.Tensor
             Its weights (unchanged since the forward pass).
         out_dtype : torch.dtype, optional
-            The dtype ``forward`` returned (autocast's); the reference path
-            returns ``W``'s dtype.
+            The dtype ``forward`` returned (autocast's).
 
         Returns
         -------
@@ -714,21 +366,18 @@ class SelfPinchingGate(nn.Module):
 
         Example
         -------
-        >>> gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5, impl="fused")
+        >>> gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5)
         >>> w = torch.tensor([0.1, 2.0], requires_grad=True)
         >>> torch.equal(gate.regate(0, w), gate(0, w).detach())
         True
         """
-        with torch.no_grad():
-            threshold, tau = self._threshold_and_tau(index)
-            if self.impl == "reference":
-                return PinchFunction.apply(weight, threshold, tau)
-            return gated_value(
-                weight, threshold, tau, self.impl == "compiled", out_dtype
-            )
+        threshold, tau = self._threshold_and_tau(index)
+        return gated_values(
+            [weight], threshold.reshape(1), tau.reshape(1), self.impl, out_dtype
+        )[0]
 
     def forward_many(self, first, weights, out_dtype=None):
-        """Gates consecutive matrices in one call (fused paths only).
+        """Gates consecutive matrices in one call of the backend.
 
         Records their soft-zero counts, like ``forward``.
 
@@ -748,27 +397,22 @@ class SelfPinchingGate(nn.Module):
 
         Example
         -------
-        >>> gate = SelfPinchingGate(torch.ones(3), [0, 0, 1], 0.05, 0.5, impl="fused")
+        >>> gate = SelfPinchingGate(torch.ones(3), [0, 0, 1], 0.05, 0.5)
         >>> w = [torch.tensor([0.1, 2.0]), torch.tensor([[3.0]])]
         >>> [g.detach() for g in gate.forward_many(1, w)]
         [tensor([0.0083, 2.0000]), tensor([[3.]])]
         >>> sorted(gate.soft_zeros)
         [1, 2]
         """
-        if self.impl == "reference":
-            raise ValueError(
-                "forward_many: the reference gate gates one matrix at a time "
-                "(use gate_impl 'fused' or 'compiled')."
-            )
-        kernels = batch_kernels_for(weights, self.impl == "compiled")
         stop = first + len(weights)
-        zeros, *gated = FusedPinchAllFunction.apply(
+        zeros, gated = gate(
+            weights,
             self.thresholds()[first:stop],
             self.taus()[first:stop],
-            kernels,
+            self.impl,
             True if self.recompute_gated else None,
             out_dtype,
-            *weights,
+            overwrite_grad=True,
         )
         self.soft_zeros.update(zip(range(first, stop), zeros.unbind()))
         self.soft_zeros.calls[first] = zeros
@@ -808,7 +452,7 @@ class SelfPinchingGate(nn.Module):
         return vector
 
     def recorded_soft_zeros(self, count):
-        """Soft-zero counts recorded by the fused path in this forward pass.
+        """Soft-zero counts recorded in this forward pass.
 
         Arguments
         ---------
@@ -819,11 +463,10 @@ class SelfPinchingGate(nn.Module):
         -------
         dict
             Index -> count (differentiable in the thresholds) of the matrices
-            the last forward pass gated on a fused path (all of them when
-            they were gated at once, ``pregated_weights``); matrices gated
-            one at a time that it did not use (a block skipped by
-            LayerDrop), the reference path and passes without gradients
-            record nothing.
+            the last forward pass gated (all of them when they were gated
+            at once, ``pregated_weights``); matrices gated one at a time
+            that it did not use (a block skipped by LayerDrop) and passes
+            without gradients record nothing.
         """
         return {
             i: self.soft_zeros[i] for i in range(count) if i in self.soft_zeros
@@ -884,9 +527,8 @@ def default_pregating(weight):
     -------
     bool
         True off the CPU: on a GPU the host work per gated matrix is what
-        slows the step. False on CPU, where that work is about 2% of a
-        step and gating in chunks measured no faster, with a higher peak
-        resident memory (``benchmarks/RESULTS.md``).
+        slows the step. False on CPU, where that work is a small part of a
+        step and chunks would raise the peak resident memory.
 
     Example
     -------
@@ -927,17 +569,13 @@ def matrices_per_call(gate, layers):
     -------
     int
         All layers in one call where the compiled gate runs the Triton
-        kernels (``triton_gate.supports``: float32 weights on a GPU) in a
-        single process: its host work is then paid once per pass (one
-        autograd node, one launch per six matrices), not once per block.
-        The price: the gate's backward runs at the end of the backward
-        pass, so the low-precision gradients of the gated weights stay
-        until then (about 0.6 GB for HuBERT-large in bf16, while the
-        activations are already freed), and the weight gradients all come
-        at the end, which would leave DDP nothing to overlap with the
-        backward pass: with several processes, and without the Triton
-        kernels (one compilation of the batch kernels for all matrices
-        took minutes), ``MATRICES_PER_CALL``.
+        kernels (float32 weights on a GPU) in a single process: its host
+        work is then paid once per pass, not once per block. The price:
+        the gate's backward runs at the end of the backward pass, so the
+        gradients of the gated weights all stay until then and DDP would
+        have nothing to overlap with the backward pass. With several
+        processes, and without the Triton kernels (a compilation for all
+        matrices at once is slow), ``MATRICES_PER_CALL``.
 
     Example
     -------
@@ -950,7 +588,8 @@ def matrices_per_call(gate, layers):
     if (
         gate.impl == "compiled"
         and distributed_world_size() == 1
-        and triton_gate.supports([layer.weight for layer in layers])
+        and select_kernels([layer.weight for layer in layers], "compiled").name
+        == "triton"
     ):
         return len(layers)
     return MATRICES_PER_CALL
@@ -1081,9 +720,8 @@ class GatedLinear(nn.Linear):
         forward pass: the chunk to gate on first use, or the gated weight.
 
         They are plain attributes: set without ``nn.Module.__setattr__``,
-        whose checks for parameters, buffers and submodules cost
-        microseconds each, several times per layer and step (host time, see
-        ``benchmarks/gate_host_overhead.py``).
+        whose checks for parameters, buffers and submodules run several
+        times per layer and step (host time).
 
         Arguments
         ---------
@@ -1116,7 +754,7 @@ class GatedLinear(nn.Linear):
         overwrite_grad : bool
             Passed to the gate: the result feeds one matrix product only.
         recompute_mask : bool, optional
-            Passed to the gate (see ``FusedPinchFunction``).
+            Passed to the gate (see ``kernels.GateFunction``).
         out_dtype : torch.dtype, optional
             Passed to the gate: the dtype the fused paths return.
 
@@ -1165,10 +803,6 @@ class GatedLinear(nn.Linear):
         if self.training or torch.is_grad_enabled():
             if self._cache is not None:
                 self._cache = None
-            if self.mask is None and dtype is None:
-                output = self.gate.linear(self.index, x, self.weight, self.bias)
-                if output is not None:
-                    return output
             # The product keeps the gated weight for its backward only if
             # x needs a gradient; otherwise reading the mask back from it
             # would keep it alive just for that: recompute instead.

@@ -1,8 +1,8 @@
 """Hand-written Triton kernels that gate up to six matrices in one launch.
 
-Imported only where Triton is (``triton_gate`` imports it on first use).
-The math is that of ``fused_gate`` (the clipped sigmoid, the chain rule of
-``fused_gate._chain_rule``); the layout is Triton's: a launch covers
+Imported only where Triton is (``kernels.triton`` imports it on first use).
+The math is that of ``speechbrain_spg.gate`` (the clipped sigmoid, the chain
+rule of ``gate.chain_rule``); the layout is Triton's: a launch covers
 ``SLOTS`` matrices, passed as separate pointer arguments (no pointer table
 to copy to the device), on a grid of ``(programs per matrix, matrices)``.
 Each program strides over its matrix ``BLOCK`` elements at a time and
@@ -17,7 +17,7 @@ Authors
 import triton
 import triton.language as tl
 
-#: Matrices per launch: one transformer block (``gates.MATRICES_PER_CALL``).
+#: Matrices per launch: one transformer block (``layers.MATRICES_PER_CALL``).
 SLOTS = 6
 
 #: Elements each program handles per loop iteration.
