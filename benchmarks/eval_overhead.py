@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import gate_overhead  # noqa: E402 - the benchmark next to this file
 
 from speechbrain_spg.data.architectures import hub_config, save_random_model  # noqa: E402
-from speechbrain_spg.gates import GatedLinear  # noqa: E402
+from speechbrain_spg.layers import GatedLinear  # noqa: E402
 
 
 def pass_order(pair):
