@@ -1,22 +1,18 @@
 """Sparsity measurement and control for self-pinching gates.
 
-Soft (expected) sparsity is the mean of ``1 - M`` over the gated weights and
-is differentiable in the thresholds; hard sparsity counts the weights the
-pruning stage removes (``|W| <= |t|``). A Lagrangian regulariser,
+Soft (expected) sparsity, the mean of ``1 - M`` over the gated weights, is
+differentiable in the thresholds; hard sparsity counts the weights that
+pruning removes (``|W| <= |t|``). A Lagrangian regulariser,
 
     L = lambda_1 * (s - target) + (lambda_2 + damping) * (s - target)^2,
 
-drives the soft sparsity ``s`` to a (scheduled) target. The multipliers are
+drives the soft sparsity ``s`` to a scheduled target. The multipliers are
 maximised while everything else is minimised: they pass through a gradient
 reversal, so ONE ordinary minimising optimiser over all parameters performs
-their gradient ascent. ``damping`` is a fixed coefficient (0 by default;
-the lobes' option ``sparsity_damping``): a restoring force on
-the thresholds proportional to the gap, which ``lambda_1`` does not have to
-build up first, so the sparsity oscillates less around the target and
-overshoots less after the ramp. At the target it adds nothing, value or
-gradient. A large damping also made the layers' sparsities more alike,
-and its effect on WER was not clear (measured on a tiny model:
-``benchmarks/RESULTS.md``, "Sparsity controller").
+their gradient ascent. ``damping`` (option ``sparsity_damping``, default 0)
+is a fixed restoring force that ``lambda_1`` need not build up first: less
+oscillation and overshoot, nothing at the target, but large values make the
+layers' sparsities more alike.
 
 Authors
  * speechbrain-spg developers 2026
@@ -44,7 +40,6 @@ def validate_target(target, key="target_sparsity"):
     Returns
     -------
     float
-        The target.
 
     Example
     -------
@@ -55,11 +50,8 @@ def validate_target(target, key="target_sparsity"):
       ...
     ValueError: target_sparsity: must be a number in [0, 1), got 1.0.
     """
-    if (
-        isinstance(target, bool)
-        or not isinstance(target, (int, float))
-        or not 0 <= target < 1
-    ):
+    ok = isinstance(target, (int, float)) and not isinstance(target, bool)
+    if not (ok and 0 <= target < 1):
         raise ValueError(f"{key}: must be a number in [0, 1), got {target!r}.")
     return float(target)
 
@@ -77,7 +69,6 @@ def validate_damping(damping, key="sparsity_damping"):
     Returns
     -------
     float
-        The damping.
 
     Example
     -------
@@ -88,12 +79,8 @@ def validate_damping(damping, key="sparsity_damping"):
       ...
     ValueError: sparsity_damping: must be a finite number >= 0, got inf.
     """
-    if (
-        isinstance(damping, bool)
-        or not isinstance(damping, (int, float))
-        or not math.isfinite(damping)
-        or damping < 0
-    ):
+    ok = isinstance(damping, (int, float)) and not isinstance(damping, bool)
+    if not (ok and math.isfinite(damping) and damping >= 0):
         raise ValueError(
             f"{key}: must be a finite number >= 0, got {damping!r}."
         )
@@ -109,15 +96,13 @@ def scheduled_target(step, target, warmup_steps=0, ramp_steps=0):
         Training steps done so far.
     target : float
         Final target sparsity.
-    warmup_steps : int
-        Steps with target 0 (the gates learn only from the task loss).
-    ramp_steps : int
-        Steps over which the target rises linearly to ``target``.
+    warmup_steps, ramp_steps : int
+        Steps with target 0 (the gates learn from the task loss alone), then
+        of the linear rise to ``target``.
 
     Returns
     -------
     float
-        The target in force.
 
     Example
     -------
@@ -132,7 +117,8 @@ def scheduled_target(step, target, warmup_steps=0, ramp_steps=0):
 
 
 class GradientReversal(torch.autograd.Function):
-    """Identity forward, negated gradient backward.
+    """Identity forward, negated gradient backward: ``apply(x)`` is a view
+    of ``x``, and ``x`` gets minus the gradient that reaches it.
 
     Example
     -------
@@ -144,48 +130,21 @@ class GradientReversal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        """Returns ``x`` unchanged.
-
-        Arguments
-        ---------
-        ctx : context
-            Autograd context.
-        x : torch.Tensor
-            Input.
-
-        Returns
-        -------
-        torch.Tensor
-            A view of ``x``.
-        """
+        """A view of ``x`` (``ctx``: the autograd context)."""
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad_output):
-        """Negates the gradient.
-
-        Arguments
-        ---------
-        ctx : context
-            Autograd context.
-        grad_output : torch.Tensor
-            Upstream gradient.
-
-        Returns
-        -------
-        torch.Tensor
-            ``-grad_output``.
-        """
+        """The upstream gradient, negated."""
         return -grad_output
 
 
 class AuxiliaryLossInjection(torch.autograd.Function):
-    """Identity on a tensor that adds an auxiliary loss's gradient in backward.
+    """``apply(x, aux_loss)``: a view of ``x`` whose backward also gives the
+    scalar ``aux_loss`` gradient 1, as if it had been added to the main loss.
 
-    ``y = inject(x, aux)`` returns ``x``; when the main loss backpropagates
-    through ``y``, ``aux`` receives gradient 1, exactly as if ``aux`` had been
-    added to the main loss. This lets a module attach its own regulariser to
-    a recipe that only optimises its own loss.
+    A module can so attach its own regulariser to a recipe that only
+    optimises its own loss.
 
     Example
     -------
@@ -199,41 +158,13 @@ class AuxiliaryLossInjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, aux_loss):
-        """Returns ``x`` unchanged.
-
-        Arguments
-        ---------
-        ctx : context
-            Autograd context.
-        x : torch.Tensor
-            The tensor the main loss depends on.
-        aux_loss : torch.Tensor
-            Scalar auxiliary loss.
-
-        Returns
-        -------
-        torch.Tensor
-            A view of ``x``.
-        """
+        """A view of ``x`` (``ctx``: the autograd context)."""
         ctx.aux_shape = aux_loss.shape
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad_output):
-        """Passes the gradient on and gives the auxiliary loss gradient 1.
-
-        Arguments
-        ---------
-        ctx : context
-            Autograd context.
-        grad_output : torch.Tensor
-            Upstream gradient.
-
-        Returns
-        -------
-        tuple
-            ``grad_output`` and ones for the auxiliary loss.
-        """
+        """``grad_output`` for ``x``, ones for ``aux_loss``."""
         ones = torch.ones(
             ctx.aux_shape, dtype=grad_output.dtype, device=grad_output.device
         )
@@ -247,16 +178,12 @@ class LagrangianSparsityRegularizer(nn.Module):
     ---------
     target : float
         Final target sparsity in [0, 1).
-    warmup_steps : int
-        Steps before the target starts to rise (see ``scheduled_target``).
-    ramp_steps : int
-        Steps of the linear rise.
+    warmup_steps, ramp_steps : int
+        Schedule of the target (see ``scheduled_target``).
     lr_scale : float
-        The multipliers are stored divided by this factor (see
-        ``SelfPinchingGate``).
+        The multipliers are stored divided by it (see ``SelfPinchingGate``).
     damping : float
-        Fixed coefficient added to ``lambda_2`` (>= 0; see the module
-        docstring).
+        Fixed coefficient added to ``lambda_2`` (>= 0; see the module doc).
 
     Example
     -------
@@ -285,7 +212,7 @@ class LagrangianSparsityRegularizer(nn.Module):
         self.multiplier_param = nn.Parameter(torch.zeros(2))
 
     def target_at(self, step):
-        """Target in force at ``step``.
+        """The scheduled target in force after ``step`` training steps.
 
         Arguments
         ---------
@@ -295,7 +222,6 @@ class LagrangianSparsityRegularizer(nn.Module):
         Returns
         -------
         float
-            The scheduled target.
         """
         return scheduled_target(
             int(step), self.target, self.warmup_steps, self.ramp_steps
@@ -318,8 +244,7 @@ class LagrangianSparsityRegularizer(nn.Module):
         Returns
         -------
         torch.Tensor
-            Scalar loss: minimise it; the multipliers ascend through a
-            gradient reversal.
+            Scalar loss to minimise (the multipliers ascend: see module).
         """
         if step < self.warmup_steps:
             # No constraint yet: a zero target cannot be met (soft sparsity is
@@ -352,12 +277,8 @@ def hard_zero_counts(weights, thresholds):
     tensor([1, 2])
     """
     with torch.no_grad():
-        return torch.stack(
-            [
-                (~hard_mask(w, thresholds[i])).sum()
-                for i, w in enumerate(weights)
-            ]
-        )
+        zeros = (~hard_mask(w, thresholds[i]) for i, w in enumerate(weights))
+        return torch.stack([zero.sum() for zero in zeros])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,10 +293,8 @@ class LayerSparsity:
         Tie group.
     numel : int
         Number of weights.
-    hard : float
-        Fraction removed by the hard mask.
-    soft : float
-        Expected fraction removed by the soft mask.
+    hard, soft : float
+        Fraction removed by the hard mask; expected by the soft mask.
     threshold : float
         Absolute threshold.
 
@@ -399,18 +318,11 @@ class SparsityReport:
 
     Arguments
     ---------
-    target : float
-        Target sparsity of the gated weights.
-    soft : float
-        Soft (expected) sparsity of the gated weights.
-    hard : float
-        Hard sparsity of the gated weights.
-    total_params : int
-        All parameters of the wrapped model.
-    gated_params : int
-        Weights under a gate.
-    removed_params : int
-        Weights the hard mask removes.
+    target, soft, hard : float
+        Target, soft (expected) and hard sparsity of the gated weights.
+    total_params, gated_params, removed_params : int
+        Parameters of the wrapped model; weights under a gate; weights the
+        hard mask removes.
     layers : tuple of LayerSparsity
         Per-matrix details.
 
@@ -484,5 +396,4 @@ class SparsityReport:
         )
         return "\n".join(lines)
 
-    def __str__(self):
-        return self.table()
+    __str__ = table
