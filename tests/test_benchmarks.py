@@ -105,13 +105,10 @@ def test_gate_overhead_prints_a_table_and_the_ratio_line(monkeypatch, capsys):
     )
     variants = [
         "dense",
+        "fused",
         "compiled",
-        "compiled_recompute",
-        "compiled_float32_gate",
-        "compiled_per_block",
         "compiled_recompute_gated",
         "compiled_no_triton",
-        "compiled_triton_per_block",
     ]
     gate_overhead.main(
         ["--models", "facebook/wav2vec2-base", "--variants", *variants]
