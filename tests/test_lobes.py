@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from speechbrain.utils.checkpoints import Checkpointer
 from transformers import AutoModel, BertConfig
 
-from speechbrain_spg.data.architectures import build_model, hub_config
 from speechbrain_spg.baselines import uniform_magnitude_prune
-from speechbrain_spg.gates import GatedLinear
+from speechbrain_spg.data.architectures import build_model, hub_config
+from speechbrain_spg.layers import GatedLinear
 from speechbrain_spg.lobes import (
     SPGHuBERT,
     SPGWav2Vec2,
