@@ -1,15 +1,8 @@
 """Gated layers: the thresholds of the tie groups and the gated ``nn.Linear``.
 
-``SelfPinchingGate`` holds one learnable threshold per tie group of weight
-matrices (``group_indices``) and gates a matrix through the backend that
-``gate_impl`` selects (``speechbrain_spg.kernels``); ``GatedLinear`` replaces
-an ``nn.Linear`` of the model and multiplies with its gated weight.
-
-Thresholds are stored in units of each matrix's weight standard deviation
-(``scale``, measured once when the gate is built) and the temperature is
-``tau = tau_scale * scale^2``, so one ``threshold`` and one ``tau_scale``
-value mean the same thing for base and large models, and for every matrix of
-a tie group.
+Thresholds are in units of each matrix's weight standard deviation
+(``scale``) and ``tau = tau_scale * scale^2``, so that one ``threshold`` and
+one ``tau_scale`` mean the same for any model size and any matrix of a group.
 
 Authors
  * speechbrain-spg developers 2026
@@ -29,19 +22,13 @@ from speechbrain_spg.kernels import (
     select_kernels,
 )
 
-#: Smallest weight standard deviation a gate uses as a matrix's ``scale``.
-#: A matrix of (almost) only zeros, such as a layer pruned entirely in an
-#: earlier compression, would otherwise give ``tau = tau_scale * scale^2 = 0``
-#: in float32 and a gate of ``0 / 0``. With this floor its weights are all
-#: pinched and every output and gradient stays finite.
+#: Smallest ``scale``: an all-zero matrix (pruned in an earlier compression)
+#: would otherwise give ``tau = 0`` and a gate of ``0 / 0``.
 MIN_SCALE = 1e-6
 
-#: Matrices gated per call by ``pregated_weights``: one transformer block of
-#: wav2vec2 / HuBERT / WavLM (q, k, v, out, FFN in, FFN out). Every call then
-#: has the same shapes, so one compilation of the kernels serves the whole
-#: model, and each block's backward runs as soon as its gradients are in
-#: (memory, DDP overlap). With the Triton kernels on one GPU, all matrices
-#: are gated in one call instead (``matrices_per_call``).
+#: Matrices ``pregated_weights`` gates per call: one transformer block (q, k,
+#: v, out, FFN in, FFN out). All calls have the same shapes (one compilation)
+#: and each block's backward runs once its gradients are in (DDP overlap).
 MATRICES_PER_CALL = 6
 
 
@@ -64,10 +51,8 @@ def group_indices(names, tie):
     Example
     -------
     >>> names = ["encoder.layers.0.q", "encoder.layers.0.k", "encoder.layers.1.q"]
-    >>> group_indices(names, "linear"), group_indices(names, "block")
-    ([0, 1, 2], [0, 0, 1])
-    >>> group_indices(names, "global")
-    [0, 0, 0]
+    >>> [group_indices(names, tie) for tie in ("linear", "block", "global")]
+    [[0, 1, 2], [0, 0, 1], [0, 0, 0]]
     """
     if tie == "linear":
         return list(range(len(names)))
@@ -98,40 +83,30 @@ def _block_key(name):
 class HostValue:
     """The Python value of a 0-d tensor, read back only when it changed.
 
-    Reading a GPU tensor's value (``int(t)``, ``bool(t)``) waits for the
-    device. This keeps the value with the tensor's storage and version
-    counter, which every in-place write (``+=``, ``fill_``,
-    ``load_state_dict``, a DDP buffer broadcast) and every new tensor
-    (``.to(device)``) change: then the next ``read`` reads it back once.
-    Inference tensors (made under ``torch.inference_mode``) have no version
-    counter: they are read back every time.
+    Reading a GPU tensor's value waits for the device. The value is kept
+    with the tensor's storage and version counter, which in-place writes
+    and new tensors change; inference tensors have no version counter and
+    are read back every time.
 
     Example
     -------
     >>> step, value = torch.tensor(3), HostValue()
-    >>> value.read(step)
-    3
-    >>> step += 2  # a write: read back again
-    >>> value.read(step)
-    5
-    >>> step += 1
-    >>> value.wrote(step, 6)  # the writer knows the result: no read-back
-    >>> value.read(step)
+    >>> value.read(step), value.read(step.add_(2))  # a write: read again
+    (3, 5)
+    >>> value.wrote(step.add_(1), 6); value.read(step)  # known: no read-back
     6
     """
 
     def __init__(self):
-        self._key = None
-        self._value = None
+        self._key = self._value = None
 
     def read(self, tensor):
-        """The value of ``tensor``, read back if it changed since the last
-        ``read`` or ``wrote``.
+        """The value of the 0-d ``tensor``, read back if it changed since
+        the last ``read`` or ``wrote``.
 
         Arguments
         ---------
         tensor : torch.Tensor
-            A 0-d tensor.
 
         Returns
         -------
@@ -145,18 +120,15 @@ class HostValue:
         return self._value
 
     def wrote(self, tensor, value):
-        """Records that ``tensor`` now holds ``value`` (just written).
+        """Records that the 0-d ``tensor`` was just set to ``value``.
 
         Arguments
         ---------
         tensor : torch.Tensor
-            The 0-d tensor just written.
         value : int, float or bool
-            Its value.
         """
         if not tensor.is_inference():
-            self._key = (tensor.data_ptr(), tensor._version)
-            self._value = value
+            self._key, self._value = (tensor.data_ptr(), tensor._version), value
 
 
 class SelfPinchingGate(nn.Module):
@@ -165,30 +137,22 @@ class SelfPinchingGate(nn.Module):
     Arguments
     ---------
     scales : torch.Tensor
-        Standard deviation of each gated matrix (1-D, one per matrix);
-        values below ``MIN_SCALE`` are raised to it.
+        Standard deviation of each matrix (1-D; at least ``MIN_SCALE``).
     groups : list of int
         Tie group of each matrix (see ``group_indices``).
     tau_scale : float
-        Temperature relative to the weights' variance: ``tau = tau_scale *
-        scale^2``.
+        ``tau = tau_scale * scale^2``.
     threshold_init : float
         Initial threshold, in units of each matrix's standard deviation.
     lr_scale : float
-        The stored parameter is ``threshold / lr_scale``: an optimiser step of
-        size ``lr`` moves the threshold by ``lr * lr_scale``. Lets one optimiser
-        shared with the SSL weights move the thresholds fast enough.
+        The parameter is ``threshold / lr_scale``, so that an optimiser
+        shared with the SSL weights moves thresholds fast enough.
     impl : str
-        The backend (``kernels.select_kernels``): ``"fused"`` (eager, one
-        pass that also yields the soft-zero count the regulariser needs),
-        ``"compiled"`` (``torch.compile``, Triton on CUDA) or
-        ``"reference"`` (the formula under autograd).
+        The backend (``kernels.select_kernels``): ``"fused"``,
+        ``"compiled"`` or ``"reference"`` (the formula under autograd).
     recompute_gated : bool
-        Training passes keep no gated weight for the backward pass: the
-        matrix product's backward computes ``W * M`` again (``regate``) and
-        the gate's backward recomputes the mask. Saves one copy of the
-        gated weights in memory from the forward pass to the backward pass,
-        at the cost of about one more pass over them (see ``GatedLinear``).
+        Keep no gated weight for the backward, which computes it again
+        (``regate``): less memory, one more pass over the weights.
 
     Example
     -------
@@ -198,6 +162,14 @@ class SelfPinchingGate(nn.Module):
     >>> w = torch.tensor([0.1, 2.0])
     >>> gate(0, w)
     tensor([0.0083, 2.0000], grad_fn=<GateFunctionBackward>)
+    >>> torch.equal(gate.regate(0, w), gate(0, w).detach())
+    True
+    >>> _ = gate.forward_many(0, [w, w, torch.zeros(3)])
+    >>> gate.recorded_soft_zero_vector(3).detach()
+    tensor([0.9168, 0.9168, 2.7724])
+    >>> gate.advance(); gate.advance(); gate.advance(-1)
+    >>> gate.step_count, int(gate.step)
+    (1, 1)
     """
 
     def __init__(
@@ -212,10 +184,8 @@ class SelfPinchingGate(nn.Module):
     ):
         super().__init__()
         num_groups = max(groups) + 1
-        self.tau_scale = float(tau_scale)
-        self.lr_scale = float(lr_scale)
-        self.impl = impl
-        self.recompute_gated = bool(recompute_gated)
+        self.tau_scale, self.lr_scale = float(tau_scale), float(lr_scale)
+        self.impl, self.recompute_gated = impl, bool(recompute_gated)
         self.soft_zeros = RecordedSoftZeros()
         self.threshold_param = nn.Parameter(
             torch.full((num_groups,), threshold_init / self.lr_scale)
@@ -226,21 +196,14 @@ class SelfPinchingGate(nn.Module):
         self.register_buffer("group", torch.tensor(groups, dtype=torch.long))
         self.register_buffer("pruned", torch.tensor(False))
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
-        # The group of each matrix as Python ints: indexing the thresholds
-        # with an element of the ``group`` buffer would read it back from
-        # the device (a GPU synchronisation per gated matrix and step).
+        # Python copies, so that no step reads a buffer back from the device.
         self._groups = tuple(int(g) for g in groups)
         self.register_load_state_dict_post_hook(_read_back_groups)
-        # ``step`` and ``pruned`` as Python values, read back only when
-        # they change (see ``HostValue``).
-        self._step_value = HostValue()
-        self._pruned_value = HostValue()
+        self._step_value, self._pruned_value = HostValue(), HostValue()
 
     @property
     def step_count(self):
-        """Training steps so far (the ``step`` buffer, checkpointed), as an
-        int; read back from the device only when the buffer changed other
-        than through ``advance``."""
+        """Training steps so far (the checkpointed ``step`` buffer), int."""
         return int(self._step_value.read(self.step))
 
     def advance(self, steps=1):
@@ -249,14 +212,6 @@ class SelfPinchingGate(nn.Module):
         Arguments
         ---------
         steps : int
-            Steps to add to ``step``.
-
-        Example
-        -------
-        >>> gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5)
-        >>> gate.advance(); gate.advance(); gate.advance(-1)
-        >>> gate.step_count, int(gate.step)
-        (1, 1)
         """
         count = self.step_count + steps
         self.step += steps
@@ -264,8 +219,7 @@ class SelfPinchingGate(nn.Module):
 
     @property
     def is_pruned(self):
-        """Whether hard pruning fixed the masks (the ``pruned`` buffer, read
-        back from the device only when it changed)."""
+        """Whether hard pruning fixed the masks (the ``pruned`` buffer)."""
         return bool(self._pruned_value.read(self.pruned))
 
     @property
@@ -293,8 +247,8 @@ class SelfPinchingGate(nn.Module):
         recompute_mask=None,
         out_dtype=None,
     ):
-        """Gates one weight matrix; with gradients on, records its
-        soft-zero count for the regulariser (``soft_zeros``).
+        """``W * M``; with gradients on, the soft-zero count is recorded in
+        ``soft_zeros`` for the regulariser.
 
         Arguments
         ---------
@@ -302,43 +256,27 @@ class SelfPinchingGate(nn.Module):
             Position of the matrix in the gate.
         weight : torch.Tensor
             Its weights.
-        overwrite_grad : bool
-            The backward may write the weight gradient into the gradient of
-            the gated weight: only for a caller that feeds the result to one
-            operation and nothing else (``kernels.GateFunction``).
-        recompute_mask : bool, optional
-            How the backward gets the mask (default:
-            ``kernels.default_recompute_mask``).
-        out_dtype : torch.dtype, optional
-            Return ``W * M`` in this dtype (autocast's), cast in the kernel.
+        overwrite_grad, recompute_mask, out_dtype
+            As in ``kernels.gate`` (``recompute_gated`` forces
+            ``recompute_mask``); ``out_dtype`` is autocast's.
 
         Returns
         -------
         torch.Tensor
-            ``W * M``.
         """
-        threshold, tau = self._threshold_and_tau(index)
-        thresholds, taus = threshold.reshape(1), tau.reshape(1)
         if not torch.is_grad_enabled():
-            return gated_values(
-                [weight], thresholds, taus, self.impl, out_dtype
-            )[0]
+            return self.regate(index, weight, out_dtype)
+        t, tau = (x.reshape(1) for x in self._threshold_and_tau(index))
+        recompute = True if self.recompute_gated else recompute_mask
         zeros, (gated,) = gate(
-            [weight],
-            thresholds,
-            taus,
-            self.impl,
-            True if self.recompute_gated else recompute_mask,
-            out_dtype,
-            overwrite_grad,
+            [weight], t, tau, self.impl, recompute, out_dtype, overwrite_grad
         )
         self.soft_zeros[index] = zeros[0]
         return gated
 
     def _threshold_and_tau(self, index):
-        """Threshold and temperature of one matrix, indexed with Python ints
-        only (views, no device read-back); the same arithmetic as
-        ``thresholds()[index]`` and ``taus()[index]``."""
+        """``thresholds()[index]`` and ``taus()[index]`` (same arithmetic),
+        indexed with Python ints only: no device read-back."""
         scale = self.scale[index]
         threshold = (
             self.threshold_param[self._groups[index]] * self.lr_scale * scale
@@ -346,30 +284,16 @@ class SelfPinchingGate(nn.Module):
         return threshold, self.tau_scale * scale * scale
 
     def regate(self, index, weight, out_dtype=None):
-        """``W * M`` of one matrix computed again, outside autograd, with
-        the backend of ``forward`` (what ``recompute_gated`` gives the
-        backward pass of a matrix product).
+        """``W * M`` without autograd (evaluation, ``recompute_gated``).
 
         Arguments
         ---------
-        index : int
-            Position of the matrix in the gate.
-        weight : torch.Tensor
-            Its weights (unchanged since the forward pass).
-        out_dtype : torch.dtype, optional
-            The dtype ``forward`` returned (autocast's).
+        index, weight, out_dtype
+            As in ``forward`` (``weight`` unchanged since).
 
         Returns
         -------
         torch.Tensor
-            ``W * M``, no gradient.
-
-        Example
-        -------
-        >>> gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5)
-        >>> w = torch.tensor([0.1, 2.0], requires_grad=True)
-        >>> torch.equal(gate.regate(0, w), gate(0, w).detach())
-        True
         """
         threshold, tau = self._threshold_and_tau(index)
         return gated_values(
@@ -377,53 +301,35 @@ class SelfPinchingGate(nn.Module):
         )[0]
 
     def forward_many(self, first, weights, out_dtype=None):
-        """Gates consecutive matrices in one call of the backend.
-
-        Records their soft-zero counts, like ``forward``.
+        """``forward`` of matrices ``first``, ``first + 1``, ... in one call.
 
         Arguments
         ---------
         first : int
             Position in the gate of the first matrix.
         weights : list of torch.Tensor
-            Matrices ``first``, ``first + 1``, ... of the gate.
+            The matrices.
         out_dtype : torch.dtype, optional
-            Return the gated weights in this dtype (autocast's).
+            As in ``forward``.
 
         Returns
         -------
         list of torch.Tensor
-            ``W * M`` of every matrix.
-
-        Example
-        -------
-        >>> gate = SelfPinchingGate(torch.ones(3), [0, 0, 1], 0.05, 0.5)
-        >>> w = [torch.tensor([0.1, 2.0]), torch.tensor([[3.0]])]
-        >>> [g.detach() for g in gate.forward_many(1, w)]
-        [tensor([0.0083, 2.0000]), tensor([[3.]])]
-        >>> sorted(gate.soft_zeros)
-        [1, 2]
         """
         stop = first + len(weights)
+        t, tau = self.thresholds()[first:stop], self.taus()[first:stop]
+        recompute = True if self.recompute_gated else None
+        # overwrite_grad=True: each gated weight feeds one product only.
         zeros, gated = gate(
-            weights,
-            self.thresholds()[first:stop],
-            self.taus()[first:stop],
-            self.impl,
-            True if self.recompute_gated else None,
-            out_dtype,
-            overwrite_grad=True,
+            weights, t, tau, self.impl, recompute, out_dtype, True
         )
         self.soft_zeros.update(zip(range(first, stop), zeros.unbind()))
         self.soft_zeros.calls[first] = zeros
         return gated
 
     def recorded_soft_zero_vector(self, count):
-        """The soft-zero counts of all matrices, if one call gated them all
-        in this forward pass (``pregated_weights`` with one chunk).
-
-        Taking them whole saves splitting them into one tensor per matrix
-        and stacking them again, forward and backward (host time).
+        """All ``count`` soft-zero counts as one vector (not split, stacked
+        again) if one call gated them in this pass, else None.
 
         Arguments
         ---------
@@ -433,26 +339,12 @@ class SelfPinchingGate(nn.Module):
         Returns
         -------
         torch.Tensor or None
-            1-D, ``count`` counts (differentiable in the thresholds), or
-            None.
-
-        Example
-        -------
-        >>> gate = SelfPinchingGate(torch.ones(2), [0, 1], 0.05, 0.5, impl="fused")
-        >>> _ = gate.forward_many(0, [torch.ones(2), torch.zeros(3)])
-        >>> [round(x, 3) for x in gate.recorded_soft_zero_vector(2).tolist()]
-        [0.001, 2.772]
-        >>> gate.soft_zeros.clear()
-        >>> gate.recorded_soft_zero_vector(2) is None
-        True
         """
         vector = self.soft_zeros.calls.get(0)
-        if vector is None or vector.numel() != count:
-            return None
-        return vector
+        return None if vector is None or vector.numel() != count else vector
 
     def recorded_soft_zeros(self, count):
-        """Soft-zero counts recorded in this forward pass.
+        """Soft-zero counts of the matrices this pass gated with gradients.
 
         Arguments
         ---------
@@ -462,11 +354,7 @@ class SelfPinchingGate(nn.Module):
         Returns
         -------
         dict
-            Index -> count (differentiable in the thresholds) of the matrices
-            the last forward pass gated (all of them when they were gated
-            at once, ``pregated_weights``); matrices gated one at a time
-            that it did not use (a block skipped by LayerDrop) and passes
-            without gradients record nothing.
+            Index -> count; none for a matrix gated alone and unused.
         """
         return {
             i: self.soft_zeros[i] for i in range(count) if i in self.soft_zeros
@@ -474,17 +362,14 @@ class SelfPinchingGate(nn.Module):
 
 
 class RecordedSoftZeros(dict):
-    """Soft-zero counts recorded in a forward pass: index -> count, and in
-    ``calls`` the count vector of each call that gated several matrices
-    (first index -> vector). ``clear`` empties both.
+    """Soft-zero counts of a pass (index -> count); ``calls``: the vector of
+    each call that gated several matrices (first index -> vector).
 
     Example
     -------
     >>> record = RecordedSoftZeros()
-    >>> record[0] = torch.tensor(1.0)
-    >>> record.calls[0] = torch.ones(1)
-    >>> record.clear()
-    >>> len(record), len(record.calls)
+    >>> record[0], record.calls[0] = torch.tensor(1.0), torch.ones(1)
+    >>> record.clear(); len(record), len(record.calls)
     (0, 0)
     """
 
@@ -499,8 +384,8 @@ class RecordedSoftZeros(dict):
 
 
 class _PendingChunk:
-    """Consecutive layers of a gate whose weights are gated in one call, on
-    the first use of any of them (see ``pregated_weights``)."""
+    """Consecutive layers whose weights are gated in one call, on the first
+    use of any of them (see ``pregated_weights``)."""
 
     def __init__(self, gate, first, layers):
         self.gate, self.first, self.layers = gate, first, layers
@@ -508,15 +393,15 @@ class _PendingChunk:
     def pregate(self):
         """Sets ``pregated`` on every layer of the chunk."""
         weights = [layer.weight for layer in self.layers]
-        gated = self.gate.forward_many(
-            self.first, weights, autocast_dtype(weights[0])
-        )
+        dtype = autocast_dtype(weights[0])
+        gated = self.gate.forward_many(self.first, weights, dtype)
         for layer, weight in zip(self.layers, gated):
             layer.set_pass_state(pregated=weight)
 
 
 def default_pregating(weight):
-    """Whether ``pregated_weights`` gates in chunks by default.
+    """Whether ``pregated_weights`` gates in chunks by default: not on CPU,
+    where per-matrix host work matters little and chunks raise peak memory.
 
     Arguments
     ---------
@@ -526,9 +411,6 @@ def default_pregating(weight):
     Returns
     -------
     bool
-        True off the CPU: on a GPU the host work per gated matrix is what
-        slows the step. False on CPU, where that work is a small part of a
-        step and chunks would raise the peak resident memory.
 
     Example
     -------
@@ -558,6 +440,10 @@ def distributed_world_size():
 def matrices_per_call(gate, layers):
     """How many layers ``pregated_weights`` gates per call by default.
 
+    All where the compiled gate runs Triton kernels in one process (host
+    work once per pass); else one block, so that DDP gets gradients during
+    the backward and a compilation for all matrices is not needed.
+
     Arguments
     ---------
     gate : SelfPinchingGate
@@ -568,52 +454,29 @@ def matrices_per_call(gate, layers):
     Returns
     -------
     int
-        All layers in one call where the compiled gate runs the Triton
-        kernels (float32 weights on a GPU) in a single process: its host
-        work is then paid once per pass, not once per block. The price:
-        the gate's backward runs at the end of the backward pass, so the
-        gradients of the gated weights all stay until then and DDP would
-        have nothing to overlap with the backward pass. With several
-        processes, and without the Triton kernels (a compilation for all
-        matrices at once is slow), ``MATRICES_PER_CALL``.
 
     Example
     -------
-    >>> layers = [nn.Linear(3, 2), nn.Linear(2, 1)]
-    >>> gate = SelfPinchingGate(torch.ones(2), [0, 1], 0.05, 0.5, impl="compiled")
-    >>> gated = [GatedLinear(layer, gate, i) for i, layer in enumerate(layers)]
-    >>> matrices_per_call(gate, gated)  # CPU weights: no Triton kernels
+    >>> gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5, impl="compiled")
+    >>> matrices_per_call(gate, [GatedLinear(nn.Linear(3, 2), gate, 0)])  # CPU
     6
     """
-    if (
-        gate.impl == "compiled"
-        and distributed_world_size() == 1
-        and select_kernels([layer.weight for layer in layers], "compiled").name
-        == "triton"
-    ):
-        return len(layers)
-    return MATRICES_PER_CALL
+    if gate.impl != "compiled" or distributed_world_size() != 1:
+        return MATRICES_PER_CALL
+    weights = [layer.weight for layer in layers]
+    triton = select_kernels(weights, "compiled").name == "triton"
+    return len(layers) if triton else MATRICES_PER_CALL
 
 
 @contextlib.contextmanager
 def pregated_weights(gate, layers, chunk=None, enabled=None):
     """Within the block, ``layers`` gate their weights ``chunk`` per call.
 
-    With gradients on and a fused gate (``impl`` ``"fused"`` or
-    ``"compiled"``), the first use of a layer gates its whole chunk of
-    consecutive layers in one call (``SelfPinchingGate.forward_many``; in
-    the autocast dtype under autocast), and the other layers of the chunk
-    pick up their gated weight: one autograd node and one kernel call per
-    chunk instead of per matrix, which is what costs host time. Gating a
-    chunk when it is first needed, not all chunks up front, keeps the
-    backward freeing memory block by block (the autograd engine runs a
-    node made early only after all nodes made after it). A chunk never
-    used (a block skipped by LayerDrop) is never gated, as on the other
-    paths; in a chunk of all layers, a skipped block's matrices are gated
-    but unused: they get no weight gradient, and their soft-zero counts
-    are the numbers the separate soft-zeros pass would give. Otherwise
-    (reference gate, no gradients, hard-pruned layers) the block runs
-    unchanged.
+    With gradients on and a fused gate, a layer's first use gates its chunk
+    in one call (``forward_many``): one autograd node per chunk, not per
+    matrix (host time). Gating a chunk only when needed lets the backward
+    free memory block by block and skips blocks LayerDrop skips. Otherwise
+    (reference gate, no gradients, hard pruned) nothing changes.
 
     Arguments
     ---------
@@ -622,33 +485,27 @@ def pregated_weights(gate, layers, chunk=None, enabled=None):
     layers : list of GatedLinear
         All layers of the gate, in gate order.
     chunk : int, optional
-        Layers per call (default: ``matrices_per_call``, i.e.
-        ``MATRICES_PER_CALL``, or all of them with the Triton kernels on
-        one GPU).
+        Layers per call (default: ``matrices_per_call``).
     enabled : bool, optional
-        Gate in chunks at all (default: ``default_pregating``, i.e. not on
-        CPU).
+        Gate in chunks at all (default: ``default_pregating``).
 
     Example
     -------
-    >>> layers = [nn.Linear(3, 2), nn.Linear(2, 1)]
     >>> gate = SelfPinchingGate(torch.ones(2), [0, 1], 0.05, 0.5, impl="fused")
-    >>> gated = [GatedLinear(layer, gate, i) for i, layer in enumerate(layers)]
+    >>> gated = [GatedLinear(nn.Linear(3, 3), gate, i) for i in range(2)]
     >>> with pregated_weights(gate, gated, enabled=True):
-    ...     hidden = gated[0](torch.randn(4, 3))
+    ...     hidden = gated[0](torch.randn(4, 3))  # gates both
     ...     print(gated[1].pregated is not None)
     ...     y = gated[1](hidden)
     True
     >>> y.shape, gated[1].pregated is None, len(gate.soft_zeros)
-    (torch.Size([4, 1]), True, 2)
+    (torch.Size([4, 3]), True, 2)
     """
     active = (
         torch.is_grad_enabled()
         and gate.impl != "reference"
         and bool(layers)
-        # Hard-pruned layers use fixed masks (checked without reading the
-        # ``pruned`` buffer back from the device).
-        and layers[0].mask is None
+        and layers[0].mask is None  # not hard pruned (no read-back)
         and (
             default_pregating(layers[0].weight) if enabled is None else enabled
         )
@@ -675,11 +532,10 @@ def _read_back_groups(gate, incompatible_keys):
 class GatedLinear(nn.Linear):
     """A ``nn.Linear`` whose weight goes through a self-pinching gate.
 
-    It shares the ``weight`` and ``bias`` parameters of the layer it replaces,
-    so state-dict keys are unchanged. Before hard pruning it uses the soft
-    gated weight; after, the fixed binary ``mask`` (kept weights only, also
-    during further fine-tuning). In eval mode without gradients the effective
-    weight is cached until the weight or the thresholds change.
+    It shares the replaced layer's ``weight`` and ``bias`` (same state-dict
+    keys). After hard pruning a fixed binary ``mask`` replaces the gate.
+    Without gradients in eval mode the effective weight is cached until the
+    weight or the thresholds change.
 
     Arguments
     ---------
@@ -694,8 +550,7 @@ class GatedLinear(nn.Linear):
     -------
     >>> layer = nn.Linear(4, 2)
     >>> gate = SelfPinchingGate(layer.weight.std().reshape(1), [0], 0.05, 1.0)
-    >>> gated = GatedLinear(layer, gate, 0)
-    >>> gated(torch.randn(3, 4)).shape
+    >>> GatedLinear(layer, gate, 0)(torch.randn(3, 4)).shape
     torch.Size([3, 2])
     """
 
@@ -703,25 +558,16 @@ class GatedLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
+        self.weight, self.bias = linear.weight, linear.bias
         self.index = index
         object.__setattr__(self, "gate", gate)
         self.register_buffer("mask", None, persistent=False)
-        # Set for one training forward pass by ``pregated_weights``: the
-        # chunk of layers to gate on first use, then the gated weight.
-        self.pending = None
-        self.pregated = None
-        self._cache = None
+        self.pending = self.pregated = self._cache = None
         self.register_state_dict_post_hook(_save_pruned_weights_as_zeros)
 
     def set_pass_state(self, pending=None, pregated=None):
-        """Sets the state ``pregated_weights`` gives the layer for one
-        forward pass: the chunk to gate on first use, or the gated weight.
-
-        They are plain attributes: set without ``nn.Module.__setattr__``,
-        whose checks for parameters, buffers and submodules run several
-        times per layer and step (host time).
+        """What ``pregated_weights`` gives the layer for one pass (plain
+        attributes, past ``nn.Module.__setattr__``'s checks: host time).
 
         Arguments
         ---------
@@ -729,17 +575,6 @@ class GatedLinear(nn.Linear):
             The chunk that gates this layer's weight on first use.
         pregated : torch.Tensor, optional
             This layer's gated weight for the pass.
-
-        Example
-        -------
-        >>> gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 0.5)
-        >>> layer = GatedLinear(nn.Linear(2, 2), gate, 0)
-        >>> layer.set_pass_state(pregated=torch.zeros(2, 2))
-        >>> layer(torch.ones(1, 2)) - layer.bias
-        tensor([[0., 0.]], grad_fn=<SubBackward0>)
-        >>> layer.set_pass_state()
-        >>> layer.pending is None and layer.pregated is None
-        True
         """
         object.__setattr__(self, "pending", pending)
         object.__setattr__(self, "pregated", pregated)
@@ -751,17 +586,12 @@ class GatedLinear(nn.Linear):
 
         Arguments
         ---------
-        overwrite_grad : bool
-            Passed to the gate: the result feeds one matrix product only.
-        recompute_mask : bool, optional
-            Passed to the gate (see ``kernels.GateFunction``).
-        out_dtype : torch.dtype, optional
-            Passed to the gate: the dtype the fused paths return.
+        overwrite_grad, recompute_mask, out_dtype
+            Passed to the gate (see ``SelfPinchingGate.forward``).
 
         Returns
         -------
         torch.Tensor
-            Same shape as ``weight``.
         """
         if self.mask is not None:
             return self.weight * self.mask
@@ -786,9 +616,7 @@ class GatedLinear(nn.Linear):
         torch.Tensor
             Output features (..., out_features).
         """
-        # Within ``pregated_weights`` (training, gradients on, not pruned):
-        # the gated weight of this pass, in the autocast dtype; checked
-        # first, as this runs once per gated matrix and step (host time).
+        # The pass's weight from ``pregated_weights`` first (host time).
         weight = self.pregated
         if weight is None and self.pending is not None:
             self.pending.pregate()
@@ -797,15 +625,12 @@ class GatedLinear(nn.Linear):
             if self._cache is not None:
                 self._cache = None
             return F.linear(x, weight, self.bias)
-        # Under autocast the product would cast the float32 gated weight in
-        # a pass of its own: the gate returns it in the autocast dtype.
+        # The gate returns autocast's dtype: no separate cast by the product.
         dtype = autocast_dtype(self.weight)
         if self.training or torch.is_grad_enabled():
             if self._cache is not None:
                 self._cache = None
-            # The product keeps the gated weight for its backward only if
-            # x needs a gradient; otherwise reading the mask back from it
-            # would keep it alive just for that: recompute instead.
+            # The product keeps the gated weight only if x needs a gradient.
             weight = self.effective_weight(
                 overwrite_grad=True,
                 recompute_mask=None if x.requires_grad else True,
@@ -818,25 +643,13 @@ class GatedLinear(nn.Linear):
                 and weight.is_contiguous()
             ):
                 return F.linear(x, weight, self.bias)
-            hooks = _RegateHooks(self, weight, dtype)
-            with torch.autograd.graph.saved_tensors_hooks(
-                hooks.pack, hooks.unpack
-            ):
+            with _RegateHooks(self, weight, dtype):
                 return F.linear(x, weight, self.bias)
-        if (
-            self.weight.is_inference()
-            or self.gate.threshold_param.is_inference()
-        ):
-            # Made under torch.inference_mode: no version counters tell a
-            # change, so nothing is cached.
+        w, t = self.weight, self.gate.threshold_param
+        if w.is_inference() or t.is_inference():
+            # No version counters to tell a change: nothing is cached.
             return F.linear(x, self._eval_weight(dtype), self.bias)
-        key = (
-            self.weight._version,
-            self.weight.data_ptr(),
-            self.gate.threshold_param._version,
-            self.mask is None,
-            dtype,
-        )
+        key = (w._version, w.data_ptr(), t._version, self.mask is None, dtype)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self._eval_weight(dtype))
         return F.linear(x, self._cache[1], self.bias)
@@ -851,20 +664,18 @@ class GatedLinear(nn.Linear):
         return super().extra_repr() + f", gate_index={self.index}"
 
 
-class _RegateHooks:
-    """Saved-tensor hooks of one matrix product with a gated weight: what
-    autograd would keep of the gated weight (itself or a view) is kept as
-    its shape only, and computed again (``SelfPinchingGate.regate``) when
-    the backward pass needs it."""
+class _RegateHooks(torch.autograd.graph.saved_tensors_hooks):
+    """Autograd keeps only the layout of (views of) the gated weight of one
+    product, and computes it again for the backward (``regate``)."""
 
     def __init__(self, layer, gated, out_dtype):
+        super().__init__(self.pack, self.unpack)
         self.layer, self.out_dtype = layer, out_dtype
         self.storage = gated.untyped_storage().data_ptr()
         self.dtype = gated.dtype
 
     def pack(self, tensor):
-        """A view of the gated weight becomes its layout; anything else
-        is kept."""
+        """A view of the gated weight becomes its layout; else kept."""
         if (
             tensor.dtype == self.dtype
             and tensor.untyped_storage().data_ptr() == self.storage
@@ -882,14 +693,8 @@ class _RegateHooks:
 
 
 def _save_pruned_weights_as_zeros(module, state_dict, prefix, local_metadata):
-    """State-dict hook: a pruned layer's saved weight has exact zeros.
-
-    After hard pruning, an optimiser that carries momentum from before can
-    move the stored weights at pruned positions away from zero (the forward
-    pass masks them, so the model is unaffected). The mask is not saved; it
-    is rebuilt from the zeros when a checkpoint is loaded, so the saved
-    weight must carry them.
-    """
+    """State-dict hook: a pruned layer saves exact zeros (momentum may have
+    moved its pruned weights), from which loading rebuilds the mask."""
     key = prefix + "weight"
     if module.mask is not None and key in state_dict:
         state_dict[key] = state_dict[key].detach() * module.mask
