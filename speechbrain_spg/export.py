@@ -1,21 +1,15 @@
 """Compact export of a pruned SPG lobe, and loading it back.
 
-``export_compact(lobe, path)`` writes
+``export_compact(lobe, path)`` writes, into a temporary folder then moved into
+place with one rename (so an interrupted export leaves no half-written one):
 
-- ``path/hf/``: a standard HuggingFace folder (pruned weights set to zero)
-  that SpeechBrain's ``Wav2Vec2`` lobe and ``transformers.AutoModel`` load
-  unchanged;
-- ``path/compact.safetensors``: each pruned matrix as a packed bitmask
-  (``<key>::mask``, one bit per weight) and its kept values
-  (``<key>::values``); every other tensor as is;
-- ``path/spg_manifest.json``: configuration, sparsity per layer,
-  thresholds, target, parameter counts, source model and the sha256 of
-  every file.
-
-The export is written to a temporary folder next to ``path`` and moved into
-place with one rename, so an interrupted export never leaves a half-written
-folder behind. ``load_compact`` checks every checksum and the architecture
-before it builds the model.
+- ``hf/``: a HuggingFace folder (pruned weights zero) that SpeechBrain's
+  ``Wav2Vec2`` lobe and ``transformers.AutoModel`` load unchanged;
+- ``compact.safetensors``: each pruned matrix as a bitmask (``<key>::mask``,
+  one bit per weight) and its kept values (``<key>::values``), the rest as is;
+- ``spg_manifest.json``: configuration, per-layer sparsity and thresholds,
+  target, parameter counts, source and the sha256 of every file, which
+  ``load_compact`` checks, with the architecture, before building the model.
 
 Authors
  * speechbrain-spg developers 2026
@@ -45,8 +39,7 @@ FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 #: Manifest keys that loading needs.
 _MANIFEST_KEYS = ("model_type", "config", "files", "sparse_shapes")
-#: Files the loaders read (with every file under ``hf/``): the manifest must
-#: hold their checksums.
+#: Files loaded besides those in ``hf/``: the manifest must hold their sha256.
 _VERIFIED_FILES = (COMPACT_FILE, f"{HF_FOLDER}/config.json")
 
 
@@ -77,7 +70,7 @@ def pack_mask(mask):
 
 
 def unpack_mask(packed, shape):
-    """Inverse of ``pack_mask``.
+    """Inverse of ``pack_mask``: the boolean mask of ``shape``.
 
     Arguments
     ---------
@@ -89,7 +82,6 @@ def unpack_mask(packed, shape):
     Returns
     -------
     torch.Tensor
-        Boolean tensor of that shape.
 
     Example
     -------
@@ -97,8 +89,7 @@ def unpack_mask(packed, shape):
     tensor([[ True, False],
             [ True,  True]])
     """
-    count = math.prod(shape)
-    bits = np.unpackbits(packed.cpu().numpy(), count=count)
+    bits = np.unpackbits(packed.cpu().numpy(), count=math.prod(shape))
     return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
 
 
@@ -108,39 +99,32 @@ def pruned_state_dict(lobe):
     Arguments
     ---------
     lobe : SPGLobeMixin
-        An SPG lobe, pruned or not (if not, the hard mask ``|W| > |t|`` is
-        applied to the copy, the lobe is left unchanged).
+        An SPG lobe; if it is not pruned yet, the hard mask ``|W| > |t|`` is
+        applied to the copy only.
 
     Returns
     -------
-    state : dict
-        Key -> tensor (CPU, detached copies), HuggingFace key names.
-    masks : dict
-        Weight key -> boolean mask, for every gated matrix.
+    state, masks : dict
+        HuggingFace key -> tensor (CPU, detached copies); weight key ->
+        boolean mask of every gated matrix.
 
     Example
     -------
     >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
-    >>> src = tiny_model_folder("wav2vec2")
-    >>> lobe = SPGWav2Vec2(src, save_path="", threshold_init=0.8)
+    >>> lobe = SPGWav2Vec2(tiny_model_folder(), save_path="", threshold_init=0.8)
     >>> state, masks = pruned_state_dict(lobe)
     >>> key = "encoder.layers.0.attention.q_proj.weight"
-    >>> bool((state[key][~masks[key]] == 0).all()), len(masks)
-    (True, 12)
-    >>> lobe.is_pruned  # the lobe itself is left as it was
-    False
+    >>> bool((state[key][~masks[key]] == 0).all()), len(masks), lobe.is_pruned
+    (True, 12, False)
     """
-    state = {
-        key: value.detach().cpu().clone()
-        for key, value in lobe.model.state_dict().items()
-    }
+    state = lobe.model.state_dict()
+    state = {key: value.detach().cpu().clone() for key, value in state.items()}
     masks = {}
     with torch.no_grad():
         thresholds = lobe.gate.thresholds()
-        for i, (name, layer) in enumerate(
-            zip(lobe.gated_names, lobe.gated_layers())
-        ):
+        layers = zip(lobe.gated_names, lobe.gated_layers())
+        for i, (name, layer) in enumerate(layers):
             if layer.mask is not None:
                 mask = layer.mask.cpu()
             else:
@@ -152,21 +136,19 @@ def pruned_state_dict(lobe):
 
 
 def compact_tensors(state, masks, dtype="float32"):
-    """Encodes a state dict as bitmask + kept values for the masked keys.
+    """Encodes a state dict for safetensors, as bitmask + kept values for
+    the masked keys.
 
     Arguments
     ---------
-    state : dict
-        Key -> tensor.
-    masks : dict
-        Key -> boolean mask for the keys stored sparsely.
+    state, masks : dict
+        Key -> tensor; key -> boolean mask of the keys stored sparsely.
     dtype : str
         ``"float32"`` or ``"float16"``: storage type of every float tensor.
 
     Returns
     -------
     dict
-        Tensors to write with safetensors.
 
     Example
     -------
@@ -183,9 +165,8 @@ def compact_tensors(state, masks, dtype="float32"):
     out = {}
     for key, tensor in state.items():
         if key in masks:
-            mask = masks[key]
-            out[f"{key}::mask"] = pack_mask(mask)
-            out[f"{key}::values"] = tensor[mask].to(store).contiguous()
+            out[f"{key}::mask"] = pack_mask(masks[key])
+            out[f"{key}::values"] = tensor[masks[key]].to(store).contiguous()
         elif tensor.is_floating_point():
             out[key] = tensor.to(store).contiguous()
         else:
@@ -198,15 +179,13 @@ def expand_tensors(tensors, shapes):
 
     Arguments
     ---------
-    tensors : dict
-        Tensors read from ``compact.safetensors``.
-    shapes : dict
-        Key -> shape of every sparsely stored matrix.
+    tensors, shapes : dict
+        Tensors read from ``compact.safetensors``; key -> shape of every
+        sparsely stored matrix.
 
     Returns
     -------
     dict
-        Key -> dense tensor.
 
     Example
     -------
@@ -233,7 +212,7 @@ def expand_tensors(tensors, shapes):
 
 
 def sha256_of(path):
-    """Hex sha256 of a file.
+    """Hex sha256 (64 digits) of a file.
 
     Arguments
     ---------
@@ -243,11 +222,9 @@ def sha256_of(path):
     Returns
     -------
     str
-        64 hex digits.
 
     Example
     -------
-    >>> import tempfile
     >>> f = tempfile.NamedTemporaryFile(delete=False); _ = f.write(b"spg"); f.close()
     >>> sha256_of(f.name)[:12]
     'f2714f600579'
@@ -260,24 +237,19 @@ def sha256_of(path):
 
 
 def ideal_compact_bytes(state, masks, dtype="float32"):
-    """Information-theoretic size of a compact export's tensor data.
-
-    Dense tensors + kept values + one bit per gated weight, without any
-    container overhead.
+    """Bytes of a compact export's tensor data without container overhead:
+    dense tensors, kept values and one bit per gated weight.
 
     Arguments
     ---------
-    state : dict
-        Key -> tensor (pruned).
-    masks : dict
-        Key -> boolean mask of the gated matrices.
+    state, masks : dict
+        Key -> tensor (pruned); key -> boolean mask of the gated matrices.
     dtype : str
         Storage type of float tensors.
 
     Returns
     -------
     int
-        Bytes.
 
     Example
     -------
@@ -303,15 +275,14 @@ def export_compact(lobe, path, dtype="float32", overwrite=False):
     Arguments
     ---------
     lobe : SPGLobeMixin
-        The SPG lobe (``hard_prune`` it first; if not, the hard mask is applied
+        The SPG lobe (if it is not ``hard_prune``-d, the hard mask is applied
         to the exported copy).
     path : str or os.PathLike
-        Export folder. Refused if it exists and is not empty, unless
-        ``overwrite``; then the previous export is replaced in one rename.
+        Export folder, refused if it exists and is not empty.
     dtype : str
         ``"float32"`` (default, exact) or ``"float16"`` for the compact file.
     overwrite : bool
-        Replace an existing non-empty folder.
+        Replace a non-empty ``path`` instead (in one rename).
 
     Returns
     -------
@@ -320,18 +291,14 @@ def export_compact(lobe, path, dtype="float32", overwrite=False):
 
     Example
     -------
-    >>> import tempfile
     >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
-    >>> src = tiny_model_folder("wav2vec2")
-    >>> lobe = SPGWav2Vec2(src, save_path="", threshold_init=0.8)
+    >>> lobe = SPGWav2Vec2(tiny_model_folder(), save_path="", threshold_init=0.8)
     >>> _ = lobe.hard_prune()
     >>> out = os.path.join(tempfile.mkdtemp(), "compact")
     >>> manifest = export_compact(lobe, out)
-    >>> sorted(os.listdir(out))
-    ['compact.safetensors', 'hf', 'spg_manifest.json']
-    >>> round(manifest["sparsity"]["gated"], 2)
-    0.58
+    >>> sorted(os.listdir(out)), round(manifest["sparsity"]["gated"], 2)
+    (['compact.safetensors', 'hf', 'spg_manifest.json'], 0.58)
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
@@ -345,10 +312,18 @@ def export_compact(lobe, path, dtype="float32", overwrite=False):
         )
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    name = os.path.basename(path)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
         manifest = _write_export(lobe, tmp, dtype)
-        _replace_folder(tmp, path)
+        if os.path.exists(path):  # replaced: moved aside, then removed
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.rmdir(old)
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -371,6 +346,7 @@ def _write_export(lobe, folder, dtype):
     report = lobe.sparsity_report()
     removed = sum(int((~m).sum()) for m in masks.values())
     ideal = ideal_compact_bytes(state, masks, dtype)
+    options, total = lobe.spg_options, lobe.total_params
     manifest = {
         "format_version": FORMAT_VERSION,
         "library": f"speechbrain-spg {__version__}",
@@ -380,25 +356,24 @@ def _write_export(lobe, folder, dtype):
         "config": lobe.model.config.to_dict(),
         "dtype": dtype,
         "spg": {
-            "target_sparsity": lobe.spg_options.target_sparsity,
-            "target_scope": lobe.spg_options.target_scope,
+            "target_sparsity": options.target_sparsity,
+            "target_scope": options.target_scope,
             "gated_target": lobe.gated_target,
-            "tie": lobe.spg_options.tie,
-            "prune_modules": lobe.spg_options.prune_modules,
-            "tau_scale": lobe.spg_options.tau_scale,
+            "tie": options.tie,
+            "prune_modules": options.prune_modules,
+            "tau_scale": options.tau_scale,
             "calibration_factor": getattr(lobe, "calibration_factor", None),
         },
         "params": {
-            "total": lobe.total_params,
+            "total": total,
             "gated": lobe.gated_params,
             "removed": removed,
-            "nonzero": lobe.total_params - removed,
+            "nonzero": total - removed,
         },
         "sparsity": {
             "gated": removed / lobe.gated_params,
-            "model": removed / lobe.total_params,
-            "compression_ratio": lobe.total_params
-            / (lobe.total_params - removed),
+            "model": removed / total,
+            "compression_ratio": total / (total - removed),
         },
         "layers": [
             {
@@ -413,43 +388,23 @@ def _write_export(lobe, folder, dtype):
         ],
         "sparse_shapes": {key: list(m.shape) for key, m in masks.items()},
         "ideal_compact_bytes": ideal,
-        "files": _checksums(folder),
+        "files": {
+            rel: sha256_of(os.path.join(folder, rel))
+            for rel in _relative_files(folder)
+        },
     }
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
     return manifest
 
 
-def _checksums(folder):
-    """sha256 of every file below ``folder`` (relative POSIX paths)."""
-    return {
-        rel: sha256_of(os.path.join(folder, rel))
-        for rel in _relative_files(folder)
-    }
-
-
 def _relative_files(folder):
     """Sorted relative POSIX paths of every file below ``folder``."""
-    found = []
-    for root, _, files in os.walk(folder):
-        for name in files:
-            full = os.path.join(root, name)
-            found.append(os.path.relpath(full, folder).replace(os.sep, "/"))
-    return sorted(found)
-
-
-def _replace_folder(tmp, path):
-    """Moves ``tmp`` to ``path``; an existing ``path`` is replaced."""
-    if not os.path.exists(path):
-        os.rename(tmp, path)
-        return
-    old = tempfile.mkdtemp(
-        prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path)
+    return sorted(
+        os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+        for root, _, files in os.walk(folder)
+        for name in files
     )
-    os.rmdir(old)
-    os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(path, verify=True):
@@ -465,26 +420,17 @@ def read_manifest(path, verify=True):
     Returns
     -------
     dict
-        The manifest.
-
-    Raises
-    ------
-    CompactExportError
-        Missing manifest, manifest key or file, checksum mismatch, a loaded
-        file without a checksum, unsupported model.
+        The manifest (else ``CompactExportError``: missing or edited manifest
+        or file, unsupported model).
 
     Example
     -------
-    >>> import tempfile
     >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
-    >>> src = tiny_model_folder("wav2vec2")
-    >>> lobe = SPGWav2Vec2(src, save_path="", threshold_init=0.8)
     >>> out = os.path.join(tempfile.mkdtemp(), "compact")
-    >>> _ = export_compact(lobe, out)
-    >>> manifest = read_manifest(out)
-    >>> manifest["model_type"], manifest["params"]["gated"]
-    ('wav2vec2', 16384)
+    >>> _ = export_compact(SPGWav2Vec2(tiny_model_folder(), save_path=""), out)
+    >>> read_manifest(out)["params"]["gated"]
+    16384
     >>> with open(os.path.join(out, "hf", "config.json"), "a") as f:
     ...     _ = f.write(" ")
     >>> read_manifest(out)  # doctest: +ELLIPSIS
@@ -493,60 +439,56 @@ def read_manifest(path, verify=True):
     speechbrain_spg.export.CompactExportError: ...config.json: sha256 ... does not match the manifest ...
     """
     path = os.fspath(path)
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isfile(manifest_path):
+    where = os.path.join(path, MANIFEST)
+    if not os.path.isfile(where):
         raise CompactExportError(
-            f"{manifest_path} not found: {path} is not a speechbrain-spg "
+            f"{where} not found: {path} is not a speechbrain-spg "
             "export (write one with speechbrain_spg.export.export_compact)."
         )
     try:
-        with open(manifest_path, encoding="utf-8") as f:
+        with open(where, encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise CompactExportError(
-            f"{manifest_path}: unreadable ({err})."
-        ) from None
+        raise CompactExportError(f"{where}: unreadable ({err}).") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CompactExportError(
-            f"{manifest_path}: format_version "
-            f"{manifest.get('format_version')!r} is not supported (expected "
-            f"{FORMAT_VERSION})."
+            f"{where}: format_version {manifest.get('format_version')!r} is "
+            f"not supported (expected {FORMAT_VERSION})."
         )
     missing = [key for key in _MANIFEST_KEYS if key not in manifest]
     if missing:
         raise CompactExportError(
-            f"{manifest_path}: the keys {missing} are missing; the manifest "
+            f"{where}: the keys {missing} are missing; the manifest "
             "was edited or truncated. Export again."
         )
-    if verify:
-        loaded = list(_VERIFIED_FILES) + [
-            f"{HF_FOLDER}/{rel}"
-            for rel in _relative_files(os.path.join(path, HF_FOLDER))
-        ]
-        unlisted = sorted(set(loaded) - set(manifest["files"]))
-        if unlisted:
+    if not verify:
+        return manifest
+    hf_files = _relative_files(os.path.join(path, HF_FOLDER))
+    loaded = list(_VERIFIED_FILES) + [f"{HF_FOLDER}/{rel}" for rel in hf_files]
+    unlisted = sorted(set(loaded) - set(manifest["files"]))
+    if unlisted:
+        raise CompactExportError(
+            f"{where}: {unlisted} not listed under 'files', so "
+            "their checksums cannot be verified; the manifest was edited "
+            "or files were added. Export again."
+        )
+    try:
+        check_model_type(manifest["model_type"], path)
+    except ValueError as err:
+        raise CompactExportError(str(err)) from None
+    for rel, expected in manifest["files"].items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
             raise CompactExportError(
-                f"{manifest_path}: {unlisted} not listed under 'files', so "
-                "their checksums cannot be verified; the manifest was edited "
-                "or files were added. Export again."
+                f"{full}: listed in the manifest but missing."
             )
-        try:
-            check_model_type(manifest["model_type"], path)
-        except ValueError as err:
-            raise CompactExportError(str(err)) from None
-        for rel, expected in manifest["files"].items():
-            full = os.path.join(path, rel)
-            if not os.path.isfile(full):
-                raise CompactExportError(
-                    f"{full}: listed in the manifest but missing."
-                )
-            actual = sha256_of(full)
-            if actual != expected:
-                raise CompactExportError(
-                    f"{full}: sha256 {actual} does not match the manifest "
-                    f"({expected}); the file was modified or corrupted. "
-                    "Export again."
-                )
+        actual = sha256_of(full)
+        if actual != expected:
+            raise CompactExportError(
+                f"{full}: sha256 {actual} does not match the manifest "
+                f"({expected}); the file was modified or corrupted. "
+                "Export again."
+            )
     return manifest
 
 
@@ -563,44 +505,35 @@ def load_compact(path, verify=True):
     Returns
     -------
     transformers.PreTrainedModel
-        The pruned model (float32), in eval mode.
-
-    Raises
-    ------
-    CompactExportError
-        If the export is incomplete, tampered with, or its tensors do not fit
-        the architecture in its manifest.
+        The pruned model (float32), in eval mode (else ``CompactExportError``:
+        incomplete or tampered export, tensors unlike its architecture).
 
     Example
     -------
-    >>> import tempfile
     >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
-    >>> src = tiny_model_folder("wav2vec2")
-    >>> lobe = SPGWav2Vec2(src, save_path="", threshold_init=0.8).eval()
-    >>> _ = lobe.hard_prune()
+    >>> lobe = SPGWav2Vec2(tiny_model_folder(), save_path="", threshold_init=0.8)
+    >>> _ = lobe.eval().hard_prune()
     >>> out = os.path.join(tempfile.mkdtemp(), "compact")
     >>> _ = export_compact(lobe, out)
-    >>> model = load_compact(out)
-    >>> wav = torch.randn(1, 4000)
+    >>> model, wav = load_compact(out), torch.randn(1, 4000)
     >>> with torch.no_grad():
     ...     same = model(wav).last_hidden_state - lobe.model(wav).last_hidden_state
     >>> type(model).__name__, model.training, same.abs().max().item() < 1e-5
     ('Wav2Vec2Model', False, True)
     """
     manifest = read_manifest(path, verify=verify)
-    config = AutoConfig.for_model(**_config_kwargs(manifest["config"]))
-    model = AutoModel.from_config(config)
+    config = dict(manifest["config"])
+    model = AutoModel.from_config(
+        AutoConfig.for_model(config.pop("model_type"), **config)
+    )
     tensors = load_file(os.path.join(os.fspath(path), COMPACT_FILE))
     state = expand_tensors(tensors, manifest["sparse_shapes"])
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        k
-        for k in set(state) & set(expected)
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    )
+    common = set(state) & set(expected)
+    wrong = sorted(k for k in common if state[k].shape != expected[k].shape)
     if missing or unexpected or wrong:
         raise CompactExportError(
             f"{path}: tensors do not match the {manifest['model_type']} "
@@ -611,19 +544,12 @@ def load_compact(path, verify=True):
     return model.eval()
 
 
-def _config_kwargs(config_dict):
-    """Config dict -> keyword arguments of ``AutoConfig.for_model``."""
-    kwargs = dict(config_dict)
-    model_type = kwargs.pop("model_type")
-    return {"model_type": model_type, **kwargs}
-
-
 class CompactWav2Vec2(Wav2Vec2):
     """SpeechBrain lobe over a compact SPG export (wav2vec2, HuBERT or WavLM).
 
-    Any recipe can use a compressed model with one YAML line: point
-    ``source`` at the export folder. The manifest's checksums are verified,
-    then SpeechBrain's own ``Wav2Vec2`` lobe loads ``<export>/hf``.
+    A recipe uses a compressed model by pointing ``source`` at the export:
+    the manifest's checksums are verified, then SpeechBrain's own
+    ``Wav2Vec2`` lobe loads ``<export>/hf``.
 
     Arguments
     ---------
@@ -638,22 +564,16 @@ class CompactWav2Vec2(Wav2Vec2):
 
     Example
     -------
-    >>> import tempfile
     >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
-    >>> src = tiny_model_folder("wav2vec2")
     >>> out = os.path.join(tempfile.mkdtemp(), "compact")
-    >>> _ = export_compact(SPGWav2Vec2(src, save_path=""), out)
-    >>> lobe = CompactWav2Vec2(out)
-    >>> lobe(torch.randn(1, 4000)).shape
+    >>> _ = export_compact(SPGWav2Vec2(tiny_model_folder(), save_path=""), out)
+    >>> CompactWav2Vec2(out)(torch.randn(1, 4000)).shape
     torch.Size([1, 198, 32])
     """
 
     def __init__(self, source, save_path="", verify=True, **kwargs):
         manifest = read_manifest(source, verify=verify)
-        super().__init__(
-            source=os.path.join(os.fspath(source), HF_FOLDER),
-            save_path=save_path,
-            **kwargs,
-        )
+        hf_folder = os.path.join(os.fspath(source), HF_FOLDER)
+        super().__init__(source=hf_folder, save_path=save_path, **kwargs)
         self.manifest = manifest
