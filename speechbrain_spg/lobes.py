@@ -1,16 +1,8 @@
 """SpeechBrain lobes of wav2vec2, HuBERT and WavLM with self-pinching gates.
 
-``SPGWav2Vec2``, ``SPGHuBERT`` and ``SPGWavLM`` take every constructor
-argument of SpeechBrain's ``speechbrain.integrations.huggingface`` wrappers,
-plus the SPG options (see ``speechbrain_spg.options.SPGOptions``). The
-linear layers selected by ``prune_modules`` are replaced by ``GatedLinear``
-layers that share their parameters, so the HuggingFace state-dict keys are
-unchanged.
-
-In drop-in mode (``inject_sparsity_loss=True``) the lobe attaches its
-sparsity regulariser to its own output, so a recipe that only minimises its
-task loss with one optimiser over ``lobe.parameters()`` still reaches the
-target.
+The selected linear layers become ``GatedLinear`` layers sharing their
+weights (same state-dict keys); ``inject_sparsity_loss`` attaches the
+regulariser to the output, for recipes that minimise only their task loss.
 
 Authors
  * speechbrain-spg developers 2026
@@ -38,11 +30,7 @@ from speechbrain_spg.layers import (
     group_indices,
     pregated_weights,
 )
-from speechbrain_spg.options import (
-    SPGOptions,
-    check_model_type,
-    gated_target,
-)
+from speechbrain_spg.options import SPGOptions, check_model_type, gated_target
 from speechbrain_spg.sparsity import (
     AuxiliaryLossInjection,
     LagrangianSparsityRegularizer,
@@ -53,24 +41,18 @@ from speechbrain_spg.sparsity import (
 
 
 def find_prunable_linears(model, pattern):
-    """Lists the ``nn.Linear`` modules whose name matches a regex.
+    """The ``nn.Linear`` modules whose name matches a regex, in definition
+    order (if none does, a ``ValueError`` that names some).
 
     Arguments
     ---------
     model : nn.Module
-        The model to search.
     pattern : str
-        Regular expression, searched (``re.search``) in each module name.
+        Searched (``re.search``) in each module name.
 
     Returns
     -------
     list of (str, nn.Linear)
-        Matching modules in definition order.
-
-    Raises
-    ------
-    ValueError
-        If nothing matches (the message lists some linear layer names).
 
     Example
     -------
@@ -78,12 +60,8 @@ def find_prunable_linears(model, pattern):
     >>> [name for name, _ in find_prunable_linears(net, r"^2$")]
     ['2']
     """
-    regex = re.compile(pattern)
-    linears = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-    ]
+    regex, modules = re.compile(pattern), model.named_modules()
+    linears = [(n, m) for n, m in modules if isinstance(m, nn.Linear)]
     found = [(name, module) for name, module in linears if regex.search(name)]
     if not found:
         examples = ", ".join(name for name, _ in linears[:6])
@@ -95,19 +73,17 @@ def find_prunable_linears(model, pattern):
 
 
 def install_gates(model, options):
-    """Replaces the selected linear layers of ``model`` by gated ones.
+    """Replaces (in place) the selected linear layers of ``model`` by
+    ``GatedLinear`` ones, and WavLM attention by ``GatedWavLMAttention``.
 
     Arguments
     ---------
     model : nn.Module
-        The HuggingFace model (modified in place).
     options : SPGOptions
-        Which modules, how thresholds are tied, initial values.
 
     Returns
     -------
     gate : SelfPinchingGate
-        The gate holding the thresholds.
     names : list of str
         Names of the gated modules, in gate order.
 
@@ -142,23 +118,17 @@ def install_gates(model, options):
 
 @contextlib.contextmanager
 def effective_weights(*layers):
-    """Makes ``layer.weight`` read as the gated weight inside the block.
-
-    For code that reads the weights of linear layers instead of calling them
-    (WavLM's attention passes ``q_proj.weight`` etc. to
-    ``F.multi_head_attention_forward``). Layers that are not ``GatedLinear``
-    are left alone; the parameters are put back on exit.
+    """Inside the block, the ``GatedLinear`` layers' ``weight`` is the gated
+    weight, for code that reads it instead of calling them (WavLM attention).
 
     Arguments
     ---------
     *layers : nn.Module
-        The layers whose ``weight`` is read inside the block.
 
     Example
     -------
-    >>> layer = nn.Linear(2, 2)
-    >>> gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 100.0)
-    >>> gated = GatedLinear(layer, gate, 0)
+    >>> gate = SelfPinchingGate(torch.ones(1), [0], 0.05, 100.0)  # pinches all
+    >>> layer = nn.Linear(2, 2); gated = GatedLinear(layer, gate, 0)
     >>> with effective_weights(gated):
     ...     bool((gated.weight.abs() < 1e-6).all())
     True
@@ -178,23 +148,14 @@ def effective_weights(*layers):
 
 
 def refuse_misspelled_options(kwargs, option_names):
-    """Refuses keyword arguments that look like misspelled SPG options.
-
-    The lobes pass unknown keywords on to SpeechBrain and HuggingFace, which
-    would otherwise reject a typo only after loading the model, with a
-    message about ``Wav2Vec2Model.__init__``.
+    """Refuses keyword arguments like misspelled SPG options, which
+    HuggingFace would reject only after loading the model, and obscurely.
 
     Arguments
     ---------
     kwargs : dict
         Keyword arguments given to the lobe.
     option_names : iterable of str
-        The SPG option names.
-
-    Raises
-    ------
-    ValueError
-        For a keyword close to, but not equal to, an option name.
 
     Example
     -------
@@ -215,7 +176,7 @@ def refuse_misspelled_options(kwargs, option_names):
 
 
 def x86_cpu():
-    """Whether PyTorch runs on an x86 CPU (SSE / AVX): there subnormal
+    """Whether PyTorch runs on an x86 CPU (SSE / AVX), where subnormal
     floats are slow and ``torch.set_flush_denormal`` applies.
 
     Returns
@@ -231,13 +192,12 @@ def x86_cpu():
 
 
 def flushes_subnormals():
-    """Whether this thread flushes subnormal float results to zero
-    (``torch.set_flush_denormal(True)``).
+    """Whether this thread flushes subnormal results to zero
+    (``torch.set_flush_denormal(True)``): 1e-30 * 1e-10 gives 0.
 
     Returns
     -------
     bool
-        From a product whose exact value (1e-40) is subnormal.
 
     Example
     -------
@@ -248,84 +208,37 @@ def flushes_subnormals():
     return bool(torch.tensor(1e-30) * torch.tensor(1e-10) == 0)
 
 
-def keeps_subnormals():
-    """Whether this thread computes subnormal floats on an x86 CPU, where
-    they are slow (no ``torch.set_flush_denormal(True)``).
-
-    Returns
-    -------
-    bool
-        False on other CPUs (the setting does not apply there) and with
-        flush-to-zero on.
-
-    Example
-    -------
-    >>> torch.set_flush_denormal(True) and keeps_subnormals()
-    False
-    >>> _ = torch.set_flush_denormal(False)
-    """
-    return x86_cpu() and not flushes_subnormals()
-
-
-def _warn_about_subnormals():
-    """The warning of CPU training without flush-to-zero (shown once per
-    process by Python's default warning filter)."""
-    warnings.warn(
-        "SPG training on a CPU that computes subnormal numbers: as the "
-        "gates pinch whole matrices, the gradients through them become "
-        "subnormal and x86 CPUs compute these slowly. Call "
-        "torch.set_flush_denormal(True) first "
-        "in your script, before any other torch work (README: 'Use SPG "
-        "from Python'); the recipe's train.py does.",
-        UserWarning,
-        stacklevel=3,
-    )
+#: Warned at the first CPU training step if x86 computes subnormals (slow).
+_SUBNORMAL_WARNING = (
+    "SPG training on a CPU that computes subnormal numbers: as the gates "
+    "pinch whole matrices, the gradients through them become subnormal and "
+    "x86 CPUs compute these slowly. Call torch.set_flush_denormal(True) "
+    "first in your script, before any other torch work (README: 'Use SPG "
+    "from Python'); the recipe's train.py does."
+)
 
 
 class GatedWavLMAttention(WavLMAttention):
-    """WavLM attention whose projection weights go through their gates.
-
-    ``WavLMAttention`` reads ``q_proj.weight``, ``k_proj.weight``,
-    ``v_proj.weight`` and ``out_proj.weight`` directly, which would bypass
-    ``GatedLinear.forward``; ``install_gates`` switches WavLM attention
-    modules to this class, which computes the same attention with the
-    effective (gated or masked) weights.
+    """WavLM attention with gated projection weights: ``WavLMAttention``
+    reads ``q_proj.weight`` etc. directly, bypassing ``GatedLinear.forward``.
 
     Example
     -------
-    >>> from speechbrain_spg.data.architectures import (
-    ...     TINY_OVERRIDES, build_config, build_model)
-    >>> model = build_model(build_config("wavlm", **TINY_OVERRIDES))
-    >>> _ = install_gates(model, SPGOptions())
-    >>> type(model.encoder.layers[0].attention).__name__
+    >>> from speechbrain_spg.data.architectures import tiny_model_folder
+    >>> lobe = SPGWavLM(tiny_model_folder("wavlm"))
+    >>> type(lobe.model.encoder.layers[0].attention).__name__
     'GatedWavLMAttention'
     """
 
     def torch_multi_head_self_attention(self, *args, **kwargs):
-        """WavLM's attention with the gated projection weights.
-
-        Arguments
-        ---------
-        *args, **kwargs
-            As ``WavLMAttention.torch_multi_head_self_attention``.
-
-        Returns
-        -------
-        tuple
-            As ``WavLMAttention.torch_multi_head_self_attention``.
-        """
-        with effective_weights(
-            self.q_proj, self.k_proj, self.v_proj, self.out_proj
-        ):
+        """As ``WavLMAttention``'s, with the gated projection weights."""
+        projections = self.q_proj, self.k_proj, self.v_proj, self.out_proj
+        with effective_weights(*projections):
             return super().torch_multi_head_self_attention(*args, **kwargs)
 
 
 class SPGLobeMixin:
     """Adds self-pinching gates to a SpeechBrain HuggingFace SSL lobe.
-
-    Mixed in front of ``Wav2Vec2`` / ``HuBERT`` / ``WavLM``; the keyword
-    arguments of ``SPGOptions`` are taken here, every other argument goes to
-    the SpeechBrain wrapper unchanged.
 
     Arguments
     ---------
@@ -334,41 +247,31 @@ class SPGLobeMixin:
     save_path : str
         Download folder, as in SpeechBrain's wrappers.
     **kwargs
-        SPG options (``target_sparsity``, ``tie``, ``prune_modules``,
-        ``tau_scale``, ``threshold_init``, ``target_scope``,
-        ``inject_sparsity_loss``, ``warmup_steps``, ``ramp_steps``,
-        ``gate_lr_scale``, ``sparsity_damping``, ``gate_impl``,
-        ``recompute_gated_weights``) and the wrapper's own arguments.
+        SPG options (``SPGOptions``); the rest goes to SpeechBrain's wrapper.
 
     Example
     -------
-    Used through ``SPGWav2Vec2``, ``SPGHuBERT`` and ``SPGWavLM``: a training
-    step, then the hard pruning that ends the run.
-
     >>> from speechbrain_spg.data.architectures import tiny_model_folder
-    >>> src = tiny_model_folder("hubert")
-    >>> lobe = SPGHuBERT(src, save_path="", threshold_init=0.8)
+    >>> lobe = SPGHuBERT(tiny_model_folder("hubert"), threshold_init=0.8)
+    >>> lobe.gated_layers()[0] is lobe.model.get_submodule(lobe.gated_names[0])
+    True
     >>> loss = lobe(torch.randn(2, 4000)).pow(2).mean() + lobe.sparsity_loss()
-    >>> loss.backward()
-    >>> lobe.gate.threshold_param.grad.shape  # one threshold per matrix
+    >>> loss.backward(); lobe.gate.threshold_param.grad.shape  # one per matrix
     torch.Size([12])
-    >>> report = lobe.hard_prune(calibrate=False)
-    >>> lobe.is_pruned, 0.0 < report.hard < 1.0
+    >>> 0.0 < lobe.hard_prune().hard < 1.0, lobe.is_pruned  # ends the run
     (True, True)
     """
 
-    #: Set at the first training step on a CPU (see ``keeps_subnormals``).
+    #: Set at the first training step on a CPU (``_SUBNORMAL_WARNING``).
     _checked_subnormals = False
-    #: Set on the copies ``torch.nn.DataParallel`` makes (PyTorch's
-    #: ``_replicate_for_data_parallel``), which refuse to run.
+    #: Set on ``DataParallel``'s copies (``_replicate_for_data_parallel``).
     _is_replica = False
 
     def __init__(self, source, save_path="", **kwargs):
         spg_keys = {f.name for f in SPGOptions.__dataclass_fields__.values()}
         refuse_misspelled_options(kwargs, spg_keys)
-        options = SPGOptions(
-            **{k: kwargs.pop(k) for k in list(kwargs) if k in spg_keys}
-        )
+        spg = {k: kwargs.pop(k) for k in list(kwargs) if k in spg_keys}
+        options = SPGOptions(**spg)
         if kwargs.get("freeze", False):
             raise ValueError(
                 "freeze: an SPG lobe must be trainable (its thresholds learn); "
@@ -378,22 +281,16 @@ class SPGLobeMixin:
         config = AutoConfig.from_pretrained(source, cache_dir=save_path or None)
         check_model_type(config.model_type, source)
         super().__init__(source=source, save_path=save_path, **kwargs)
-        self.source = str(source)
-        self.spg_options = options
+        self.source, self.spg_options = str(source), options
         self.gate, self.gated_names = install_gates(self.model, options)
-        # Looked up once, not by name in every training step (host time).
         self._gated_layers = tuple(
             self.model.get_submodule(name) for name in self.gated_names
         )
-        self.total_params = sum(p.numel() for p in self.model.parameters())
-        self.gated_params = sum(
-            layer.weight.numel() for layer in self.gated_layers()
-        )
+        total = sum(p.numel() for p in self.model.parameters())
+        gated = sum(x.weight.numel() for x in self._gated_layers)
+        self.total_params, self.gated_params = total, gated
         self.gated_target = gated_target(
-            options.target_sparsity,
-            options.target_scope,
-            self.total_params,
-            self.gated_params,
+            options.target_sparsity, options.target_scope, total, gated
         )
         self.regularizer = LagrangianSparsityRegularizer(
             self.gated_target,
@@ -405,27 +302,11 @@ class SPGLobeMixin:
         self.register_load_state_dict_post_hook(_restore_masks)
 
     def gated_layers(self):
-        """The ``GatedLinear`` layers, in gate order.
-
-        They are the layers ``install_gates`` put in the model, looked up
-        once when the lobe was built (looking them up by name in every
-        training step cost host time); a module swapped into the model
-        afterwards is not among them.
+        """The ``GatedLinear`` layers in gate order (looked up once).
 
         Returns
         -------
         list of GatedLinear
-            One per gated matrix.
-
-        Example
-        -------
-        >>> from speechbrain_spg.data.architectures import tiny_model_folder
-        >>> src = tiny_model_folder("wav2vec2")
-        >>> lobe = SPGWav2Vec2(src, save_path="")
-        >>> layers = lobe.gated_layers()
-        >>> lobe.gated_names[0], layers[0] is lobe.model.get_submodule(
-        ...     lobe.gated_names[0])
-        ('encoder.layers.0.attention.k_proj', True)
         """
         return list(self._gated_layers)
 
@@ -447,9 +328,7 @@ class SPGLobeMixin:
         Returns
         -------
         torch.Tensor
-            The SSL features, as the wrapped lobe returns them. In drop-in
-            mode during training they carry the sparsity regulariser's
-            gradient.
+            The SSL features (in drop-in training: with the regulariser).
         """
         if self._is_replica:
             raise RuntimeError(
@@ -461,19 +340,15 @@ class SPGLobeMixin:
             )
         training = self.training and torch.is_grad_enabled()
         self.gate.soft_zeros.clear()
+        pregating = contextlib.nullcontext()
         if training:
             self.gate.advance()
             if not self._checked_subnormals and wav.device.type == "cpu":
                 self._checked_subnormals = True
-                if keeps_subnormals():
-                    _warn_about_subnormals()
-        # Fused paths on a GPU: a block's matrices gated in one call (little
-        # host work per matrix).
-        with (
-            pregated_weights(self.gate, self.gated_layers())
-            if training
-            else contextlib.nullcontext()
-        ):
+                if x86_cpu() and not flushes_subnormals():
+                    warnings.warn(_SUBNORMAL_WARNING, stacklevel=2)
+            pregating = pregated_weights(self.gate, self.gated_layers())
+        with pregating:
             out = super().forward(wav, wav_lens)
         if training and self.spg_options.inject_sparsity_loss:
             if not self.is_pruned:
@@ -489,26 +364,19 @@ class SPGLobeMixin:
             Scalar in [0, 1].
         """
         count = len(self.gated_names)
-        whole = self.gate.recorded_soft_zero_vector(count)
-        if whole is not None:
-            counts = whole if torch.is_grad_enabled() else whole.detach()
-            return counts.sum() / self.gated_params
-        recorded = self.gate.recorded_soft_zeros(count)
-        missing = [i for i in range(count) if i not in recorded]
-        if missing:
-            # Only the matrices the forward pass did not gate (reference
-            # path, no training forward pass yet) cost an extra pass.
-            layers = self.gated_layers()
-            index = torch.tensor(missing, device=self.gate.scale.device)
-            weights = [layers[i].weight.detach() for i in missing]
-            computed = soft_zero_counts(
-                weights,
-                self.gate.thresholds()[index],
-                self.gate.taus()[index],
-                self.gate.impl,
-            )
-            recorded.update(zip(missing, computed.unbind()))
-        counts = torch.stack([recorded[i] for i in range(count)])
+        counts = self.gate.recorded_soft_zero_vector(count)
+        if counts is None:
+            recorded = self.gate.recorded_soft_zeros(count)
+            missing = [i for i in range(count) if i not in recorded]
+            if missing:
+                # Only matrices no forward pass gated cost an extra pass.
+                layers, gate = self.gated_layers(), self.gate
+                index = torch.tensor(missing, device=gate.scale.device)
+                weights = [layers[i].weight.detach() for i in missing]
+                ts, taus = gate.thresholds()[index], gate.taus()[index]
+                computed = soft_zero_counts(weights, ts, taus, gate.impl)
+                recorded.update(zip(missing, computed.unbind()))
+            counts = torch.stack([recorded[i] for i in range(count)])
         if not torch.is_grad_enabled():
             counts = counts.detach()
         return counts.sum() / self.gated_params
@@ -524,9 +392,8 @@ class SPGLobeMixin:
         layers = self.gated_layers()
         if self.is_pruned:
             return torch.stack([(~layer.mask).sum() for layer in layers])
-        return hard_zero_counts(
-            [layer.weight for layer in layers], self.gate.thresholds()
-        )
+        weights = [layer.weight for layer in layers]
+        return hard_zero_counts(weights, self.gate.thresholds())
 
     def hard_sparsity(self):
         """Fraction of the gated weights the hard mask removes.
@@ -534,29 +401,23 @@ class SPGLobeMixin:
         Returns
         -------
         float
-            In [0, 1].
         """
         return self.hard_zero_counts().sum().item() / self.gated_params
 
     def sparsity_loss(self):
-        """The Lagrangian sparsity term for the current step.
-
-        Add it to the task loss (or use ``inject_sparsity_loss``). One
-        minimising optimiser over all parameters is enough: the multipliers
-        ascend through a gradient reversal.
+        """The Lagrangian sparsity term of the step, to add to the task loss
+        (or ``inject_sparsity_loss``). One minimising optimiser is enough:
+        the multipliers ascend through a gradient reversal.
 
         Returns
         -------
         torch.Tensor
-            Scalar loss.
         """
         return self.regularizer(self.soft_sparsity(), self.gate.step_count)
 
     def sparsity_report(self):
-        """Sparsity overall and per gated matrix.
-
-        After hard pruning the masks are binary, so the soft sparsity equals
-        the hard one (the gate no longer applies).
+        """Sparsity overall and per gated matrix (after hard pruning the
+        soft sparsity is the hard one: the gate no longer applies).
 
         Returns
         -------
@@ -570,12 +431,9 @@ class SPGLobeMixin:
             if self.is_pruned:
                 soft = hard.double()
             else:
-                soft = soft_zero_counts(
-                    [layer.weight for layer in layers],
-                    thresholds,
-                    self.gate.taus(),
-                    "reference",
-                )
+                weights = [layer.weight for layer in layers]
+                taus = self.gate.taus()
+                soft = soft_zero_counts(weights, thresholds, taus, "reference")
         per_layer = tuple(
             LayerSparsity(
                 name=name,
@@ -598,10 +456,9 @@ class SPGLobeMixin:
         )
 
     def calibrate_thresholds(self, target=None, iterations=60):
-        """Scales all thresholds by one factor so hard sparsity hits a target.
-
-        The relative allocation between layers that training found is kept.
-        Returns the factor so that it can be reported.
+        """Scales all thresholds by one factor (bisection) to hit a hard
+        sparsity, keeping the allocation between layers that training found
+        (a ``ValueError`` if a threshold is 0 or not finite: nothing moves it).
 
         Arguments
         ---------
@@ -614,21 +471,12 @@ class SPGLobeMixin:
         -------
         float
             The factor the thresholds were multiplied by.
-
-        Raises
-        ------
-        ValueError
-            If a threshold is zero or not finite: no common factor can
-            move it (e.g. ``threshold_init: 0``, which never trains).
         """
         target = self.gated_target if target is None else target
         weights = [layer.weight.detach() for layer in self.gated_layers()]
         base = self.gate.thresholds().detach()
-        bad = [
-            name
-            for name, value in zip(self.gated_names, base.tolist())
-            if value == 0 or not math.isfinite(value)
-        ]
+        values = zip(self.gated_names, base.tolist())
+        bad = [n for n, v in values if v == 0 or not math.isfinite(v)]
         if bad:
             raise ValueError(
                 f"Cannot calibrate the thresholds to sparsity {target}: "
@@ -654,38 +502,30 @@ class SPGLobeMixin:
         return high
 
     def hard_prune(self, calibrate=False):
-        """Applies the hard mask ``|W| > |t|`` permanently.
-
-        Pruned weights are set to zero and kept at zero by a fixed mask in
-        any further fine-tuning; the soft gate is switched off, so the lobe
-        computes exactly what the exported compact model computes.
+        """Applies the hard mask ``|W| > |t|`` for good (fixed masks), so that
+        the lobe computes what the exported compact model computes.
 
         Arguments
         ---------
         calibrate : bool
-            First scale the thresholds so the hard sparsity equals the target
-            (see ``calibrate_thresholds``).
+            First ``calibrate_thresholds`` to the target.
 
         Returns
         -------
         SparsityReport
-            The sparsity after pruning.
         """
         if self.is_pruned:
             return self.sparsity_report()
         if calibrate:
             self.calibration_factor = self.calibrate_thresholds()
         with torch.no_grad():
-            thresholds = self.gate.thresholds()
-            masks = [
-                hard_mask(layer.weight, thresholds[i])
-                for i, layer in enumerate(self.gated_layers())
-            ]
+            t, layers = self.gate.thresholds(), self.gated_layers()
+            masks = [hard_mask(x.weight, t[i]) for i, x in enumerate(layers)]
         self.apply_masks(masks)
         return self.sparsity_report()
 
     def apply_masks(self, masks):
-        """Fixes binary masks on the gated layers and zeros the pruned weights.
+        """Fixes binary masks on the gated layers and zeros pruned weights.
 
         Arguments
         ---------
@@ -710,34 +550,20 @@ class SPGWav2Vec2(SPGLobeMixin, Wav2Vec2):
 
     Arguments
     ---------
-    source : str
-        HuggingFace hub id (e.g. ``facebook/wav2vec2-base``) or local folder.
-    save_path : str
-        Download folder.
-    **kwargs
-        SPG options (see ``SPGOptions``: ``target_sparsity``, ``tie``,
-        ``prune_modules``, ``tau_scale``, ``threshold_init``,
-        ``target_scope``, ``inject_sparsity_loss``, ``warmup_steps``,
-        ``ramp_steps``, ``gate_lr_scale``, ``sparsity_damping``, ...) and
-        every argument of
-        ``speechbrain.integrations.huggingface.wav2vec2.Wav2Vec2``
-        (``output_norm``, ``freeze_feature_extractor``, ...).
+    source, save_path, **kwargs
+        As ``SPGLobeMixin`` (e.g. ``facebook/wav2vec2-base``).
 
     Example
     -------
     >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> src = tiny_model_folder("wav2vec2")
-    >>> lobe = SPGWav2Vec2(src, save_path="", target_sparsity=0.6)
-    >>> lobe(torch.randn(2, 4000)).shape
-    torch.Size([2, 198, 32])
-    >>> lobe.gate.num_groups, lobe.gated_params
-    (12, 16384)
+    >>> lobe = SPGWav2Vec2(src, target_sparsity=0.6)
+    >>> lobe(torch.randn(2, 4000)).shape, lobe.gate.num_groups, lobe.gated_params
+    (torch.Size([2, 198, 32]), 12, 16384)
     >>> lobe.sparsity_loss()  # multipliers still at 0
     tensor(0., grad_fn=<AddBackward0>)
-    >>> damped = SPGWav2Vec2(src, save_path="", target_sparsity=0.6,
-    ...                      sparsity_damping=100.0)
-    >>> gap = damped.soft_sparsity() - 0.6
-    >>> torch.allclose(damped.sparsity_loss(), 100 * gap**2)
+    >>> damped = SPGWav2Vec2(src, target_sparsity=0.6, sparsity_damping=100.0)
+    >>> torch.allclose(damped.sparsity_loss(), 100 * (damped.soft_sparsity() - 0.6) ** 2)
     True
     """
 
@@ -747,20 +573,13 @@ class SPGHuBERT(SPGLobeMixin, HuBERT):
 
     Arguments
     ---------
-    source : str
-        HuggingFace hub id (e.g. ``facebook/hubert-large-ll60k``) or folder.
-    save_path : str
-        Download folder.
-    **kwargs
-        SPG options (see ``SPGWav2Vec2``) and every argument of
-        ``speechbrain.integrations.huggingface.hubert.HuBERT``.
+    source, save_path, **kwargs
+        As ``SPGLobeMixin`` (e.g. ``facebook/hubert-large-ll60k``).
 
     Example
     -------
     >>> from speechbrain_spg.data.architectures import tiny_model_folder
-    >>> src = tiny_model_folder("hubert")
-    >>> lobe = SPGHuBERT(src, save_path="", tie="block")
-    >>> lobe.gate.num_groups
+    >>> SPGHuBERT(tiny_model_folder("hubert"), tie="block").gate.num_groups
     2
     """
 
@@ -770,19 +589,12 @@ class SPGWavLM(SPGLobeMixin, WavLM):
 
     Arguments
     ---------
-    source : str
-        HuggingFace hub id (e.g. ``microsoft/wavlm-base-plus``) or folder.
-    save_path : str
-        Download folder.
-    **kwargs
-        SPG options (see ``SPGWav2Vec2``) and every argument of
-        ``speechbrain.integrations.huggingface.wavlm.WavLM``.
+    source, save_path, **kwargs
+        As ``SPGLobeMixin`` (e.g. ``microsoft/wavlm-base-plus``).
 
     Example
     -------
     >>> from speechbrain_spg.data.architectures import tiny_model_folder
-    >>> src = tiny_model_folder("wavlm")
-    >>> lobe = SPGWavLM(src, save_path="", tie="global")
-    >>> lobe.gate.num_groups
+    >>> SPGWavLM(tiny_model_folder("wavlm"), tie="global").gate.num_groups
     1
     """
