@@ -33,7 +33,12 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "ruff>=0.5"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6",
+            "ruff>=0.5",
+            "tensorboard>=2.10",
+        ],
     },
     license="Apache-2.0",
 )

@@ -5,6 +5,8 @@ position in the data loader. Two things a compression run also needs are
 added here: the random number generators (dropout masks and augmentation
 after a restart are then the ones an uninterrupted run would have drawn) and
 the training trace (the sparsity / loss curve the plots are drawn from).
+``CheckpointComplete`` marks a checkpoint saved to the end, so that a run
+killed while saving resumes from the one before it.
 
 Authors
  * speechbrain-spg developers 2026
@@ -285,3 +287,79 @@ class Stopwatch:
         """
         self.offset = float(_load_json(path)["elapsed_s"])
         self.start = time.monotonic()
+
+
+#: Name under which the recipe adds ``CheckpointComplete`` to a Checkpointer.
+COMPLETE_KEY = "complete"
+
+
+@register_checkpoint_hooks
+class CheckpointComplete:
+    """Added last to a Checkpointer: its file proves the checkpoint whole.
+
+    SpeechBrain writes ``CKPT.yaml`` first and the parameter files after it,
+    so a run killed while saving leaves a folder that looks like a checkpoint
+    but cannot be loaded. Add this recoverable after all the others (as
+    ``COMPLETE_KEY``) and resume only from checkpoints that hold its file
+    (``is_complete``).
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain.utils.checkpoints import Checkpointer
+    >>> checkpointer = Checkpointer(tempfile.mkdtemp())
+    >>> checkpointer.add_recoverable("trace", TrainingTrace())
+    >>> checkpointer.add_recoverable(COMPLETE_KEY, CheckpointComplete())
+    >>> is_complete(checkpointer.save_checkpoint())
+    True
+    """
+
+    @mark_as_saver
+    def save(self, path):
+        """Writes the marker file.
+
+        Arguments
+        ---------
+        path : str
+            Checkpoint file.
+        """
+        if if_main_process():
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("complete\n")
+
+    @mark_as_loader
+    def load(self, path, end_of_epoch=False):
+        """Nothing to restore.
+
+        Arguments
+        ---------
+        path : str
+            Checkpoint file.
+        end_of_epoch : bool
+            Unused (SpeechBrain passes it).
+        """
+
+
+def is_complete(checkpoint):
+    """Whether a checkpoint was saved to the end (``CheckpointComplete``).
+
+    Arguments
+    ---------
+    checkpoint : speechbrain.utils.checkpoints.Checkpoint
+        A checkpoint found by a Checkpointer.
+
+    Returns
+    -------
+    bool
+        True if it holds the ``CheckpointComplete`` file.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> from speechbrain.utils.checkpoints import Checkpointer
+    >>> checkpointer = Checkpointer(tempfile.mkdtemp())
+    >>> checkpointer.add_recoverable("trace", TrainingTrace())
+    >>> is_complete(checkpointer.save_checkpoint())
+    False
+    """
+    return COMPLETE_KEY in checkpoint.paramfiles

@@ -258,6 +258,27 @@ def test_second_call_does_nothing(small_corpus, tmp_path, caplog):
         assert (save / name).stat().st_mtime_ns == old_ns
 
 
+def test_progressbar_false_hides_the_bar_of_large_splits(
+    small_corpus, tmp_path, monkeypatch, capsys
+):
+    """A split as large as ``PROGRESS_BAR_MIN_FILES`` shows a bar unless
+    ``progressbar=False`` (the recipe's --noprogressbar); the option is not
+    part of what decides whether to prepare again."""
+    import librispeech_prepare
+
+    monkeypatch.setattr(librispeech_prepare, "PROGRESS_BAR_MIN_FILES", 3)
+    data, _ = small_corpus
+    save = tmp_path / "save"
+    quiet = prepare_librispeech(
+        str(data), str(save), progressbar=False, **ONLY_DEV
+    )
+    assert "Preparing dev-clean" not in capsys.readouterr().err
+    assert prepare_librispeech(str(data), str(save), **ONLY_DEV) == quiet
+    shown = prepare_librispeech(str(data), str(tmp_path / "again"), **ONLY_DEV)
+    assert "Preparing dev-clean: 100%" in capsys.readouterr().err
+    assert shown["report"] == quiet["report"]
+
+
 def test_redo_when_a_transcript_changes(small_corpus, tmp_path, caplog):
     data, _ = small_corpus
     save = tmp_path / "save"

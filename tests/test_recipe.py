@@ -42,17 +42,20 @@ from speechbrain.integrations.huggingface.hubert import HuBERT
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 from speechbrain.utils.checkpoints import Checkpointer
 
-from speechbrain_spg.evaluation import compare
 from speechbrain_spg.data.architectures import (
     TINY_OVERRIDES,
     build_config,
     hub_config,
     save_random_model,
 )
+from speechbrain_spg.evaluation import compare
+from speechbrain_spg.evaluation.summary import format_table
+from speechbrain_spg.evaluation.trace import history_clock, save_history
 from speechbrain_spg.export import read_manifest
 from speechbrain_spg.lobes import SPGHuBERT, SPGWav2Vec2, SPGWavLM, x86_cpu
 
 FRAGMENT_DIR = REPO / "hparams"
+SHARED_DIR = RECIPE_DIR / "hparams" / "shared"
 
 WAV2VEC2_BASE = "facebook/wav2vec2-base"
 HUBERT_LARGE = "facebook/hubert-large-ll60k"
@@ -99,6 +102,25 @@ FRAGMENTS = {
     "spg_wav2vec2_base.yaml": (WAV2VEC2_BASE, SPGWav2Vec2, 0.65),
     "spg_hubert_large.yaml": (HUBERT_LARGE, SPGHuBERT, 0.60),
     "spg_wavlm_base_plus.yaml": (WAVLM_BASE_PLUS, SPGWavLM, 0.65),
+}
+
+#: Shared SPG block of the recipe's YAMLs -> (lobe class, YAMLs using it).
+SHARED_BLOCKS = {
+    "spg_wav2vec2.yaml": (
+        SPGWav2Vec2,
+        {
+            "tiny_spg.yaml",
+            "tiny_spg_ctc_att.yaml",
+            "tiny_ump.yaml",
+            "wav2vec2_base_spg.yaml",
+            "wav2vec2_base_spg_4x.yaml",
+            "wav2vec2_base_ump.yaml",
+        },
+    ),
+    "spg_hubert.yaml": (
+        SPGHuBERT,
+        {"hubert_large_spg.yaml", "hubert_large_ump.yaml"},
+    ),
 }
 
 #: SentencePiece vocabulary small enough for the few training sentences.
@@ -184,8 +206,51 @@ def tiny_corpus(tmp_path_factory):
 def test_every_shipped_yaml_is_covered():
     recipe = {p.name for p in (RECIPE_DIR / "hparams").glob("*.yaml")}
     fragments = {p.name for p in FRAGMENT_DIR.glob("*.yaml")}
+    shared = {p.name for p in SHARED_DIR.glob("*.yaml")}
     assert recipe == set(FULL_SIZE_YAMLS) | set(TINY_YAMLS)
     assert fragments == set(FRAGMENTS)
+    assert shared == set(SHARED_BLOCKS)
+
+
+#: Lines of the knobs' explanations, which only the shared block holds.
+KNOB_EXPLANATIONS = (
+    "fixed quadratic term of the sparsity regulariser",
+    "the backward pass computes the gated weights",
+    "the final pruning scales all thresholds by one factor",
+)
+
+
+@pytest.mark.parametrize("block", sorted(SHARED_BLOCKS))
+def test_spg_and_ump_yamls_take_the_lobe_from_the_shared_block(block):
+    """Every SPG and UMP YAML builds its lobe by including the shared SPG
+    block of its architecture, passes it only knobs the block explains
+    (top-level keys of the YAML, so that the command line can set them),
+    and repeats none of the explanations."""
+    lobe_class, users = SHARED_BLOCKS[block]
+    text = (SHARED_DIR / block).read_text(encoding="utf-8")
+    with open(SHARED_DIR / block, encoding="utf-8") as fin:
+        root = ruamel.yaml.YAML().load(fin)
+    assert root.tag.value == f"!new:speechbrain_spg.lobes.{lobe_class.__name__}"
+    explained = (SHARED_DIR / "spg_wav2vec2.yaml").read_text(encoding="utf-8")
+    assert all(line in explained for line in KNOB_EXPLANATIONS)
+    including = set()
+    for path in (RECIPE_DIR / "hparams").glob("*.yaml"):
+        yaml_text = path.read_text(encoding="utf-8")
+        assert not any(line in yaml_text for line in KNOB_EXPLANATIONS)
+        with open(path, encoding="utf-8") as fin:
+            raw = ruamel.yaml.YAML().load(fin)
+        tag = getattr(raw["ssl"], "tag", None)
+        if tag is None or tag.value != f"!include:shared/{block}":
+            continue
+        including.add(path.name)
+        for knob, value in raw["ssl"].items():
+            if knob in ("source", "save_path"):
+                continue
+            assert value.value == f"<{knob}>", (path.name, knob)
+            assert knob in raw, (path.name, knob)
+            assert f"# {knob}" in explained or f", {knob}:" in explained, knob
+    assert including == users
+    assert "output_norm: True" in text
 
 
 def test_recipe_readme_lists_every_yaml_with_its_method():
@@ -567,7 +632,7 @@ def recipe_runs(recipe_ssl_source, tiny_corpus, tmp_path_factory):
             yaml_name, _, extra, splits = RUNS[run]
             out = root / run
             splits_override = "[" + ", ".join(splits) + "]"
-            run_command(
+            output = run_command(
                 [
                     sys.executable,
                     "train.py",
@@ -577,10 +642,16 @@ def recipe_runs(recipe_ssl_source, tiny_corpus, tmp_path_factory):
                     *extra,
                 ]
             )
+            (root / f"{run}.log").write_text(output, encoding="utf-8")
             finished[run] = out
         return finished[run]
 
     return get
+
+
+def run_log(out):
+    """What a run of the ``recipe_runs`` fixture printed."""
+    return (out.parent / f"{out.name}.log").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("run", sorted(RUNS))
@@ -631,6 +702,133 @@ def test_recipe_runs_end_to_end(run, recipe_ssl_source, recipe_runs):
         assert 0 <= sparsity["hard_sparsity_trained"] < 0.6
         assert sparsity["hard_sparsity"] == pytest.approx(0.65, abs=1e-3)
         assert sparsity["calibration_factor"] > 0
+
+
+#: A tqdm progress bar as it appears in a captured output ("100%|###| 2/2").
+PROGRESS_BAR = re.compile(r"\d+%\|")
+
+
+def test_noprogressbar_hides_every_progress_bar(
+    recipe_ssl_source, tiny_corpus, recipe_runs, tmp_path
+):
+    """SpeechBrain's --noprogressbar holds for every stage: training,
+    validation, the test splits (which once forced theirs on) and the model
+    loading, while a run without it shows them."""
+    assert PROGRESS_BAR.search(run_log(recipe_runs("spg_ctc_char")))
+    out = tmp_path / "quiet"
+    output = run_command(
+        [
+            sys.executable,
+            "train.py",
+            "hparams/tiny_spg.yaml",
+            *tiny_overrides(recipe_ssl_source, tiny_corpus, out),
+            "--test_splits=[test-clean]",
+            "--noprogressbar",
+        ]
+    )
+    assert not PROGRESS_BAR.search(output), output[-3000:]
+    assert "it/s]" not in output and "s/it]" not in output
+    check_test_outputs(out, ["test-clean"])
+
+
+def test_debug_run_is_short_and_keeps_no_checkpoint(
+    recipe_ssl_source, tiny_corpus, tmp_path
+):
+    """--debug (SpeechBrain's smoke run): one batch per stage and one epoch
+    of three, checkpoints and history in a temporary folder, and a summary
+    marked as such; the output folder gets every other file as usual."""
+    out = tmp_path / "debug"
+    output = run_command(
+        [
+            sys.executable,
+            "train.py",
+            "hparams/tiny_spg.yaml",
+            *tiny_overrides(
+                recipe_ssl_source, tiny_corpus, out, epochs=3, batch_size=2
+            ),
+            "--test_splits=[test-clean]",
+            "--log_interval=1",
+            "--test_batch_size=1",
+            "--debug",
+            "--debug_batches=1",
+            "--debug_epochs=1",
+        ]
+    )
+    assert "switching checkpointer output to temporary directory" in output
+    summary = read_json(out / "summary.json")
+    assert summary["debug"] is True
+    assert [row["epoch"] for row in summary["history"]] == [1]
+    assert [point["step"] for point in summary["trace"]] == [1]
+    assert summary["sparsity"]["hard_sparsity"] == pytest.approx(0.65, abs=1e-3)
+    # One test batch of one utterance was evaluated.
+    with open(out / "hyps_test-clean.jsonl", encoding="utf-8") as f:
+        assert len(f.readlines()) == 1
+    assert not list((out / "save").glob("CKPT+*"))
+    assert not (out / "save" / "history.json").exists()
+    assert (out / "compact" / "spg_manifest.json").is_file()
+
+
+def read_tensorboard_scalars(folder):
+    """Tag -> [(step, value)] of every scalar in a TensorBoard folder."""
+    from tensorboard.backend.event_processing.event_accumulator import (
+        EventAccumulator,
+    )
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {
+        tag: [(event.step, event.value) for event in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+    }
+
+
+def test_tensorboard_logger_gets_the_sparsity_trace(
+    recipe_ssl_source, tiny_corpus, tmp_path
+):
+    """With TensorBoard as the YAML's train_logger, the event files hold
+    every point of the training trace at its optimiser step (as
+    summary.json), the per-epoch statistics and each test split's."""
+    pytest.importorskip("tensorboard")
+    out, board = tmp_path / "tb", tmp_path / "tb" / "tensorboard"
+    logger = "!new:speechbrain.utils.train_logger.TensorboardLogger"
+    run_command(
+        [
+            sys.executable,
+            "train.py",
+            "hparams/tiny_spg.yaml",
+            *tiny_overrides(recipe_ssl_source, tiny_corpus, out, batch_size=1),
+            "--test_splits=[test-clean]",
+            "--log_interval=2",
+            f"--train_logger={logger} [{board}]",
+        ]
+    )
+    assert list(board.glob("events.out.tfevents.*"))
+    assert not (out / "train_log.txt").exists()
+    scalars = read_tensorboard_scalars(board)
+    summary = read_json(out / "summary.json")
+    trace = summary["trace"]
+    steps = list(range(2, TRAIN_UTTERANCES + 1, 2))  # batch size 1
+    assert [point["step"] for point in trace] == steps
+    for name in (
+        "task_loss",
+        "sparsity_loss",
+        "hard_sparsity",
+        "soft_sparsity",
+        "target",
+    ):
+        logged = scalars[f"trace/{name}"]
+        assert [step for step, _ in logged] == steps
+        assert [value for _, value in logged] == pytest.approx(
+            [point[name] for point in trace], rel=1e-6, abs=1e-7
+        )
+    row = summary["history"][0]
+    assert scalars["hard_sparsity"] == [
+        (1, pytest.approx(row["hard_sparsity"]))
+    ]
+    assert scalars["WER/valid"] == [(1, pytest.approx(row["dev_WER"]))]
+    assert scalars["WER_test-clean/test"] == [
+        (1, pytest.approx(summary["wer"]["test-clean"]))
+    ]
 
 
 def test_compare_over_recipe_runs(recipe_runs, tmp_path):
@@ -875,18 +1073,60 @@ def test_sigkill_then_restart_resumes(recipe_ssl_source, tiny_corpus, tmp_path):
     )
 
 
-def test_history_clock_resumes_old_checkpoints(tmp_path, train_module):
+def test_history_clock_resumes_old_checkpoints(tmp_path):
     """A checkpoint without the stopwatch (written by an older train.py)
     resumes the clock from the history of the epochs it covers."""
-    assert train_module.history_clock(str(tmp_path)) == 0.0
+    assert history_clock(str(tmp_path)) == 0.0
     rows = [
         {"epoch": 1, "elapsed_s": 100.0},
         {"epoch": 2, "elapsed_s": 210.5},
         {"epoch": 3},
     ]
     (tmp_path / "history.json").write_text(json.dumps(rows))
-    assert train_module.history_clock(str(tmp_path)) == 210.5
-    assert train_module.history_clock(str(tmp_path), up_to_epoch=1) == 100.0
+    assert history_clock(str(tmp_path)) == 210.5
+    assert history_clock(str(tmp_path), up_to_epoch=1) == 100.0
+
+
+def test_history_rows_of_a_restarted_epoch_replace_the_saved_ones(tmp_path):
+    """An epoch finished again after a restart (the run stopped before its
+    checkpoint) keeps one row, the new one; earlier epochs stay."""
+    save_history(tmp_path, [{"epoch": 1, "dev_WER": 50.0}])
+    save_history(tmp_path, [{"epoch": 1, "dev_WER": 50.0}, {"epoch": 2}])
+    rows = save_history(tmp_path, [{"epoch": 2, "dev_WER": 40.0}])
+    assert rows == [
+        {"epoch": 1, "dev_WER": 50.0},
+        {"epoch": 2, "dev_WER": 40.0},
+    ]
+    assert read_json(tmp_path / "history.json") == rows
+
+
+def test_summary_table_of_a_compressed_run():
+    """The table the demo prints: the dense start and the compressed model,
+    WER/CER per split with two decimals, the hard sparsity against the
+    gated target and the compression wall time."""
+    summary = {
+        "method": "spg",
+        "params": {"total": 2068480, "nonzero": 918323},
+        "compression_ratio": 2068480 / 918323,
+        "wer": {"test-clean": 32.7004, "test-other": 54.6977},
+        "cer": {"test-clean": 7.9037, "test-other": 15.1069},
+        "sparsity": {"hard_sparsity": 0.6500001, "gated_target": 0.65},
+        "wall_time_s": 502.66,
+        "dense_reference": {
+            "params": {"total": 2068480, "nonzero": 2068480},
+            "wer": {"test-clean": 30.1544, "test-other": 52.9302},
+            "cer": {"test-clean": 7.3405, "test-other": 14.7203},
+        },
+    }
+    assert format_table(summary).splitlines() == [
+        "system         params   nonzero  ratio  test-clean  test-other ",
+        "---------------------------------------------------------------",
+        "dense (start)  2068480  2068480  1.00   30.15/7.34  52.93/14.72",
+        "spg            2068480  918323   2.25   32.70/7.90  54.70/15.11",
+        "(test columns: WER/CER in %)",
+        "hard sparsity of gated weights: 0.6500 (target 0.6500)",
+        "compression wall time: 502.7 s",
+    ]
 
 
 FLUSH_PROBE = """

@@ -46,6 +46,9 @@ from speechbrain_spg.checkpointing import (
     Stopwatch,
     TrainingTrace,
 )
+from speechbrain_spg.evaluation.recipe import (
+    refuse_data_parallel,
+)
 from speechbrain_spg.export import (
     COMPACT_FILE,
     MANIFEST,
@@ -55,11 +58,11 @@ from speechbrain_spg.export import (
     load_compact,
     read_manifest,
 )
-from speechbrain_spg.fused_gate import compiled_kernels
-from speechbrain_spg.gates import SelfPinchingGate, hard_mask
+from speechbrain_spg.gate import hard_mask
+from speechbrain_spg.kernels import soft_zero_counts
+from speechbrain_spg.layers import SelfPinchingGate
 from speechbrain_spg.lobes import SPGWav2Vec2
 from speechbrain_spg.options import SPGOptions
-from speechbrain_spg.sparsity import soft_zero_counts
 
 TINY_YAML = RECIPE_DIR / "hparams" / "tiny_spg.yaml"
 RUN_TIMEOUT_S = 600
@@ -564,15 +567,15 @@ def test_bad_log_interval_is_refused(bad, tiny_hparams, train_module):
     ],
 )
 def test_data_parallel_is_refused_for_spg_on_several_gpus(
-    method, backend, gpus, refused, train_module
+    method, backend, gpus, refused
 ):
     run_opts = {"data_parallel_backend": backend}
     hparams = {"method": method}
     if not refused:
-        train_module.refuse_data_parallel(hparams, run_opts, gpus, "a.yaml")
+        refuse_data_parallel(hparams, run_opts, gpus, "a.yaml")
         return
     with pytest.raises(ValueError) as error:
-        train_module.refuse_data_parallel(hparams, run_opts, gpus, "a.yaml")
+        refuse_data_parallel(hparams, run_opts, gpus, "a.yaml")
     assert_one_message(
         error.value,
         "a.yaml: --data_parallel_backend on 2 GPUs cannot train "
@@ -582,17 +585,34 @@ def test_data_parallel_is_refused_for_spg_on_several_gpus(
     )
 
 
+#: Runs train.py as ``python train.py ...`` does, on a machine that shows
+#: two GPUs to ``torch.cuda.device_count``.
+TWO_GPU_RUN = """
+import runpy, sys, torch
+torch.cuda.device_count = lambda: 2
+sys.path.insert(0, ".")
+sys.argv = sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
 def test_recipe_refuses_data_parallel_before_any_work(
-    wav2vec2_source, tmp_path, train_module, monkeypatch
+    wav2vec2_source, tmp_path
 ):
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match="--data_parallel_backend on 2 GPUs"):
-        train_module.run_recipe(
-            str(TINY_YAML),
-            {"data_parallel_backend": True},
-            yaml_overrides(wav2vec2_source, out),
-        )
+    command = recipe_command(wav2vec2_source, "unused", out)
+    command[1:2] = ["-c", TWO_GPU_RUN, "train.py"]
+    result = subprocess.run(
+        [*command, "--data_parallel_backend"],
+        cwd=RECIPE_DIR,
+        env=recipe_env(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert result.returncode != 0
+    assert "ValueError: " in result.stderr
+    assert "--data_parallel_backend on 2 GPUs cannot train" in result.stderr
     # Before the experiment folder and the data: only the empty checkpoint
     # folder that loading the YAML makes.
     assert [p.name for p in out.rglob("*")] == ["save"]
@@ -645,7 +665,9 @@ def gate_outputs(impl, std, threshold, tau_scale, seed=0):
     if recorded:
         soft_zeros = recorded[0].reshape(1)
     else:  # reference path: separate soft-zero count
-        soft_zeros = soft_zero_counts([weight], gate.thresholds(), gate.taus())
+        soft_zeros = soft_zero_counts(
+            [weight], gate.thresholds(), gate.taus(), "reference"
+        )
     projection = torch.randn(gated.shape, generator=generator)
     ((gated * projection).sum() + soft_zeros.sum()).backward()
     return {
@@ -683,8 +705,6 @@ def test_gate_is_finite_at_extremes(case, impl):
 def test_compiled_gate_is_finite_at_extremes():
     """All the extreme cases through the ``torch.compile`` kernels (compiled
     once per process, then reused: ``dynamic=True``)."""
-    if not compiled_kernels("cpu").compiled:
-        pytest.skip("torch.compile unavailable: 'compiled' runs the fused path")
     for case in sorted(EXTREME_GATES):
         check_extreme_gate(case, "compiled")
 
@@ -815,18 +835,16 @@ def test_non_finite_loss_batch_is_skipped_and_counted(asr_brain):
 
 
 RANK_SCRIPT = """
-import importlib.util, sys, torch
-rank, init_file, train_py = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-spec = importlib.util.spec_from_file_location("spg_recipe_train", train_py)
-train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train)
+import sys, torch
+from speechbrain_spg.evaluation.recipe import nonfinite_on_any_rank
+rank, init_file = int(sys.argv[1]), sys.argv[2]
 torch.distributed.init_process_group(
     "gloo", init_method="file://" + init_file, rank=rank, world_size=2
 )
 decisions = []
 for bad_rank in (None, 1, 0):
     loss = torch.tensor(float("nan") if rank == bad_rank else 1.5)
-    decisions.append(train.nonfinite_on_any_rank(loss))
+    decisions.append(nonfinite_on_any_rank(loss))
 print("decisions", decisions)
 # The recipe's skip with a DDP-wrapped model: NaN on rank 1 in the first
 # batch, finite everywhere in the second; no rank may wait for the others.
@@ -839,7 +857,7 @@ for batch in range(2):
     loss = model(x).pow(2).mean()
     if batch == 0 and rank == 1:
         loss = loss * float("nan")
-    if train.nonfinite_on_any_rank(loss):
+    if nonfinite_on_any_rank(loss):
         optimizer.zero_grad(set_to_none=True)
         continue
     loss.backward()
@@ -871,7 +889,6 @@ def test_every_ddp_rank_skips_a_batch_non_finite_on_one_rank(tmp_path):
                 script,
                 str(rank),
                 init_file,
-                RECIPE_DIR / "train.py",
             ],
             env=recipe_env(),
             stdout=subprocess.PIPE,

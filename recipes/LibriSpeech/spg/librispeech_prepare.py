@@ -106,6 +106,7 @@ def prepare_librispeech(
     min_duration=0.1,
     max_duration=30.0,
     allowed_chars="ABCDEFGHIJKLMNOPQRSTUVWXYZ' ",
+    progressbar=True,
 ):
     """Writes one SpeechBrain CSV file per LibriSpeech split.
 
@@ -154,6 +155,10 @@ def prepare_librispeech(
         Longest kept utterance in seconds.
     allowed_chars : str
         Every character a kept (normalised) transcript may contain.
+    progressbar : bool
+        Show a progress bar while the audio files of a split are checked
+        (splits of ``PROGRESS_BAR_MIN_FILES`` files or more); the recipe
+        passes False under ``--noprogressbar``.
 
     Returns
     -------
@@ -282,7 +287,7 @@ def prepare_librispeech(
     report = {}
     for split in splits:
         rows[split], report[split] = _prepare_split(
-            split, utterances[split], limits
+            split, utterances[split], limits, progressbar
         )
         _write_csv(csv_paths[split], rows[split])
 
@@ -628,8 +633,9 @@ def _audio_problem(frames, rate, limits):
     return None
 
 
-def _prepare_split(split, utterances, limits):
-    """Checks the utterances of one split.
+def _prepare_split(split, utterances, limits, progressbar=True):
+    """Checks the utterances of one split (with a progress bar if asked for
+    and the split is large).
 
     Returns
     -------
@@ -644,7 +650,7 @@ def _prepare_split(split, utterances, limits):
     for utt_id, audio_path, raw_text, transcript_path in tqdm(
         utterances,
         desc=f"Preparing {split}",
-        disable=len(utterances) < PROGRESS_BAR_MIN_FILES,
+        disable=not progressbar or len(utterances) < PROGRESS_BAR_MIN_FILES,
     ):
         text = normalize_transcript(raw_text)
         problem = _transcript_problem(text, limits["allowed_chars"])

@@ -5,15 +5,11 @@ The SSL encoder (wav2vec2, HuBERT or WavLM) carries self-pinching gates; it is
 fine-tuned with a CTC head (optionally joint CTC/attention) while a Lagrangian
 regulariser drives its sparsity to the target. At the end the gates are
 hard-pruned, the encoder is exported as a compact model, loaded back from
-disk, and every test split is evaluated with it.
+disk, and every test split is evaluated with it. The same script runs the
+baselines (``method: dense``: fine-tuning without gates; ``method: ump``:
+uniform magnitude pruning, fixed masks, then fine-tuning).
 
-The same script runs the baselines (only the YAML differs):
-- ``method: dense``: plain fine-tuning, no gates;
-- ``method: ump``: uniform magnitude pruning of every gated matrix, fixed
-  masks, then fine-tuning (the two-stage baseline);
-- ``method: spg``: the one-pass method.
-
-To run:
+To run (SpeechBrain's run options apply: --debug, --noprogressbar, ...):
 > python train.py hparams/wav2vec2_base_spg.yaml --data_folder=/data/LibriSpeech
 > python train.py hparams/tiny_spg.yaml            # synthetic corpus, CPU
 > torchrun --nproc_per_node=4 train.py hparams/hubert_large_spg.yaml ...
@@ -23,68 +19,28 @@ Authors
 """
 
 import gc
-import json
 import os
 import shutil
 import sys
 
 import speechbrain as sb
 import torch
+import transformers
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process, run_on_main
 from speechbrain.utils.logger import get_logger
 
+from speechbrain_spg import checkpointing
 from speechbrain_spg.baselines import uniform_magnitude_prune
-from speechbrain_spg.checkpointing import (
-    Counter,
-    RandomState,
-    Stopwatch,
-    TrainingTrace,
-)
-from speechbrain_spg.export import CompactWav2Vec2, export_compact
+from speechbrain_spg.evaluation import recipe, summary, trace
 from speechbrain_spg.lobes import SPGLobeMixin
 
-HISTORY_FILE = "history.json"
 logger = get_logger(__name__)
 
 METHODS = ("spg", "ump", "dense")
 DECODERS = ("ctc", "ctc_attention")
 TOKEN_TYPES = ("char", "bpe")
-#: Recoverable saved last into every checkpoint (see ``CheckpointComplete``).
-COMPLETE_KEY = "complete"
-
-
-@sb.utils.checkpoints.register_checkpoint_hooks
-class CheckpointComplete:
-    """Saved last into every checkpoint: its file proves the others whole.
-
-    SpeechBrain writes ``CKPT.yaml`` first and the parameter files after it,
-    so a run killed while saving leaves a folder that looks like a checkpoint
-    but cannot be loaded. The recipe resumes only from checkpoints that
-    hold this marker (see ``is_complete``).
-    """
-
-    @sb.utils.checkpoints.mark_as_saver
-    def save(self, path):
-        """Writes the marker file."""
-        if if_main_process():
-            with open(path, "w", encoding="utf-8") as f:
-                f.write("complete\n")
-
-    @sb.utils.checkpoints.mark_as_loader
-    def load(self, path, end_of_epoch):
-        """Nothing to restore."""
-
-
-def is_complete(checkpoint):
-    """Whether a checkpoint was saved to the end (``CheckpointComplete``)."""
-    return COMPLETE_KEY in checkpoint.paramfiles
-
-
-def unwrap(module):
-    """Returns the module inside a DistributedDataParallel / DataParallel."""
-    return getattr(module, "module", module)
 
 
 class ASR(sb.Brain):
@@ -93,7 +49,7 @@ class ASR(sb.Brain):
     @property
     def ssl(self):
         """The SSL lobe (unwrapped from DDP)."""
-        return unwrap(self.modules.ssl)
+        return getattr(self.modules.ssl, "module", self.modules.ssl)
 
     @property
     def is_gated(self):
@@ -197,7 +153,7 @@ class ASR(sb.Brain):
             with self.training_ctx:
                 outputs = self.compute_forward(batch, sb.Stage.TRAIN)
                 loss = self.compute_objectives(outputs, batch, sb.Stage.TRAIN)
-            if nonfinite_on_any_rank(loss):
+            if recipe.nonfinite_on_any_rank(loss):
                 self.skipped_nonfinite.value += 1
                 logger.warning(
                     f"Non-finite loss on batch {batch.id[:3]}... (on this "
@@ -222,25 +178,14 @@ class ASR(sb.Brain):
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """Records a point of the training trace every ``log_interval``."""
         if self.is_gated and self.step % self.hparams.log_interval == 0:
-            self.trace.append(self.trace_point())
-
-    def trace_point(self):
-        """Current step, losses and sparsities (for plots)."""
-        point = {
-            "step": int(self.optimizer_step),
-            "task_loss": float(getattr(self, "last_task_loss", float("nan"))),
-        }
-        if self.is_gated:
-            point["sparsity_loss"] = float(
-                getattr(self, "last_sparsity_loss", 0.0)
+            point = trace.trace_point(
+                self.ssl,
+                self.optimizer_step,
+                getattr(self, "last_task_loss", float("nan")),
+                getattr(self, "last_sparsity_loss", 0.0),
             )
-            point["hard_sparsity"] = self.ssl.hard_sparsity()
-            with torch.no_grad():
-                point["soft_sparsity"] = float(self.ssl.soft_sparsity())
-            point["target"] = self.ssl.regularizer.target_at(
-                self.ssl.gate.step_count
-            )
-        return point
+            self.trace.append(point)
+            trace.log_trace_point(self.hparams.train_logger, point)
 
     def on_stage_start(self, stage, epoch):
         """Resets metrics."""
@@ -250,7 +195,7 @@ class ASR(sb.Brain):
             self.hypotheses = []
 
     def on_stage_end(self, stage, stage_loss, epoch):
-        """Logs, anneals learning rates, checkpoints, writes test results."""
+        """Logs, anneals learning rates, checkpoints, keeps test results."""
         stats = {"loss": stage_loss}
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats
@@ -261,8 +206,8 @@ class ASR(sb.Brain):
             self.end_of_epoch(epoch, stats)
         else:
             self.test_stats = stats
-            self.hparams.train_logger.log_stats(
-                stats_meta={"split": self.test_split}, test_stats=stats
+            trace.log_test_stats(
+                self.hparams.train_logger, self.test_split, stats
             )
 
     def end_of_epoch(self, epoch, stats):
@@ -274,14 +219,8 @@ class ASR(sb.Brain):
             old_lrs[f"lr_{name}"] = old
         meta = {"epoch": epoch, **old_lrs}
         if self.is_gated:
-            report = self.ssl.sparsity_report()
-            meta.update(
-                hard_sparsity=round(report.hard, 5),
-                soft_sparsity=round(report.soft, 5),
-                target=round(
-                    self.ssl.regularizer.target_at(self.ssl.gate.step_count), 5
-                ),
-            )
+            sparsity, report = trace.epoch_sparsity(self.ssl)
+            meta.update(sparsity)
             if hasattr(self, "last_sparsity_loss"):
                 meta["sparsity_loss"] = float(self.last_sparsity_loss)
             logger.info("Per-layer sparsity after epoch %d:\n%s", epoch, report)
@@ -298,7 +237,8 @@ class ASR(sb.Brain):
                 "dev_CER": stats["CER"],
             }
         )
-        load_history(self, self.hparams.save_folder)
+        # Kept with the checkpoints (a temporary folder under --debug).
+        trace.save_history(self.checkpointer.checkpoints_dir, self.history)
         self.checkpointer.save_and_keep_only(
             meta={"WER": stats["WER"], "epoch": epoch}, num_to_keep=2
         )
@@ -312,16 +252,7 @@ class ASR(sb.Brain):
 
     def init_optimizers(self):
         """Three optimisers: head, SSL weights, and gates + multipliers."""
-        gate_params = []
-        if self.is_gated:
-            gate_params = [
-                p
-                for p in (
-                    self.ssl.gate.threshold_param,
-                    self.ssl.regularizer.multiplier_param,
-                )
-                if p.requires_grad
-            ]
+        gate_params = recipe.gate_parameters(self.ssl)
         gate_ids = {id(p) for p in gate_params}
         ssl_params = [
             p
@@ -340,34 +271,30 @@ class ASR(sb.Brain):
         if gate_params:
             self.gate_optimizer = self.hparams.gate_opt_class(gate_params)
             self.optimizers_dict["gate"] = self.gate_optimizer
-        # Run-level state kept in checkpoints, made here before the
-        # checkpoint is recovered (run_recipe starts the clock earlier, so
-        # that it counts UMP's pruning).
+        # Run state, made before the checkpoint is recovered (the recipe
+        # starts the clock earlier, so that it counts UMP's pruning).
         if not hasattr(self, "stopwatch"):
-            self.stopwatch = Stopwatch()
+            self.stopwatch = checkpointing.Stopwatch()
         if not hasattr(self, "skipped_nonfinite"):
-            self.skipped_nonfinite = Counter()
-        if self.checkpointer is not None:
-            for name, opt in self.optimizers_dict.items():
-                self.checkpointer.add_recoverable(f"{name}_opt", opt)
-            # RNG state and trace: a restarted run draws the same dropout
-            # masks and keeps the whole trace. Optional, so checkpoints
-            # written before they were added still load.
-            self.checkpointer.add_recoverable(
-                "rng", RandomState(), optional_load=True
-            )
-            self.checkpointer.add_recoverable(
-                "trace", self.trace, optional_load=True
-            )
-            self.checkpointer.add_recoverable(
-                "skipped_nonfinite", self.skipped_nonfinite, optional_load=True
-            )
-            self.checkpointer.add_recoverable(
-                "stopwatch", self.stopwatch, optional_load=True
-            )
-            self.checkpointer.add_recoverable(
-                COMPLETE_KEY, CheckpointComplete()
-            )
+            self.skipped_nonfinite = checkpointing.Counter()
+        if self.checkpointer is None:
+            return
+        for name, opt in self.optimizers_dict.items():
+            self.checkpointer.add_recoverable(f"{name}_opt", opt)
+        # RNG state and trace: a restarted run draws the same dropout masks
+        # and keeps the whole trace. Optional, so checkpoints written before
+        # they were added still load.
+        run_state = {
+            "rng": checkpointing.RandomState(),
+            "trace": self.trace,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "stopwatch": self.stopwatch,
+        }
+        for name, obj in run_state.items():
+            self.checkpointer.add_recoverable(name, obj, optional_load=True)
+        self.checkpointer.add_recoverable(
+            checkpointing.COMPLETE_KEY, checkpointing.CheckpointComplete()
+        )
 
     def on_fit_start(self):
         """As SpeechBrain's, but resumes from complete checkpoints only."""
@@ -377,171 +304,38 @@ class ASR(sb.Brain):
         if self.checkpointer is None:
             return
         for ckpt in self.checkpointer.list_checkpoints():
-            if not is_complete(ckpt):
+            if not checkpointing.is_complete(ckpt):
                 logger.warning(
                     "Ignoring %s: the run was stopped while saving it.",
                     ckpt.path,
                 )
         checkpoint = self.checkpointer.recover_if_possible(
-            ckpt_predicate=is_complete
+            ckpt_predicate=checkpointing.is_complete
         )
         if checkpoint is not None and "stopwatch" not in checkpoint.paramfiles:
             # Written before the clock was checkpointed: go on from the
             # clock of the last epoch the history recorded.
-            self.stopwatch.offset = history_clock(
-                self.hparams.save_folder, checkpoint.meta.get("epoch")
+            self.stopwatch.offset = trace.history_clock(
+                self.checkpointer.checkpoints_dir, checkpoint.meta.get("epoch")
             )
 
     def on_evaluate_start(self, max_key=None, min_key=None):
-        """Evaluation uses the modules as they are (see ``run_recipe``)."""
+        """Evaluation uses the modules as they are (pruned, or exported)."""
 
     def evaluate_split(self, name, dataset, out_dir):
-        """Evaluates one split; writes WER file and hypotheses.
-
-        Returns
-        -------
-        dict
-            WER and CER in percent.
-        """
+        """Evaluates one split, writes its results; returns WER and CER."""
         self.test_split = name
         self.evaluate(
-            dataset,
-            test_loader_kwargs=self.hparams.test_dataloader_opts,
-            progressbar=True,
+            dataset, test_loader_kwargs=self.hparams.test_dataloader_opts
         )
-        if if_main_process():
-            os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, f"wer_{name}.txt"), "w") as f:
-                self.wer_metric.write_stats(f)
-            with open(os.path.join(out_dir, f"hyps_{name}.jsonl"), "w") as f:
-                for row in sorted(self.hypotheses, key=lambda r: r["id"]):
-                    f.write(json.dumps(row) + "\n")
+        summary.write_split_results(
+            out_dir, name, self.wer_metric, self.hypotheses
+        )
         return {"WER": self.test_stats["WER"], "CER": self.test_stats["CER"]}
 
 
-def check_hparams(hparams, path):
-    """Validates the recipe-level keys (the lobe validates its own)."""
-    choices = {
-        "method": METHODS,
-        "decoder": DECODERS,
-        "token_type": TOKEN_TYPES,
-        "test_search": ("greedy", "beam"),
-        "sorting": ("ascending", "descending", "random"),
-    }
-    for key, allowed in choices.items():
-        if hparams.get(key) not in allowed:
-            raise ValueError(
-                f"{path}: {key} must be one of {', '.join(allowed)}; got "
-                f"{hparams.get(key)!r}."
-            )
-    interval = hparams.get("log_interval")
-    if (
-        isinstance(interval, bool)
-        or not isinstance(interval, int)
-        or interval < 1
-    ):
-        raise ValueError(
-            f"{path}: log_interval must be a positive integer (training steps "
-            f"between two points of the trace); got {interval!r}."
-        )
-    gated = isinstance(hparams["ssl"], SPGLobeMixin)
-    if hparams["method"] in ("spg", "ump") and not gated:
-        raise ValueError(
-            f"{path}: method {hparams['method']!r} needs an SPG lobe as `ssl` "
-            "(speechbrain_spg.lobes.SPGWav2Vec2 / SPGHuBERT / SPGWavLM)."
-        )
-    if hparams["method"] == "dense" and gated:
-        raise ValueError(
-            f"{path}: method 'dense' expects a plain SpeechBrain lobe as `ssl`."
-        )
-
-
-def refuse_data_parallel(hparams, run_opts, gpus, path):
-    """Refuses SpeechBrain's DataParallel backend for SPG runs on several
-    GPUs.
-
-    DataParallel copies the model to every GPU in each forward pass, but the
-    copies of the gated layers keep pointing at the one gate (thresholds,
-    soft-zero counts) of the first GPU. With one GPU it does not copy
-    anything, and UMP and dense runs do not train gates.
-
-    Arguments
-    ---------
-    hparams : dict
-        The loaded hyperparameters (``method``).
-    run_opts : dict
-        SpeechBrain's run options (``data_parallel_backend``).
-    gpus : int
-        Visible CUDA devices.
-    path : str
-        The hyperparameter file, for the message.
-
-    Example
-    -------
-    >>> refuse_data_parallel({"method": "spg"}, {}, 4, "spg.yaml")
-    >>> refuse_data_parallel(
-    ...     {"method": "spg"}, {"data_parallel_backend": True}, 2, "spg.yaml"
-    ... )  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-      ...
-    ValueError: spg.yaml: --data_parallel_backend on 2 GPUs cannot train ...
-    """
-    if (
-        hparams.get("method") == "spg"
-        and run_opts.get("data_parallel_backend")
-        and gpus > 1
-    ):
-        raise ValueError(
-            f"{path}: --data_parallel_backend on {gpus} GPUs cannot train "
-            "self-pinching gates (DataParallel's copies of the gated layers "
-            "would all read the thresholds of the first GPU). Use DDP "
-            f"instead: torchrun --nproc_per_node={gpus} train.py {path}"
-        )
-
-
-def freeze_unused_parameters(lobe):
-    """Freezes SSL parameters that would get no gradient (DDP needs this).
-
-    ``masked_spec_embed`` is only used when the lobe applies SpecAugment, and
-    the thresholds and multipliers of a pruned lobe (UMP) no longer take
-    part; DistributedDataParallel would wait for their gradients and stop
-    with "Expected to have finished reduction".
-    """
-    model = lobe.model
-    embed = getattr(model, "masked_spec_embed", None)
-    if embed is not None and not model.config.apply_spec_augment:
-        embed.requires_grad_(False)
-    if isinstance(lobe, SPGLobeMixin) and lobe.is_pruned:
-        lobe.gate.threshold_param.requires_grad_(False)
-        lobe.regularizer.multiplier_param.requires_grad_(False)
-
-
-def disable_layerdrop_under_ddp(lobe):
-    """Turns LayerDrop off when several processes train together.
-
-    A layer skipped by LayerDrop leaves its parameters (and its thresholds)
-    without gradients on one rank but not on the others, which
-    DistributedDataParallel cannot reduce. Single-process runs keep it.
-    """
-    dist = torch.distributed
-    distributed = dist.is_available() and dist.is_initialized()
-    config = lobe.model.config
-    if distributed and dist.get_world_size() > 1 and config.layerdrop > 0:
-        logger.warning(
-            "LayerDrop %.2f disabled: not supported with several processes.",
-            config.layerdrop,
-        )
-        config.layerdrop = 0.0
-
-
 def dataio_prepare(hparams, tokenizer):
-    """Datasets with audio and text pipelines.
-
-    Returns
-    -------
-    train, valid : DynamicItemDataset
-    tests : dict of name -> DynamicItemDataset
-    """
+    """Train and valid datasets, and {split: dataset} of the test splits."""
     save = hparams["save_folder"]
 
     def load(csv, sort=True):
@@ -601,13 +395,9 @@ def build_tokenizer(hparams, init_dir):
     save = hparams["save_folder"]
     if hparams["token_type"] == "bpe":
         model_file = os.path.join(save, "tokenizer.model")
-        if init_dir and os.path.isfile(
-            os.path.join(init_dir, "tokenizer.model")
-        ):
-            run_on_main(
-                shutil.copy,
-                args=[os.path.join(init_dir, "tokenizer.model"), model_file],
-            )
+        saved = os.path.join(init_dir or "", "tokenizer.model")
+        if init_dir and os.path.isfile(saved):
+            run_on_main(shutil.copy, args=[saved, model_file])
         tokenizer = SentencePiece(
             model_dir=save,
             vocab_size=hparams["output_neurons"],
@@ -619,11 +409,9 @@ def build_tokenizer(hparams, init_dir):
             unk_id=hparams["blank_index"],
             character_coverage=1.0,
         )
-        produced = os.path.join(
-            save, f"{hparams['output_neurons']}_unigram.model"
-        )
+        produced = f"{hparams['output_neurons']}_unigram.model"
         if if_main_process() and not os.path.exists(model_file):
-            shutil.copy(produced, model_file)
+            shutil.copy(os.path.join(save, produced), model_file)
         return tokenizer
     encoder = sb.dataio.encoder.CTCTextEncoder()
     label_file = os.path.join(save, "label_encoder.txt")
@@ -651,187 +439,87 @@ def build_tokenizer(hparams, init_dir):
     return encoder
 
 
-def load_init(hparams):
-    """Loads the head of a dense fine-tuned model given by ``init_from``."""
-    init_dir = hparams.get("init_from")
-    if not init_dir:
-        return None
-    head_file = os.path.join(init_dir, "head.ckpt")
-    if not os.path.isfile(head_file):
-        raise FileNotFoundError(
-            f"init_from: {head_file} not found; init_from must be the output "
-            "folder of a dense run of this recipe (hf/, head.ckpt, tokenizer)."
-        )
-    state = torch.load(head_file, map_location="cpu")
-    try:
-        hparams["head"].load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(
-            f"init_from: the head in {head_file} does not fit this YAML's head "
-            f"(decoder, dnn_layers, dnn_neurons, output_neurons): {err}"
-        ) from None
-    return init_dir
+def token_strings(tokenizer, hparams):
+    """Vocabulary list for the CTC beam searcher."""
+    if hparams["token_type"] == "bpe":
+        sp = tokenizer.sp
+        return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    ind2lab = tokenizer.ind2lab
+    return [str(ind2lab[i]) for i in range(len(ind2lab))]
 
 
-def save_model_files(brain, hparams, out_dir):
-    """Writes what ``init_from`` reads: head.ckpt and the tokenizer file."""
-    if not if_main_process():
-        return
-    torch.save(hparams["head"].state_dict(), os.path.join(out_dir, "head.ckpt"))
-    for name in ("label_encoder.txt", "tokenizer.model"):
-        src = os.path.join(hparams["save_folder"], name)
-        if os.path.isfile(src):
-            shutil.copy(src, os.path.join(out_dir, name))
-
-
-def params_summary(module):
-    """Total and nonzero parameter counts of an SSL model."""
-    params = list(module.parameters())
-    return {
-        "total": sum(p.numel() for p in params),
-        "nonzero": int(sum(int((p != 0).sum()) for p in params)),
+def check_hparams(hparams, path):
+    """Validates the recipe-level keys (the lobe validates its own)."""
+    choices = {
+        "method": METHODS,
+        "decoder": DECODERS,
+        "token_type": TOKEN_TYPES,
+        "test_search": ("greedy", "beam"),
+        "sorting": ("ascending", "descending", "random"),
     }
-
-
-def nonfinite_on_any_rank(loss):
-    """Whether the loss is non-finite on this process or on any other.
-
-    Under DDP every process must take the same decision: a rank that skips
-    its backward while the others run theirs would leave them waiting in
-    the gradient all-reduce forever. Without DDP, just this loss.
-
-    Arguments
-    ---------
-    loss : torch.Tensor
-        This process's loss.
-
-    Returns
-    -------
-    bool
-        True if the batch must be skipped on every process.
-
-    Example
-    -------
-    >>> nonfinite_on_any_rank(torch.tensor(float("nan")))
-    True
-    """
-    bad = (~torch.isfinite(loss.detach())).any().to(torch.float32)
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        bad = bad.to(loss.device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bool(bad.item() > 0)
-
-
-def gather_from_ranks(value):
-    """``value`` from every process, in rank order ([value] without DDP).
-
-    The recipe records the hard sparsity of every rank: they must agree,
-    since DDP keeps weights and thresholds identical.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    if len(set(values)) > 1:
-        logger.warning("The processes disagree on a value: %s", values)
-    return values
-
-
-def write_summary(path, summary):
-    """Writes ``summary.json`` on the main process."""
-    if if_main_process():
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-
-
-def print_table(summary):
-    """Prints dense vs compressed as a readable table."""
-    rows = [("system", "params", "nonzero", "ratio", *summary["wer"].keys())]
-    dense = summary.get("dense_reference")
-    if dense:
-        rows.append(
-            (
-                "dense (start)",
-                str(dense["params"]["total"]),
-                str(dense["params"]["nonzero"]),
-                "1.00",
-                *(
-                    f"{dense['wer'][s]:.2f}/{dense['cer'][s]:.2f}"
-                    for s in summary["wer"]
-                ),
+    for key, allowed in choices.items():
+        if hparams.get(key) not in allowed:
+            raise ValueError(
+                f"{path}: {key} must be one of {', '.join(allowed)}; got "
+                f"{hparams.get(key)!r}."
             )
+    interval = hparams.get("log_interval")
+    if type(interval) is not int or interval < 1:  # bool is not a count
+        raise ValueError(
+            f"{path}: log_interval must be a positive integer (training steps "
+            f"between two points of the trace); got {interval!r}."
         )
-    rows.append(
-        (
-            summary["method"],
-            str(summary["params"]["total"]),
-            str(summary["params"]["nonzero"]),
-            f"{summary['compression_ratio']:.2f}",
-            *(
-                f"{summary['wer'][s]:.2f}/{summary['cer'][s]:.2f}"
-                for s in summary["wer"]
-            ),
+    gated = isinstance(hparams["ssl"], SPGLobeMixin)
+    if hparams["method"] in ("spg", "ump") and not gated:
+        raise ValueError(
+            f"{path}: method {hparams['method']!r} needs an SPG lobe as `ssl` "
+            "(speechbrain_spg.lobes.SPGWav2Vec2 / SPGHuBERT / SPGWavLM)."
         )
-    )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    text = "\n".join(lines)
-    text += "\n(test columns: WER/CER in %)"
-    if "hard_sparsity" in summary.get("sparsity", {}):
-        text += (
-            f"\nhard sparsity of gated weights: "
-            f"{summary['sparsity']['hard_sparsity']:.4f} (target "
-            f"{summary['sparsity']['gated_target']:.4f})"
+    if hparams["method"] == "dense" and gated:
+        raise ValueError(
+            f"{path}: method 'dense' expects a plain SpeechBrain lobe as `ssl`."
         )
-    text += f"\ncompression wall time: {summary['wall_time_s']:.1f} s"
-    print(text)
-    return text
 
 
 def flush_subnormals():
-    """Makes this process's CPU arithmetic treat subnormal floats as zero.
+    """Makes CPU arithmetic treat subnormal floats (< 1.2e-38) as zero.
 
-    Where the gates have pinched almost a whole matrix (attention
-    projections of a block at 99% sparsity), the gradients that flow back
-    through it are so small that matrix products return subnormal numbers,
-    which x86 CPUs compute through a slow microcode path: a 952 x 192 by
-    192 x 192 product took about 130 ms instead of 0.6 ms (``benchmarks/
-    RESULTS.md``). Values below 1.2e-38 become 0; nothing else changes.
-
-    ``torch.set_flush_denormal`` sets the calling thread; the threads that
-    PyTorch starts for parallel CPU work copy its setting when they start,
-    so this runs before any other computation. GPU kernels are not
-    affected (they do not slow down on subnormal numbers).
-
-    Returns
-    -------
-    bool
-        Whether the CPU supports it (``torch.set_flush_denormal``).
+    Through matrices the gates have almost wholly pinched, gradients become
+    subnormal, which x86 CPUs compute through a slow microcode path. The
+    setting is per thread, and PyTorch's worker threads copy it when they
+    start: call this before any other torch work. Returns whether the CPU
+    supports it.
     """
     return torch.set_flush_denormal(True)
 
 
-def run_recipe(hparams_file, run_opts, overrides):
-    """The whole recipe; returns the summary dict."""
+if __name__ == "__main__":
+    flush_subnormals()  # first, so that every CPU thread inherits it
+    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
+    if run_opts["noprogressbar"]:  # the bars of the model loading as well
+        transformers.utils.logging.disable_progress_bar()
+    sb.utils.distributed.ddp_init_group(run_opts)
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)
     check_hparams(hparams, hparams_file)
-    refuse_data_parallel(
-        hparams, run_opts or {}, torch.cuda.device_count(), hparams_file
-    )
+    gpus = torch.cuda.device_count()
+    recipe.refuse_data_parallel(hparams, run_opts, gpus, hparams_file)
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=hparams_file,
         overrides=overrides,
     )
+    progressbar = not (
+        run_opts["noprogressbar"] or hparams.get("noprogressbar")
+    )
+    out = hparams["output_folder"]
+
+    # 1. Data: synthetic corpus (tiny YAMLs), CSV files, tokenizer, pipelines
     if hparams.get("synthetic_corpus"):
         from speechbrain_spg.data.synthetic import generate_corpus
 
-        run_on_main(generate_corpus, kwargs=hparams["synthetic_corpus"])
-
+        corpus = {**hparams["synthetic_corpus"], "progress": progressbar}
+        run_on_main(generate_corpus, kwargs=corpus)
     from librispeech_prepare import prepare_librispeech
 
     prepared = run_on_main(
@@ -848,222 +536,114 @@ def run_recipe(hparams_file, run_opts, overrides):
             "min_duration": hparams["min_duration"],
             "max_duration": hparams["max_duration"],
             "allowed_chars": hparams["alphabet"],
+            "progressbar": progressbar,
         },
     )
-    init_dir = load_init(hparams)
+    init_dir = recipe.load_init(hparams.get("init_from"), hparams["head"])
     tokenizer = build_tokenizer(hparams, init_dir)
-    train, valid, tests = dataio_prepare(hparams, tokenizer)
+    train_data, valid_data, test_datasets = dataio_prepare(hparams, tokenizer)
 
-    brain = ASR(
+    # 2. The Brain, with the run's trace and history (checkpointed)
+    asr_brain = ASR(
         modules=hparams["modules"],
         hparams=hparams,
         run_opts=run_opts,
         checkpointer=hparams["checkpointer"],
     )
-    brain.tokenizer = tokenizer
-    brain.history, brain.trace = [], TrainingTrace()
+    asr_brain.tokenizer = tokenizer
+    asr_brain.history, asr_brain.trace = [], checkpointing.TrainingTrace()
     if hparams["decoder"] == "ctc" and hparams["test_search"] == "beam":
-        vocab = token_strings(tokenizer, hparams)
-        brain.ctc_beam_searcher = sb.decoders.ctc.CTCBeamSearcher(
-            **hparams["test_beam_search"], vocab_list=vocab
+        asr_brain.ctc_beam_searcher = sb.decoders.ctc.CTCBeamSearcher(
+            **hparams["test_beam_search"],
+            vocab_list=token_strings(tokenizer, hparams),
         )
-    out = hparams["output_folder"]
 
+    # 3. The starting model's error rates (a new run only)
     dense_reference = None
     if (
         hparams.get("evaluate_initial_model")
-        and not brain.checkpointer.find_checkpoints()
+        and not asr_brain.checkpointer.find_checkpoints()
     ):
-        dense_reference = evaluate_initial(brain, hparams, tests)
+        initial_dir = os.path.join(out, "initial_model")
+        dense_reference = {
+            "params": summary.params_summary(asr_brain.ssl.model),
+            **summary.evaluate_splits(
+                asr_brain.evaluate_split, test_datasets, initial_dir
+            ),
+        }
 
-    # The compression clock (checkpointed): UMP's pruning counts, as does
-    # the time before a restart, up to the checkpoint it resumes from.
-    brain.stopwatch = Stopwatch()
-    if hparams["method"] == "ump" and not brain.ssl.is_pruned:
-        report = uniform_magnitude_prune(brain.ssl)
+    # 4. Training on the compression clock (checkpointed: a restart goes on
+    # from its checkpoint's time). UMP prunes first, and that counts.
+    asr_brain.stopwatch = checkpointing.Stopwatch()
+    if hparams["method"] == "ump" and not asr_brain.ssl.is_pruned:
+        report = uniform_magnitude_prune(asr_brain.ssl)
         logger.info("UMP: pruned %.4f of the gated weights", report.hard)
-    freeze_unused_parameters(brain.ssl)
-    disable_layerdrop_under_ddp(brain.ssl)
-
-    brain.fit(
+    recipe.freeze_unused_parameters(asr_brain.ssl)
+    recipe.disable_layerdrop_under_ddp(asr_brain.ssl)
+    asr_brain.fit(
         hparams["epoch_counter"],
-        train,
-        valid,
-        train_loader_kwargs=train_loader_options(hparams),
+        train_data,
+        valid_data,
+        train_loader_kwargs=recipe.train_loader_options(
+            hparams["train_dataloader_opts"], hparams.get("seed", 0)
+        ),
         valid_loader_kwargs=hparams["valid_dataloader_opts"],
     )
-    brain.checkpointer.recover_if_possible(ckpt_predicate=is_complete)
-    summary = {
+
+    # 5. From the last checkpoint: hard-prune and export (SPG, UMP), then
+    # evaluate the export loaded back from disk; a dense model is saved.
+    asr_brain.checkpointer.recover_if_possible(
+        ckpt_predicate=checkpointing.is_complete
+    )
+    results = {
         "method": hparams["method"],
         "system": hparams.get("system_name", hparams["method"]),
         "source": str(hparams["ssl_source"]),
         "decoder": hparams["decoder"],
         "token_type": hparams["token_type"],
         "epochs": hparams["number_of_epochs"],
-        "history": load_history(brain, hparams["save_folder"]),
-        "trace": brain.trace.records,
-        "skipped_nonfinite_batches": brain.skipped_nonfinite.value,
+        "history": trace.save_history(
+            asr_brain.checkpointer.checkpoints_dir, asr_brain.history
+        ),
+        "trace": asr_brain.trace.records,
+        "skipped_nonfinite_batches": asr_brain.skipped_nonfinite.value,
         # Utterances kept and skipped (with the reasons) per split.
         "data_preparation": (prepared or {}).get("report", {}),
     }
-    if brain.is_gated:
-        trained = brain.ssl.hard_sparsity()
-        report = brain.ssl.hard_prune(calibrate=hparams.get("calibrate", False))
-        run_on_main(
-            export_compact,
-            args=[brain.ssl, os.path.join(out, "compact")],
-            kwargs={"overwrite": True},
+    if asr_brain.debug:
+        results["debug"] = True  # a few batches only: not a result
+    if asr_brain.is_gated:
+        compact = os.path.join(out, "compact")
+        results["sparsity"] = summary.prune_and_export(
+            asr_brain.ssl, compact, calibrate=hparams.get("calibrate", False)
         )
-        summary["sparsity"] = {
-            "target_sparsity": brain.ssl.spg_options.target_sparsity,
-            "target_scope": brain.ssl.spg_options.target_scope,
-            "gated_target": brain.ssl.gated_target,
-            "hard_sparsity": report.hard,
-            # Where training left it, before any calibration.
-            "hard_sparsity_trained": trained,
-            "hard_sparsity_per_rank": gather_from_ranks(report.hard),
-            "model_sparsity": report.model_sparsity,
-            "calibration_factor": getattr(
-                brain.ssl, "calibration_factor", None
-            ),
-            "layers": [
-                {
-                    "name": layer.name,
-                    "sparsity": layer.hard,
-                    "threshold": layer.threshold,
-                }
-                for layer in report.layers
-            ],
-        }
-        exported = CompactWav2Vec2(
-            os.path.join(out, "compact"),
-            output_norm=brain.ssl.output_norm,
-            freeze=True,
-        ).to(brain.device)
-        brain.modules.ssl = exported
+        asr_brain.modules.ssl = summary.load_export(
+            compact, asr_brain.ssl, asr_brain.device
+        )
         logger.info("Evaluating the compact model loaded from %s", out)
-    else:
-        if if_main_process():
-            brain.ssl.model.save_pretrained(os.path.join(out, "hf"))
-            brain.ssl.feature_extractor.save_pretrained(os.path.join(out, "hf"))
-    summary["wall_time_s"] = brain.stopwatch.elapsed()
-    save_model_files(brain, hparams, out)
+    elif if_main_process():
+        asr_brain.ssl.model.save_pretrained(os.path.join(out, "hf"))
+        asr_brain.ssl.feature_extractor.save_pretrained(os.path.join(out, "hf"))
+    results["wall_time_s"] = asr_brain.stopwatch.elapsed()
+    recipe.save_init_files(hparams["head"], hparams["save_folder"], out)
 
-    ssl_model = unwrap(brain.modules.ssl).model
-    summary["params"] = params_summary(ssl_model)
-    summary["compression_ratio"] = (
-        summary["params"]["total"] / summary["params"]["nonzero"]
+    # 6. Every test split, with the model as exported; then the summary
+    results["params"] = summary.params_summary(asr_brain.ssl.model)
+    results["compression_ratio"] = (
+        results["params"]["total"] / results["params"]["nonzero"]
     )
-    summary["wer"], summary["cer"] = {}, {}
-    for name, dataset in tests.items():
-        result = brain.evaluate_split(name, dataset, out)
-        summary["wer"][name] = result["WER"]
-        summary["cer"][name] = result["CER"]
+    results.update(
+        summary.evaluate_splits(asr_brain.evaluate_split, test_datasets, out)
+    )
     if dense_reference:
-        summary["dense_reference"] = dense_reference
-    write_summary(os.path.join(out, "summary.json"), summary)
-    if if_main_process():
-        table = print_table(summary)
-        with open(os.path.join(out, "summary.txt"), "w") as f:
-            f.write(table + "\n")
-    return summary
+        results["dense_reference"] = dense_reference
+    summary.write_summary(out, results)
 
-
-def train_loader_options(hparams):
-    """The training loader's options, with a random generator of its own.
-
-    Each pass over a DataLoader draws one number from its ``generator`` (the
-    base seed of its workers), or from the global torch RNG without one.
-    The global RNG drives dropout and is restored from checkpoints
-    (``RandomState``); a run restarted in the middle of an epoch starts its
-    pass after the restore, so with the global RNG it would draw one number
-    more than an uninterrupted run and every later dropout mask would
-    differ.
-    """
-    options = dict(hparams["train_dataloader_opts"])
-    if options.get("generator") is None:
-        seed = hparams.get("seed", 0)
-        options["generator"] = torch.Generator().manual_seed(seed)
-    return options
-
-
-def read_saved_history(save_folder):
-    """Rows of ``history.json`` in the save folder ([] before any epoch)."""
-    path = os.path.join(save_folder, HISTORY_FILE)
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return json.load(f)
-
-
-def history_clock(save_folder, up_to_epoch=None):
-    """The compression clock of the last epoch in ``history.json``.
-
-    Arguments
-    ---------
-    save_folder : str
-        The run's save folder.
-    up_to_epoch : int, optional
-        Only epochs up to this one count (the checkpoint's epoch).
-
-    Returns
-    -------
-    float
-        ``elapsed_s`` of that epoch; 0 without a history or a clock.
-    """
-    rows = read_saved_history(save_folder)
-    last = up_to_epoch if up_to_epoch is not None else float("inf")
-    clocks = [r.get("elapsed_s", 0.0) for r in rows if r["epoch"] <= last]
-    return max(clocks, default=0.0)
-
-
-def load_history(brain, save_folder):
-    """Per-epoch history, kept across restarts in the save folder.
-
-    Called after every epoch, so that a killed run keeps the rows of the
-    epochs it finished. Only the main process reads and writes the file
-    (the others return their own rows).
-    """
-    if not if_main_process():
-        return brain.history
-    previous = read_saved_history(save_folder)
-    seen = {row["epoch"] for row in brain.history}
-    merged = [r for r in previous if r["epoch"] not in seen] + brain.history
-    with open(os.path.join(save_folder, HISTORY_FILE), "w") as f:
-        json.dump(merged, f, indent=2)
-    return merged
-
-
-def evaluate_initial(brain, hparams, tests):
-    """WER/CER of the starting (dense) model on every test split."""
-    ref = {"params": params_summary(brain.ssl.model), "wer": {}, "cer": {}}
-    ref_dir = os.path.join(hparams["output_folder"], "initial_model")
-    for name, dataset in tests.items():
-        result = brain.evaluate_split(name, dataset, ref_dir)
-        ref["wer"][name] = result["WER"]
-        ref["cer"][name] = result["CER"]
-    return ref
-
-
-def token_strings(tokenizer, hparams):
-    """Vocabulary list for the CTC beam searcher."""
-    if hparams["token_type"] == "bpe":
-        sp = tokenizer.sp
-        return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    ind2lab = tokenizer.ind2lab
-    return [str(ind2lab[i]) for i in range(len(ind2lab))]
-
-
-if __name__ == "__main__":
-    flush_subnormals()
-    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
-    sb.utils.distributed.ddp_init_group(run_opts)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    run_recipe(hparams_file, run_opts, overrides)
     if torch.distributed.is_initialized():
         # The DDP-wrapped modules (their reducers use the process group) go
         # first, every rank waits for the main one's files, then the group
         # is shut down (otherwise gloo may abort a rank at exit).
+        del asr_brain, hparams
         gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
