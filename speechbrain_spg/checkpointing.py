@@ -1,12 +1,13 @@
 """Extra recoverables so that a resumed run continues exactly where it stopped.
 
 SpeechBrain's ``Checkpointer`` saves modules, optimisers, schedulers and the
-position in the data loader. Two things a compression run also needs are
-added here: the random number generators (dropout masks and augmentation
-after a restart are then the ones an uninterrupted run would have drawn) and
-the training trace (the sparsity / loss curve the plots are drawn from).
-``CheckpointComplete`` marks a checkpoint saved to the end, so that a run
-killed while saving resumes from the one before it.
+position in the data loader. A compression run also needs the random number
+generators (dropout masks and augmentation after a restart are then the ones
+an uninterrupted run would have drawn: ``RandomState``), the training trace,
+a count of skipped batches and the compression clock (small JSON values:
+``JsonRecoverable``), and a marker that a checkpoint was saved to the end
+(``CheckpointComplete``), so that a run killed while saving resumes from the
+one before it.
 
 Authors
  * speechbrain-spg developers 2026
@@ -107,36 +108,71 @@ class RandomState:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_json_on_main(path, value):
-    """Writes ``value`` as JSON, on the main process only (under DDP every
-    process holds the same value and reads the one file back)."""
-    if if_main_process():
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(value, f)
-
-
-def _load_json(path):
-    """Reads a JSON checkpoint file."""
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 @register_checkpoint_hooks
-class TrainingTrace:
-    """A list of JSON-serialisable records that survives restarts.
-
-    Under DDP only the main process writes the file (its records are the
-    ones the recipe reports); every process reads it back.
+class JsonRecoverable:
+    """Base of the small recoverables below: a JSON value that the main
+    process writes (under DDP every process holds the same one) and every
+    process reads back. A subclass says what its value is (``state``) and
+    how to take it back (``restore``).
 
     Example
     -------
     >>> import tempfile, os
+    >>> skipped = Counter()
+    >>> skipped.value += 2
+    >>> path = os.path.join(tempfile.mkdtemp(), "skipped.ckpt")
+    >>> skipped.save(path)
+    >>> restored = Counter()
+    >>> restored.load(path)
+    >>> restored.value
+    2
+    """
+
+    def state(self):
+        """The JSON-serialisable value to save."""
+        raise NotImplementedError
+
+    def restore(self, value):
+        """Takes back a saved value."""
+        raise NotImplementedError
+
+    @mark_as_saver
+    def save(self, path):
+        """Writes ``state()`` as JSON to ``path`` (main process only).
+
+        Arguments
+        ---------
+        path : str
+            Checkpoint file.
+        """
+        if if_main_process():
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(self.state(), f)
+
+    @mark_as_loader
+    def load(self, path, end_of_epoch=False):
+        """Reads the value of ``path`` back (``restore``).
+
+        Arguments
+        ---------
+        path : str
+            Checkpoint file.
+        end_of_epoch : bool
+            Unused (SpeechBrain passes it).
+        """
+        with open(path, encoding="utf-8") as f:
+            self.restore(json.load(f))
+
+
+class TrainingTrace(JsonRecoverable):
+    """A list of JSON-serialisable records that survives restarts.
+
+    Example
+    -------
     >>> trace = TrainingTrace()
     >>> trace.append({"step": 10, "hard_sparsity": 0.3})
-    >>> path = os.path.join(tempfile.mkdtemp(), "trace.ckpt")
-    >>> trace.save(path)
     >>> restored = TrainingTrace()
-    >>> restored.load(path)
+    >>> restored.restore(trace.state())
     >>> restored.records
     [{'step': 10, 'hard_sparsity': 0.3}]
     """
@@ -154,33 +190,16 @@ class TrainingTrace:
         """
         self.records.append(record)
 
-    @mark_as_saver
-    def save(self, path):
-        """Writes the records as JSON.
+    def state(self):
+        """The records."""
+        return self.records
 
-        Arguments
-        ---------
-        path : str
-            Checkpoint file.
-        """
-        _save_json_on_main(path, self.records)
-
-    @mark_as_loader
-    def load(self, path, end_of_epoch=False):
-        """Reads the records back.
-
-        Arguments
-        ---------
-        path : str
-            Checkpoint file.
-        end_of_epoch : bool
-            Unused (SpeechBrain passes it).
-        """
-        self.records = _load_json(path)
+    def restore(self, value):
+        """Takes the records back."""
+        self.records = value
 
 
-@register_checkpoint_hooks
-class Counter:
+class Counter(JsonRecoverable):
     """An integer that survives restarts (e.g. batches skipped so far).
 
     Arguments
@@ -190,47 +209,23 @@ class Counter:
 
     Example
     -------
-    >>> import tempfile, os
-    >>> skipped = Counter()
-    >>> skipped.value += 2
-    >>> path = os.path.join(tempfile.mkdtemp(), "skipped.ckpt")
-    >>> skipped.save(path)
-    >>> restored = Counter()
-    >>> restored.load(path)
-    >>> restored.value
-    2
+    >>> Counter(3).state()
+    {'value': 3}
     """
 
     def __init__(self, value=0):
         self.value = value
 
-    @mark_as_saver
-    def save(self, path):
-        """Writes the value as JSON.
+    def state(self):
+        """The value."""
+        return {"value": self.value}
 
-        Arguments
-        ---------
-        path : str
-            Checkpoint file.
-        """
-        _save_json_on_main(path, {"value": self.value})
-
-    @mark_as_loader
-    def load(self, path, end_of_epoch=False):
-        """Reads the value back.
-
-        Arguments
-        ---------
-        path : str
-            Checkpoint file.
-        end_of_epoch : bool
-            Unused (SpeechBrain passes it).
-        """
-        self.value = int(_load_json(path)["value"])
+    def restore(self, value):
+        """Takes the value back."""
+        self.value = int(value["value"])
 
 
-@register_checkpoint_hooks
-class Stopwatch:
+class Stopwatch(JsonRecoverable):
     """Seconds of work that survive restarts.
 
     Counts from its creation; a checkpoint stores the seconds counted so
@@ -239,13 +234,9 @@ class Stopwatch:
 
     Example
     -------
-    >>> import tempfile, os
-    >>> watch = Stopwatch()
-    >>> path = os.path.join(tempfile.mkdtemp(), "clock.ckpt")
-    >>> watch.save(path)
     >>> restarted = Stopwatch()
-    >>> restarted.load(path)
-    >>> restarted.elapsed() >= restarted.offset >= 0
+    >>> restarted.restore({"elapsed_s": 5.0})
+    >>> restarted.elapsed() >= 5.0
     True
     """
 
@@ -263,29 +254,13 @@ class Stopwatch:
         """
         return self.offset + time.monotonic() - self.start
 
-    @mark_as_saver
-    def save(self, path):
-        """Writes the seconds counted so far.
+    def state(self):
+        """The seconds counted so far."""
+        return {"elapsed_s": self.elapsed()}
 
-        Arguments
-        ---------
-        path : str
-            Checkpoint file.
-        """
-        _save_json_on_main(path, {"elapsed_s": self.elapsed()})
-
-    @mark_as_loader
-    def load(self, path, end_of_epoch=False):
-        """Continues from the seconds of a checkpoint.
-
-        Arguments
-        ---------
-        path : str
-            Checkpoint file.
-        end_of_epoch : bool
-            Unused (SpeechBrain passes it).
-        """
-        self.offset = float(_load_json(path)["elapsed_s"])
+    def restore(self, value):
+        """Continues from the saved seconds."""
+        self.offset = float(value["elapsed_s"])
         self.start = time.monotonic()
 
 
@@ -293,8 +268,7 @@ class Stopwatch:
 COMPLETE_KEY = "complete"
 
 
-@register_checkpoint_hooks
-class CheckpointComplete:
+class CheckpointComplete(JsonRecoverable):
     """Added last to a Checkpointer: its file proves the checkpoint whole.
 
     SpeechBrain writes ``CKPT.yaml`` first and the parameter files after it,
@@ -314,30 +288,12 @@ class CheckpointComplete:
     True
     """
 
-    @mark_as_saver
-    def save(self, path):
-        """Writes the marker file.
+    def state(self):
+        """A marker."""
+        return {"complete": True}
 
-        Arguments
-        ---------
-        path : str
-            Checkpoint file.
-        """
-        if if_main_process():
-            with open(path, "w", encoding="utf-8") as f:
-                f.write("complete\n")
-
-    @mark_as_loader
-    def load(self, path, end_of_epoch=False):
-        """Nothing to restore.
-
-        Arguments
-        ---------
-        path : str
-            Checkpoint file.
-        end_of_epoch : bool
-            Unused (SpeechBrain passes it).
-        """
+    def restore(self, value):
+        """Nothing to restore."""
 
 
 def is_complete(checkpoint):

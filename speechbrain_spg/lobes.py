@@ -598,3 +598,29 @@ class SPGWavLM(SPGLobeMixin, WavLM):
     >>> SPGWavLM(tiny_model_folder("wavlm"), tie="global").gate.num_groups
     1
     """
+
+
+def spg_lobe(source, save_path="", **kwargs):
+    """The SPG lobe of ``source``'s architecture, so that one YAML block
+    builds the encoder of any supported model.
+
+    Arguments
+    ---------
+    source, save_path, **kwargs
+        As ``SPGLobeMixin``.
+
+    Returns
+    -------
+    SPGWav2Vec2, SPGHuBERT or SPGWavLM
+        Chosen by the model's ``config.model_type``.
+
+    Example
+    -------
+    >>> from speechbrain_spg.data.architectures import tiny_model_folder
+    >>> type(spg_lobe(tiny_model_folder("hubert"), tie="block")).__name__
+    'SPGHuBERT'
+    """
+    config = AutoConfig.from_pretrained(source, cache_dir=save_path or None)
+    lobes = {"wav2vec2": SPGWav2Vec2, "hubert": SPGHuBERT, "wavlm": SPGWavLM}
+    lobe = lobes[check_model_type(config.model_type, source)]
+    return lobe(source, save_path=save_path, **kwargs)

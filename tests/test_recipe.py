@@ -104,23 +104,17 @@ FRAGMENTS = {
     "spg_wavlm_base_plus.yaml": (WAVLM_BASE_PLUS, SPGWavLM, 0.65),
 }
 
-#: Shared SPG block of the recipe's YAMLs -> (lobe class, YAMLs using it).
-SHARED_BLOCKS = {
-    "spg_wav2vec2.yaml": (
-        SPGWav2Vec2,
-        {
-            "tiny_spg.yaml",
-            "tiny_spg_ctc_att.yaml",
-            "tiny_ump.yaml",
-            "wav2vec2_base_spg.yaml",
-            "wav2vec2_base_spg_4x.yaml",
-            "wav2vec2_base_ump.yaml",
-        },
-    ),
-    "spg_hubert.yaml": (
-        SPGHuBERT,
-        {"hubert_large_spg.yaml", "hubert_large_ump.yaml"},
-    ),
+#: The shared SPG block of the recipe's YAMLs, and the YAMLs using it.
+SHARED_BLOCK = "spg.yaml"
+SHARED_BLOCK_USERS = {
+    "tiny_spg.yaml",
+    "tiny_spg_ctc_att.yaml",
+    "tiny_ump.yaml",
+    "wav2vec2_base_spg.yaml",
+    "wav2vec2_base_spg_4x.yaml",
+    "wav2vec2_base_ump.yaml",
+    "hubert_large_spg.yaml",
+    "hubert_large_ump.yaml",
 }
 
 #: SentencePiece vocabulary small enough for the few training sentences.
@@ -209,7 +203,7 @@ def test_every_shipped_yaml_is_covered():
     shared = {p.name for p in SHARED_DIR.glob("*.yaml")}
     assert recipe == set(FULL_SIZE_YAMLS) | set(TINY_YAMLS)
     assert fragments == set(FRAGMENTS)
-    assert shared == set(SHARED_BLOCKS)
+    assert shared == {SHARED_BLOCK}
 
 
 #: Lines of the knobs' explanations, which only the shared block holds.
@@ -220,18 +214,17 @@ KNOB_EXPLANATIONS = (
 )
 
 
-@pytest.mark.parametrize("block", sorted(SHARED_BLOCKS))
-def test_spg_and_ump_yamls_take_the_lobe_from_the_shared_block(block):
-    """Every SPG and UMP YAML builds its lobe by including the shared SPG
-    block of its architecture, passes it only knobs the block explains
-    (top-level keys of the YAML, so that the command line can set them),
-    and repeats none of the explanations."""
-    lobe_class, users = SHARED_BLOCKS[block]
+def test_spg_and_ump_yamls_take_the_lobe_from_the_shared_block():
+    """Every SPG and UMP YAML builds its lobe by including the one shared
+    SPG block (whose lobe follows the model's architecture), passes it only
+    knobs the block explains (top-level keys of the YAML, so that the
+    command line can set them), and repeats none of the explanations."""
+    block = SHARED_BLOCK
     text = (SHARED_DIR / block).read_text(encoding="utf-8")
     with open(SHARED_DIR / block, encoding="utf-8") as fin:
         root = ruamel.yaml.YAML().load(fin)
-    assert root.tag.value == f"!new:speechbrain_spg.lobes.{lobe_class.__name__}"
-    explained = (SHARED_DIR / "spg_wav2vec2.yaml").read_text(encoding="utf-8")
+    assert root.tag.value == "!apply:speechbrain_spg.lobes.spg_lobe"
+    explained = text
     assert all(line in explained for line in KNOB_EXPLANATIONS)
     including = set()
     for path in (RECIPE_DIR / "hparams").glob("*.yaml"):
@@ -249,7 +242,7 @@ def test_spg_and_ump_yamls_take_the_lobe_from_the_shared_block(block):
             assert value.value == f"<{knob}>", (path.name, knob)
             assert knob in raw, (path.name, knob)
             assert f"# {knob}" in explained or f", {knob}:" in explained, knob
-    assert including == users
+    assert including == SHARED_BLOCK_USERS
     assert "output_norm: True" in text
 
 
@@ -302,7 +295,7 @@ def test_spg_yaml_takes_the_lobe_knobs_from_the_command_line(name):
             fin, overrides, overrides_must_match=True
         ).getvalue()
     lobe = ruamel.yaml.YAML().load(resolved)["ssl"]
-    assert lobe.tag.value.startswith("!new:speechbrain_spg.lobes.SPG")
+    assert lobe.tag.value == "!apply:speechbrain_spg.lobes.spg_lobe"
     assert lobe["gate_impl"] == "reference"
     assert lobe["recompute_gated_weights"] is True
 
