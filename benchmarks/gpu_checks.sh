@@ -51,18 +51,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
 python3 -c "import torch, transformers, triton; print(torch.__version__, \
 transformers.__version__, triton.__version__, torch.cuda.get_device_name())" \
     >> "$out/device.txt"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/test_kernels.py tests/test_layers.py -k cuda 2>&1 \
     | grep -v DEBUG | tee "$out/tests.txt"
 tests=${PIPESTATUS[0]}
-timeout 260 python3 benchmarks/gate_overhead.py --device cuda --variants \
+timeout 240 python3 benchmarks/gate_overhead.py --device cuda --variants \
     dense compiled --rounds 2 --steps 40 --eval-steps 40 2>&1 \
     | grep -v "feature extractor is frozen" | tee "$out/gate_overhead.txt"
 bench=${PIPESTATUS[0]}
 timeout 90 python3 benchmarks/step_overhead.py --device cuda --pairs 40 2>&1 \
     | grep -v "feature extractor is frozen" | tee "$out/step_overhead.txt"
 steps=${PIPESTATUS[0]}
-timeout 50 python3 benchmarks/eval_overhead.py --device cuda --pairs 20 2>&1 \
+timeout 40 python3 benchmarks/eval_overhead.py --device cuda --pairs 20 2>&1 \
     | grep -v "feature extractor is frozen" | tee "$out/eval_overhead.txt"
 evaluation=${PIPESTATUS[0]}
 echo "tests exit $tests, gate_overhead exit $bench, step_overhead exit" \

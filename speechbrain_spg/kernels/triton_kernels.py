@@ -45,7 +45,12 @@ def _pick(m, a0, a1, a2, a3, a4, a5):
 @triton.jit
 def _mask(x, t, tau, saturation):
     """``sigmoid(min((x^2 - t^2) / (2 tau), saturation))``."""
-    return tl.sigmoid(tl.minimum((x * x - t * t) / (2 * tau), saturation))
+    # NaN kept (Triton's default would return the saturation), as in the
+    # reference: a NaN weight then gives a NaN soft-zero count.
+    x = (x * x - t * t) / (2 * tau)
+    return tl.sigmoid(
+        tl.minimum(x, saturation, propagate_nan=tl.PropagateNan.ALL)
+    )
 
 
 #: Sizes are never specialised: a size of 1 would become a constant, of
