@@ -24,12 +24,8 @@ from transformers.models.wavlm.modeling_wavlm import WavLMAttention
 
 from speechbrain_spg.gate import hard_mask
 from speechbrain_spg.kernels import soft_zero_counts
-from speechbrain_spg.layers import (
-    GatedLinear,
-    SelfPinchingGate,
-    group_indices,
-    pregated_weights,
-)
+from speechbrain_spg.kernels.chunks import pregated_weights
+from speechbrain_spg.layers import GatedLinear, SelfPinchingGate, group_indices
 from speechbrain_spg.options import SPGOptions, check_model_type, gated_target
 from speechbrain_spg.sparsity import (
     AuxiliaryLossInjection,

@@ -300,7 +300,7 @@ def several_matrices(device, count=None):
 def matrices_for(backend):
     """Several matrices for one call of ``backend``: all eight (two Triton
     launches of six slots), or for the compiled kernels one block's six
-    (``layers.MATRICES_PER_CALL``): each list length, size-1 dimension or
+    (``chunks.MATRICES_PER_CALL``): each list length, size-1 dimension or
     large matrix compiles the kernels again, and the lobes' calls gate six
     small matrices."""
     if backend.name.startswith("compiled"):

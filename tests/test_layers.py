@@ -23,16 +23,19 @@ from torch import nn
 
 from speechbrain_spg import layers
 from speechbrain_spg.gate import gated_weight
+from speechbrain_spg.kernels import chunks
 from speechbrain_spg.kernels import triton as triton_backend
-from speechbrain_spg.layers import (
+from speechbrain_spg.kernels.chunks import (
     MATRICES_PER_CALL,
+    matrices_per_call,
+    pregated_weights,
+)
+from speechbrain_spg.layers import (
     MIN_SCALE,
     GatedLinear,
     HostValue,
     SelfPinchingGate,
     group_indices,
-    matrices_per_call,
-    pregated_weights,
 )
 from speechbrain_spg.lobes import SPGHuBERT, SPGWav2Vec2, SPGWavLM
 
@@ -645,7 +648,7 @@ def test_pregated_weights_steps_aside_where_it_does_not_apply():
     gate.impl = "fused"
     assert pending_after(gate, gated_layers, enabled=True) == [True] * 3
     assert pending_after(gate, gated_layers) == [False] * 3  # CPU default
-    assert layers.default_pregating(gated_layers[0].weight) is False
+    assert chunks.default_pregating(gated_layers[0].weight) is False
     with torch.no_grad():
         assert pending_after(gate, gated_layers, enabled=True) == [False] * 3
     gate.impl = "reference"
@@ -678,15 +681,15 @@ def test_matrices_per_call_is_all_only_with_triton_in_one_process(
     assert matrices_per_call(gate, gated_layers) == MATRICES_PER_CALL
     monkeypatch.setattr(gate, "impl", "compiled")
     # DDP: per block, so that gradients come in while the backward runs.
-    assert layers.distributed_world_size() == 1
-    monkeypatch.setattr(layers, "distributed_world_size", lambda: 2)
+    assert chunks.distributed_world_size() == 1
+    monkeypatch.setattr(chunks, "distributed_world_size", lambda: 2)
     assert matrices_per_call(gate, gated_layers) == MATRICES_PER_CALL
 
 
 def test_pregated_weights_gates_matrices_per_call_by_default(monkeypatch):
     gate, gated_layers = _compiled_layers(5)
     monkeypatch.setattr(gate, "impl", "fused")
-    monkeypatch.setattr(layers, "matrices_per_call", lambda gate, layers: 3)
+    monkeypatch.setattr(chunks, "matrices_per_call", lambda gate, layers: 3)
     sizes = []
     forward_many = gate.forward_many
 
@@ -1040,7 +1043,7 @@ def lobe_step(
 
     Also returns how many matrices the forward pass gated on the fused
     path (all 12 unless LayerDrop skipped a block). ``per_block`` gates a
-    block's matrices in one call (``layers.pregated_weights``), one by one
+    block's matrices in one call (``chunks.pregated_weights``), one by one
     otherwise, whatever the device's default.
     """
     torch.manual_seed(0)
@@ -1062,7 +1065,7 @@ def lobe_step(
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     with (
-        mock.patch.object(layers, "default_pregating", lambda w: per_block),
+        mock.patch.object(chunks, "default_pregating", lambda w: per_block),
         torch.autocast(device, dtype=dtype, enabled=dtype is not None),
     ):
         out = lobe(wav)
@@ -1126,7 +1129,7 @@ def test_lobe_step_gating_all_matrices_in_one_call_matches_reference(
         return calls[-1]
 
     with (
-        mock.patch.object(layers, "matrices_per_call", lambda g, layers: 12),
+        mock.patch.object(chunks, "matrices_per_call", lambda g, layers: 12),
         mock.patch.object(
             layers.SelfPinchingGate, "recorded_soft_zero_vector", recording
         ),
@@ -1183,7 +1186,7 @@ def test_lobe_training_step_reads_back_no_more_than_the_dense_lobe(
         return run
 
     reads = {}
-    with mock.patch.object(layers, "default_pregating", lambda w: per_block):
+    with mock.patch.object(chunks, "default_pregating", lambda w: per_block):
         for name, lobe in (("dense", dense), ("spg", spg)):
             lobe.model.config.layerdrop = 0.0
             lobe.train()
@@ -1257,7 +1260,7 @@ def test_layerdrop_with_all_matrices_in_one_call_matches_reference(
     the step equals the reference one."""
     seed = layerdrop_seed(wav2vec2_source)
     reference = reference_step(wav2vec2_source, layerdrop=0.5, seed=seed)
-    with mock.patch.object(layers, "matrices_per_call", lambda g, layers: 12):
+    with mock.patch.object(chunks, "matrices_per_call", lambda g, layers: 12):
         step = lobe_step(
             wav2vec2_source, "fused", layerdrop=0.5, seed=seed, per_block=True
         )

@@ -6,7 +6,7 @@ and one launch per matrix and kernel. Here one launch gates six matrices
 (one transformer block) forward and one backward (``triton_kernels``), and
 one small sum adds up the partial sums of all launches of a call. On one
 GPU the lobes pass all their matrices in one call
-(``layers.matrices_per_call``).
+(``chunks.matrices_per_call``).
 
 The math is the eager backend's (clipped sigmoid, mask computed again in
 the backward), so the numbers agree within float32 rounding;
@@ -251,7 +251,7 @@ def _backward_upcast(weights, thresholds, taus, grads, grad_zeros):
 
 #: Set by the first failure of a Triton kernel in this process: from then
 #: on ``supports`` says no, so the gate uses the ``torch.compile`` kernels,
-#: one block per call (``layers.matrices_per_call``).
+#: one block per call (``chunks.matrices_per_call``).
 _FAILURE = {"failed": False}
 
 

@@ -17,7 +17,7 @@ Authors
 import triton
 import triton.language as tl
 
-#: Matrices per launch: one transformer block (``layers.MATRICES_PER_CALL``).
+#: Matrices per launch: one transformer block (``chunks.MATRICES_PER_CALL``).
 SLOTS = 6
 
 #: Elements each program handles per loop iteration.
