@@ -283,9 +283,10 @@ class CheckpointComplete(JsonRecoverable):
     >>> from speechbrain.utils.checkpoints import Checkpointer
     >>> checkpointer = Checkpointer(tempfile.mkdtemp())
     >>> checkpointer.add_recoverable("trace", TrainingTrace())
+    >>> before = checkpointer.save_checkpoint()
     >>> checkpointer.add_recoverable(COMPLETE_KEY, CheckpointComplete())
-    >>> is_complete(checkpointer.save_checkpoint())
-    True
+    >>> is_complete(before), is_complete(checkpointer.save_checkpoint())
+    (False, True)
     """
 
     def state(self):
@@ -311,11 +312,6 @@ def is_complete(checkpoint):
 
     Example
     -------
-    >>> import tempfile
-    >>> from speechbrain.utils.checkpoints import Checkpointer
-    >>> checkpointer = Checkpointer(tempfile.mkdtemp())
-    >>> checkpointer.add_recoverable("trace", TrainingTrace())
-    >>> is_complete(checkpointer.save_checkpoint())
-    False
+    See ``CheckpointComplete``.
     """
     return COMPLETE_KEY in checkpoint.paramfiles

@@ -64,12 +64,8 @@ def soft_mask(weight, threshold, tau):
 
     Arguments
     ---------
-    weight : torch.Tensor
-        The weight matrix ``W``.
-    threshold : torch.Tensor or float
-        The absolute threshold ``t``.
-    tau : torch.Tensor or float
-        The temperature.
+    weight, threshold, tau : torch.Tensor or float
+        ``W``, ``t`` and ``tau``, as in ``pinch_argument``.
 
     Returns
     -------
@@ -112,17 +108,13 @@ def gated_weight(weight, threshold, tau):
 
     Arguments
     ---------
-    weight : torch.Tensor
-        The weight matrix ``W``.
-    threshold : torch.Tensor or float
-        The absolute threshold ``t``.
-    tau : torch.Tensor or float
-        The temperature.
+    weight, threshold, tau : torch.Tensor or float
+        ``W``, ``t`` and ``tau``, as in ``pinch_argument``.
 
     Returns
     -------
     torch.Tensor
-        Same shape and dtype as ``weight``.
+        ``W * M``, in ``weight``'s shape and dtype.
 
     Example
     -------
@@ -141,12 +133,8 @@ def soft_zero_count(weight, threshold, tau):
 
     Arguments
     ---------
-    weight : torch.Tensor
-        The weight matrix ``W`` (not differentiated).
-    threshold : torch.Tensor or float
-        The absolute threshold ``t``.
-    tau : torch.Tensor or float
-        The temperature.
+    weight, threshold, tau : torch.Tensor or float
+        As in ``pinch_argument`` (``W`` is not differentiated).
 
     Returns
     -------

@@ -340,7 +340,7 @@ class SelfPinchingGate(nn.Module):
         Arguments
         ---------
         count : int
-            Number of gated matrices.
+            As in ``recorded_soft_zero_vector``.
 
         Returns
         -------

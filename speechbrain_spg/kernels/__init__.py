@@ -19,6 +19,7 @@ Authors
  * speechbrain-spg developers 2026
 """
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,54 @@ EAGER = GateKernels(
     eager.backward_from_gated,
     eager.soft_zeros,
 )
+
+
+def with_fallback(fast, fallback, state, warning, fatal=()):
+    """``fast``, or ``fallback`` from the first failure on: a compiler or
+    Triton problem must not stop a training run.
+
+    Arguments
+    ---------
+    fast, fallback : callable
+        The function to try, and the one to use once it failed.
+    state : dict
+        Its ``"failed"`` entry, shared by the functions that fail together.
+    warning : str
+        Shown once, at the failure; ``{error}`` becomes the error.
+    fatal : tuple of type
+        Errors that are raised, not fallen back from (the failure is still
+        recorded).
+
+    Returns
+    -------
+    callable
+
+    Example
+    -------
+    >>> def broken(x):
+    ...     raise RuntimeError("no compiler")
+    >>> run = with_fallback(broken, lambda x: x + 1, {"failed": False},
+    ...                     "broken failed ({error})")
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     run(1), run(2), [str(w.message) for w in caught]
+    (2, 3, ['broken failed (RuntimeError: no compiler)'])
+    """
+
+    def run(*args):
+        if not state["failed"]:
+            try:
+                return fast(*args)
+            except fatal:
+                state["failed"] = True
+                raise
+            except Exception as error:  # noqa: BLE001 - any such problem
+                state["failed"] = True
+                error = f"{type(error).__name__}: {error}"
+                warnings.warn(warning.format(error=error), stacklevel=2)
+        return fallback(*args)
+
+    return run
 
 
 def check_gate_impl(gate_impl):
@@ -465,22 +514,11 @@ def gate(
         ]
         if out_dtype is not None:
             gated = [g.to(out_dtype) for g in gated]
-        zeros = torch.stack(
-            [
-                soft_zero_count(w, thresholds[i], taus[i])
-                for i, w in enumerate(weights)
-            ]
-        )
-        return zeros, gated
+        return soft_zero_counts(weights, thresholds, taus, gate_impl), gated
     kernels = select_kernels(weights, gate_impl)
+    options = (recompute_mask, out_dtype, overwrite_grad)
     zeros, *gated = GateFunction.apply(
-        thresholds,
-        taus,
-        kernels,
-        recompute_mask,
-        out_dtype,
-        overwrite_grad,
-        *weights,
+        thresholds, taus, kernels, *options, *weights
     )
     return zeros, gated
 
@@ -490,14 +528,8 @@ def gated_values(weights, thresholds, taus, gate_impl, out_dtype=None):
 
     Arguments
     ---------
-    weights : list of torch.Tensor
-        The matrices.
-    thresholds, taus : torch.Tensor
-        1-D, one entry per matrix.
-    gate_impl : str
+    weights, thresholds, taus, gate_impl, out_dtype
         As in ``gate``.
-    out_dtype : torch.dtype, optional
-        Return them in this dtype.
 
     Returns
     -------
@@ -525,11 +557,7 @@ def soft_zero_counts(weights, thresholds, taus, gate_impl):
 
     Arguments
     ---------
-    weights : list of torch.Tensor
-        The matrices.
-    thresholds, taus : torch.Tensor
-        1-D, one entry per matrix.
-    gate_impl : str
+    weights, thresholds, taus, gate_impl
         As in ``gate``.
 
     Returns

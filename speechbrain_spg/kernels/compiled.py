@@ -10,11 +10,10 @@ Authors
 """
 
 import functools
-import warnings
 
 import torch
 
-from speechbrain_spg.kernels import GateKernels, eager
+from speechbrain_spg.kernels import GateKernels, eager, with_fallback
 
 
 def _plain(arg):
@@ -27,14 +26,13 @@ def _plain(arg):
 
 
 def with_eager_fallback(compiled, fallback):
-    """``compiled``, or ``fallback`` from its first failure on.
+    """``compiled`` (given plain tensors), or ``fallback`` from its first
+    failure on (``kernels.with_fallback``).
 
     Arguments
     ---------
-    compiled : callable
-        The compiled function.
-    fallback : callable
-        The function to use once ``compiled`` failed.
+    compiled, fallback : callable
+        The compiled function and the eager one it was compiled from.
 
     Returns
     -------
@@ -42,35 +40,18 @@ def with_eager_fallback(compiled, fallback):
 
     Example
     -------
-    >>> def broken(x):
-    ...     raise RuntimeError("no compiler")
-    >>> run = with_eager_fallback(broken, lambda x: x + 1)
-    >>> import warnings
-    >>> with warnings.catch_warnings(record=True) as caught:
-    ...     warnings.simplefilter("always")
-    ...     run(1), run(2)
-    (2, 3)
-    >>> len(caught)  # warned once
-    1
+    >>> run = with_eager_fallback(torch.neg, torch.neg)
+    >>> run(torch.ones(2))
+    tensor([-1., -1.])
     """
-    failed = []
-
-    def run(*args):
-        if not failed:
-            try:
-                return compiled(*(_plain(arg) for arg in args))
-            except Exception as error:  # noqa: BLE001 - any compiler problem
-                failed.append(error)
-                name = getattr(fallback, "__name__", "kernel")
-                warnings.warn(
-                    f"torch.compile failed on the SPG gate kernel {name} "
-                    f"({type(error).__name__}: {error}); using the eager "
-                    "kernel from now on.",
-                    stacklevel=2,
-                )
-        return fallback(*args)
-
-    return run
+    name = getattr(fallback, "__name__", "kernel")
+    return with_fallback(
+        lambda *args: compiled(*(_plain(arg) for arg in args)),
+        fallback,
+        {"failed": False},
+        f"torch.compile failed on the SPG gate kernel {name} ({{error}}); "
+        "using the eager kernel from now on.",
+    )
 
 
 @functools.cache

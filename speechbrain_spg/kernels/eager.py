@@ -114,10 +114,8 @@ def forward(weights, thresholds, taus, dtype=None):
 
     Arguments
     ---------
-    weights : list of torch.Tensor
-        The matrices.
-    thresholds, taus : torch.Tensor
-        Absolute threshold and temperature of each matrix (1-D).
+    weights, thresholds, taus
+        As in ``kernels.gate``.
     dtype : torch.dtype, optional
         Return the gated weights in this dtype (autocast's).
 
@@ -203,16 +201,10 @@ def backward_from_gated(weights, gated, thresholds, taus, grads, grad_zeros):
 
     Arguments
     ---------
-    weights : list of torch.Tensor
-        The matrices.
+    weights, thresholds, taus, grads, grad_zeros
+        As in ``backward``.
     gated : list of torch.Tensor
-        Their gated weights from ``forward``.
-    thresholds, taus : torch.Tensor
-        As in ``forward``.
-    grads : list of torch.Tensor
-        Gradients of the gated weights; overwritten.
-    grad_zeros : torch.Tensor
-        Gradients of the soft-zero counts (1-D).
+        The gated weights ``forward`` returned.
 
     Returns
     -------
@@ -241,14 +233,10 @@ def backward_upcast(weights, thresholds, taus, grads, grad_zeros):
 
     Arguments
     ---------
-    weights : list of torch.Tensor
-        The matrices.
-    thresholds, taus : torch.Tensor
-        As in ``forward``.
+    weights, thresholds, taus, grad_zeros
+        As in ``backward``.
     grads : list of torch.Tensor
         Low-precision gradients of the gated weights (read only).
-    grad_zeros : torch.Tensor
-        Gradients of the soft-zero counts (1-D).
 
     Returns
     -------

@@ -22,12 +22,11 @@ import contextlib
 import functools
 import importlib
 import importlib.util
-import warnings
 
 import torch
 
 from speechbrain_spg.gate import SIGMOID_SATURATION
-from speechbrain_spg.kernels import GateKernels
+from speechbrain_spg.kernels import GateKernels, with_fallback
 
 #: At most this many programs per matrix and launch; each handles at least
 #: ``ELEMENTS_PER_PROGRAM`` elements (HuBERT-large's FFN matrices: 512
@@ -277,24 +276,14 @@ def _with_fallback(triton_fn, fallback_fn):
     run (``PartialWriteError``) is raised: starting over would apply the
     gradient's factor twice."""
 
-    def run(*args):
-        if not _FAILURE["failed"]:
-            try:
-                return triton_fn(*args)
-            except PartialWriteError:
-                _FAILURE["failed"] = True
-                raise
-            except Exception as error:  # noqa: BLE001 - any Triton problem
-                _FAILURE["failed"] = True
-                warnings.warn(
-                    f"The Triton gate kernel {triton_fn.__name__} failed "
-                    f"({type(error).__name__}: {error}); using the "
-                    "torch.compile kernels from now on.",
-                    stacklevel=2,
-                )
-        return fallback_fn(*args)
-
-    return run
+    return with_fallback(
+        triton_fn,
+        fallback_fn,
+        _FAILURE,
+        f"The Triton gate kernel {triton_fn.__name__} failed ({{error}}); "
+        "using the torch.compile kernels from now on.",
+        fatal=(PartialWriteError,),
+    )
 
 
 @functools.cache
