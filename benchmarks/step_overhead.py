@@ -18,7 +18,7 @@ last line reads
 
 ``--variant`` picks the SPG variant among those of ``gate_overhead.py``
 (default ``compiled``); a variant that patches the gate for its process
-(e.g. ``compiled_unclipped_sigmoid``) changes only the SPG lobe, so
+(e.g. ``compiled_recompute_gated``) changes only the SPG lobe, so
 comparing two variants takes two runs, each against its own dense steps.
 Both models are in memory at once: about 10 GB for HuBERT-large.
 

@@ -268,7 +268,8 @@ class Stopwatch(JsonRecoverable):
 COMPLETE_KEY = "complete"
 
 
-class CheckpointComplete(JsonRecoverable):
+@register_checkpoint_hooks
+class CheckpointComplete:
     """Added last to a Checkpointer: its file proves the checkpoint whole.
 
     SpeechBrain writes ``CKPT.yaml`` first and the parameter files after it,
@@ -289,12 +290,31 @@ class CheckpointComplete(JsonRecoverable):
     (False, True)
     """
 
-    def state(self):
-        """A marker."""
-        return {"complete": True}
+    @mark_as_saver
+    def save(self, path):
+        """Writes the marker file (main process only; a plain text file, as
+        checkpoints of earlier versions hold).
 
-    def restore(self, value):
-        """Nothing to restore."""
+        Arguments
+        ---------
+        path : str
+            Checkpoint file.
+        """
+        if if_main_process():
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("complete\n")
+
+    @mark_as_loader
+    def load(self, path, end_of_epoch=False):
+        """Nothing to restore: the file's presence is what counts.
+
+        Arguments
+        ---------
+        path : str
+            Checkpoint file.
+        end_of_epoch : bool
+            Unused (SpeechBrain passes it).
+        """
 
 
 def is_complete(checkpoint):

@@ -30,6 +30,7 @@ from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 from transformers import AutoConfig, AutoModel
 
 from speechbrain_spg import __version__
+from speechbrain_spg.gate import hard_mask
 from speechbrain_spg.options import check_model_type
 
 MANIFEST = "spg_manifest.json"
@@ -128,7 +129,7 @@ def pruned_state_dict(lobe):
             if layer.mask is not None:
                 mask = layer.mask.cpu()
             else:
-                mask = (layer.weight.abs() > thresholds[i].abs()).cpu()
+                mask = hard_mask(layer.weight, thresholds[i]).cpu()
             key = f"{name}.weight"
             state[key] = state[key] * mask
             masks[key] = mask

@@ -15,7 +15,8 @@ With ``slope = dM/d(W^2) * 2 = M (1 - M) / tau`` the chain rule gives
 
 This module is the reference every fast backend (``speechbrain_spg.kernels``)
 is tested against: the functions here are plain PyTorch, differentiable by
-autograd, and the fused backends call ``chain_rule`` for their backward.
+autograd; the eager and compiled backends call ``chain_rule`` for their
+backward, and the Triton kernels compute the same expressions.
 
 Authors
  * speechbrain-spg developers 2026
@@ -70,7 +71,7 @@ def soft_mask(weight, threshold, tau):
     Returns
     -------
     torch.Tensor
-        Same shape as ``weight``, values in (0, 1].
+        Same shape as ``weight``, values in [0, 1].
 
     Example
     -------

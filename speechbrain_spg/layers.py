@@ -14,7 +14,7 @@ from torch import nn
 
 from speechbrain_spg.kernels import (
     autocast_dtype,
-    gate,
+    gate_matrices,
     gated_values,
 )
 
@@ -248,7 +248,7 @@ class SelfPinchingGate(nn.Module):
         weight : torch.Tensor
             Its weights.
         overwrite_grad, recompute_mask, out_dtype
-            As in ``kernels.gate`` (``recompute_gated`` forces
+            As in ``kernels.gate_matrices`` (``recompute_gated`` forces
             ``recompute_mask``); ``out_dtype`` is autocast's.
 
         Returns
@@ -259,7 +259,7 @@ class SelfPinchingGate(nn.Module):
             return self.regate(index, weight, out_dtype)
         t, tau = (x.reshape(1) for x in self._threshold_and_tau(index))
         recompute = True if self.recompute_gated else recompute_mask
-        zeros, (gated,) = gate(
+        zeros, (gated,) = gate_matrices(
             [weight], t, tau, self.impl, recompute, out_dtype, overwrite_grad
         )
         self.soft_zeros[index] = zeros[0]
@@ -311,7 +311,7 @@ class SelfPinchingGate(nn.Module):
         t, tau = self.thresholds()[first:stop], self.taus()[first:stop]
         recompute = True if self.recompute_gated else None
         # overwrite_grad=True: each gated weight feeds one product only.
-        zeros, gated = gate(
+        zeros, gated = gate_matrices(
             weights, t, tau, self.impl, recompute, out_dtype, True
         )
         self.soft_zeros.update(zip(range(first, stop), zeros.unbind()))
@@ -416,7 +416,7 @@ class GatedLinear(nn.Linear):
         self.register_state_dict_post_hook(_save_pruned_weights_as_zeros)
 
     def set_pass_state(self, pending=None, pregated=None):
-        """What ``pregated_weights`` gives the layer for one pass (plain
+        """What ``kernels.chunks.pregated_weights`` gives the layer for one pass (plain
         attributes, past ``nn.Module.__setattr__``'s checks: host time).
 
         Arguments
@@ -466,7 +466,7 @@ class GatedLinear(nn.Linear):
         torch.Tensor
             Output features (..., out_features).
         """
-        # The pass's weight from ``pregated_weights`` first (host time).
+        # The pass's weight from ``chunks.pregated_weights`` first (host time).
         weight = self.pregated
         if weight is None and self.pending is not None:
             self.pending.pregate()

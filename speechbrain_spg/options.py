@@ -57,8 +57,9 @@ class SPGOptions:
     gate_lr_scale : float
         Speed of the thresholds and multipliers relative to the lr (> 0).
     sparsity_damping : float
-        Fixed quadratic coefficient of the regulariser (>= 0; 0 is the paper's
-        Lagrangian): less oscillation, but more alike layer sparsities.
+        Fixed quadratic coefficient of the regulariser (>= 0; 0: the plain
+        two-multiplier Lagrangian): less oscillation, but more alike layer
+        sparsities.
     gate_impl : str
         ``"fused"`` (default: eager PyTorch), ``"compiled"`` (``torch.compile``
         on CPU and GPU, Triton kernels on CUDA) or ``"reference"`` (autograd).

@@ -6,7 +6,7 @@ hand-written Triton kernels through Triton's interpreter on the CPU, and,
 where a GPU is present, the eager, compiled and Triton kernels on CUDA
 (node ids with ``cuda``; ``benchmarks/gpu_checks.sh`` selects them with
 ``-k cuda``). The reference is ``speechbrain_spg.gate`` under autograd
-(``kernels.gate(..., "reference")``): gated weights, soft-zero counts and
+(``kernels.gate_matrices(..., "reference")``): gated weights, soft-zero counts and
 the gradients of weights and thresholds must agree within float32
 rounding, in float32 and under bf16 autocast.
 
@@ -39,7 +39,7 @@ from speechbrain_spg.kernels import (
     compiled,
     default_recompute_mask,
     eager,
-    gate,
+    gate_matrices,
     gated_values,
     select_kernels,
     soft_zero_counts,
@@ -340,7 +340,9 @@ def step(
         out_dtype = autocast_dtype(ws[0])
         assert out_dtype == (torch.bfloat16 if autocast else None)
         if kernels is None:
-            zeros, gated = gate(ws, ts, taus, "reference", out_dtype=out_dtype)
+            zeros, gated = gate_matrices(
+                ws, ts, taus, "reference", out_dtype=out_dtype
+            )
         else:
             zeros, *gated = GateFunction.apply(
                 ts,
@@ -1174,7 +1176,7 @@ def test_entry_points_give_the_reference_numbers(impl, device):
         ]
     )
     ts = thresholds.clone().requires_grad_()
-    zeros, gated = gate(weights, ts, taus, impl)
+    zeros, gated = gate_matrices(weights, ts, taus, impl)
     for g, e in zip(gated, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(zeros, expected_zeros, rtol=1e-5, atol=1e-5)
@@ -1310,7 +1312,7 @@ def test_a_compiled_caller_traces_the_gate_without_graph_breaks():
     gate, with the numbers of the uncompiled model."""
 
     def loss(w, t, tau):
-        zeros, (gated,) = gate([w], t, tau, "fused")
+        zeros, (gated,) = gate_matrices([w], t, tau, "fused")
         return (gated * gated).sum() + zeros.sum()
 
     generator = torch.Generator().manual_seed(5)

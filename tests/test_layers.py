@@ -519,7 +519,7 @@ def _gated_layer_step(impl, recompute, per_block=False, dtype=None):
     ]
     x = torch.randn(2, 3, 6, requires_grad=True)
     alive = []
-    gate_with_autograd = layers.gate
+    gate_with_autograd = layers.gate_matrices
 
     def watched(*args, **kwargs):
         zeros, gated = gate_with_autograd(*args, **kwargs)
@@ -532,7 +532,7 @@ def _gated_layer_step(impl, recompute, per_block=False, dtype=None):
         else contextlib.nullcontext()
     )
     with (
-        mock.patch.object(layers, "gate", watched),
+        mock.patch.object(layers, "gate_matrices", watched),
         torch.autocast("cpu", dtype=dtype, enabled=dtype is not None),
         context,
     ):

@@ -50,9 +50,9 @@ from speechbrain_spg.data.architectures import (
 )
 from speechbrain_spg.evaluation import compare
 from speechbrain_spg.evaluation.summary import format_table
-from speechbrain_spg.evaluation.trace import history_clock, save_history
 from speechbrain_spg.export import read_manifest
 from speechbrain_spg.lobes import SPGHuBERT, SPGWav2Vec2, SPGWavLM, x86_cpu
+from speechbrain_spg.tools.trace import history_clock, save_history
 
 FRAGMENT_DIR = REPO / "hparams"
 SHARED_DIR = RECIPE_DIR / "hparams" / "shared"

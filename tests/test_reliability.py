@@ -46,9 +46,6 @@ from speechbrain_spg.checkpointing import (
     Stopwatch,
     TrainingTrace,
 )
-from speechbrain_spg.evaluation.recipe import (
-    refuse_data_parallel,
-)
 from speechbrain_spg.export import (
     COMPACT_FILE,
     MANIFEST,
@@ -63,6 +60,9 @@ from speechbrain_spg.kernels import soft_zero_counts
 from speechbrain_spg.layers import SelfPinchingGate
 from speechbrain_spg.lobes import SPGWav2Vec2
 from speechbrain_spg.options import SPGOptions
+from speechbrain_spg.tools.recipe import (
+    refuse_data_parallel,
+)
 
 TINY_YAML = RECIPE_DIR / "hparams" / "tiny_spg.yaml"
 RUN_TIMEOUT_S = 600
@@ -836,7 +836,7 @@ def test_non_finite_loss_batch_is_skipped_and_counted(asr_brain):
 
 RANK_SCRIPT = """
 import sys, torch
-from speechbrain_spg.evaluation.recipe import nonfinite_on_any_rank
+from speechbrain_spg.tools.recipe import nonfinite_on_any_rank
 rank, init_file = int(sys.argv[1]), sys.argv[2]
 torch.distributed.init_process_group(
     "gloo", init_method="file://" + init_file, rank=rank, world_size=2

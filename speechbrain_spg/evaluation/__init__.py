@@ -1,9 +1,6 @@
-"""Evaluation tools and the reusable pieces of the recipe.
+"""Evaluation: compare runs, test WER differences, finish a run.
 
 ``compare`` tabulates and plots runs of the recipe; ``significance`` holds
-the matched-pair (MAPSSWE) and bootstrap tests it uses. ``trace``,
-``summary`` and ``recipe`` are the parts of the LibriSpeech recipe that any
-recipe training an SPG lobe with SpeechBrain can use: the training trace and
-history, the end of a run (prune, export, evaluate the export, summarise),
-and training safely (optimiser groups, exact resumes, DDP).
+the matched-pair (MAPSSWE) and bootstrap tests it uses; ``summary`` ends a
+run (prune, export, evaluate the export, write the summary).
 """

@@ -8,11 +8,12 @@ several (gated weights with their soft-zero counts; the gradients of both).
 - ``"fused"``: ``eager`` (plain PyTorch operations; needs no compiler);
 - ``"compiled"``: ``triton`` for float32 CUDA weights where Triton is
   installed, else ``compiled`` (``torch.compile`` of the eager functions);
-- ``"reference"``: no kernels: ``gate`` runs the formula under autograd.
+- ``"reference"``: no kernels: the formula of ``speechbrain_spg.gate``
+  under autograd.
 
-The layers use only the three functions below: ``gate`` (with autograd),
+The layers gate through three functions: ``gate_matrices`` (with autograd),
 ``gated_values`` (inference) and ``soft_zero_counts`` (matrices a pass did
-not gate). Every backend is tested against the reference
+not gate); ``chunks`` decides how many matrices one call gates. Every backend is tested against the reference
 (``tests/test_kernels.py``).
 
 Authors
@@ -54,7 +55,7 @@ class GateKernels:
         ``(Ws, ts, taus) -> (counts, sums of M (1 - M) / tau)``.
 
     ``ts`` and ``taus`` are 1-D (one entry per matrix); so are the counts
-    and ``grad_ts``. See ``kernels.eager`` for the reference versions.
+    and ``grad_ts``. ``kernels.eager`` holds the plain PyTorch versions.
 
     Example
     -------
@@ -464,7 +465,7 @@ class SoftZerosFunction(torch.autograd.Function):
         )
 
 
-def gate(
+def gate_matrices(
     weights,
     thresholds,
     taus,
@@ -501,10 +502,10 @@ def gate(
     Example
     -------
     >>> w, t, tau = [torch.tensor([0.1, 2.0])], torch.tensor([0.5]), torch.tensor([0.05])
-    >>> zeros, gated = gate(w, t, tau, "fused")
+    >>> zeros, gated = gate_matrices(w, t, tau, "fused")
     >>> gated[0], zeros
     (tensor([0.0083, 2.0000]), tensor([0.9168]))
-    >>> torch.equal(gate(w, t, tau, "reference")[1][0], gated[0])
+    >>> torch.equal(gate_matrices(w, t, tau, "reference")[1][0], gated[0])
     True
     """
     if gate_impl == "reference":
@@ -529,7 +530,7 @@ def gated_values(weights, thresholds, taus, gate_impl, out_dtype=None):
     Arguments
     ---------
     weights, thresholds, taus, gate_impl, out_dtype
-        As in ``gate``.
+        As in ``gate_matrices``.
 
     Returns
     -------
@@ -543,9 +544,11 @@ def gated_values(weights, thresholds, taus, gate_impl, out_dtype=None):
     """
     with torch.no_grad():
         if gate_impl == "reference":
-            return gate(weights, thresholds, taus, gate_impl, None, out_dtype)[
-                1
+            gated = [
+                gated_weight(w, thresholds[i], taus[i])
+                for i, w in enumerate(weights)
             ]
+            return [g if out_dtype is None else g.to(out_dtype) for g in gated]
         kernels = select_kernels(weights, gate_impl)
         if out_dtype is None or out_dtype == weights[0].dtype:
             return kernels.forward(weights, thresholds, taus)[0]
@@ -558,7 +561,7 @@ def soft_zero_counts(weights, thresholds, taus, gate_impl):
     Arguments
     ---------
     weights, thresholds, taus, gate_impl
-        As in ``gate``.
+        As in ``gate_matrices``.
 
     Returns
     -------

@@ -25,7 +25,7 @@ def _plain(arg):
     return arg.detach() if isinstance(arg, torch.Tensor) else arg
 
 
-def with_eager_fallback(compiled, fallback):
+def with_eager_fallback(compiled, fallback, state=None):
     """``compiled`` (given plain tensors), or ``fallback`` from its first
     failure on (``kernels.with_fallback``).
 
@@ -33,6 +33,8 @@ def with_eager_fallback(compiled, fallback):
     ---------
     compiled, fallback : callable
         The compiled function and the eager one it was compiled from.
+    state : dict, optional
+        Failure state shared with other functions (default: its own).
 
     Returns
     -------
@@ -48,7 +50,7 @@ def with_eager_fallback(compiled, fallback):
     return with_fallback(
         lambda *args: compiled(*(_plain(arg) for arg in args)),
         fallback,
-        {"failed": False},
+        {"failed": False} if state is None else state,
         f"torch.compile failed on the SPG gate kernel {name} ({{error}}); "
         "using the eager kernel from now on.",
     )
@@ -67,7 +69,8 @@ def compiled_kernels(device_type):
     -------
     GateKernels
         Compiled on first use for the list structure of that call (the
-        lobes always pass the same ones).
+        lobes always pass the same ones). After one function fails to
+        compile, all of them run eager (one warning).
 
     Example
     -------
@@ -82,11 +85,12 @@ def compiled_kernels(device_type):
         eager.backward_from_gated,
         eager.soft_zeros,
     )
+    state = {"failed": False}
     return GateKernels(
         "compiled",
         *(
             with_eager_fallback(
-                torch.compile(f, dynamic=True, fullgraph=True), f
+                torch.compile(f, dynamic=True, fullgraph=True), f, state
             )
             for f in functions
         ),

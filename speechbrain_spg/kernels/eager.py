@@ -115,7 +115,7 @@ def forward(weights, thresholds, taus, dtype=None):
     Arguments
     ---------
     weights, thresholds, taus
-        As in ``kernels.gate``.
+        As in ``kernels.gate_matrices``.
     dtype : torch.dtype, optional
         Return the gated weights in this dtype (autocast's).
 

@@ -9,8 +9,8 @@ GPU the lobes pass all their matrices in one call
 (``chunks.matrices_per_call``).
 
 The math is the eager backend's (clipped sigmoid, mask computed again in
-the backward), so the numbers agree within float32 rounding;
-``triton_kernels`` implements the ``GateKernels`` interface for float32
+the backward), so the numbers agree within float32 rounding; the
+function ``triton_kernels`` implements the ``GateKernels`` interface for float32
 CUDA weights when Triton is installed (``supports``). The tests run the
 kernels with Triton's interpreter (``TRITON_INTERPRET=1``) on a CPU.
 
@@ -90,7 +90,7 @@ def supports(weights):
 
 
 def _kernels():
-    """The ``triton_gate_kernels`` module (imports Triton)."""
+    """The module ``kernels.triton_kernels`` (imports Triton)."""
     return importlib.import_module("speechbrain_spg.kernels.triton_kernels")
 
 

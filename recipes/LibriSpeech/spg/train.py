@@ -33,8 +33,9 @@ from speechbrain.utils.logger import get_logger
 
 from speechbrain_spg import checkpointing
 from speechbrain_spg.baselines import uniform_magnitude_prune
-from speechbrain_spg.evaluation import recipe, summary, trace
+from speechbrain_spg.evaluation import summary
 from speechbrain_spg.lobes import SPGLobeMixin
+from speechbrain_spg.tools import recipe, trace
 
 logger = get_logger(__name__)
 
