@@ -78,20 +78,37 @@ def compiled_kernels(device_type):
     >>> kernels.name, kernels is compiled_kernels("cpu")
     ('compiled', True)
     """
-    functions = (
-        eager.forward,
-        eager.backward,
-        eager.backward_upcast,
-        eager.backward_from_gated,
-        eager.soft_zeros,
-    )
     state = {"failed": False}
+    forward, backward, upcast, from_gated, soft_zeros = (
+        with_eager_fallback(
+            torch.compile(f, dynamic=True, fullgraph=True), f, state
+        )
+        for f in (
+            eager.forward,
+            eager.backward,
+            eager.backward_upcast,
+            eager.backward_from_gated,
+            eager.soft_zeros,
+        )
+    )
     return GateKernels(
         "compiled",
-        *(
-            with_eager_fallback(
-                torch.compile(f, dynamic=True, fullgraph=True), f, state
-            )
-            for f in functions
-        ),
+        forward,
+        backward,
+        upcast,
+        from_gated,
+        functools.partial(_one_by_one, soft_zeros),
     )
+
+
+def _one_by_one(soft_zeros, weights, thresholds, taus):
+    """``soft_zeros`` called on one matrix at a time: the matrices a pass
+    did not gate (LayerDrop) vary in number from step to step, and every
+    new list length would compile again."""
+    counts, slopes = zip(
+        *(
+            soft_zeros([w], thresholds[i : i + 1], taus[i : i + 1])
+            for i, w in enumerate(weights)
+        )
+    )
+    return torch.cat(counts), torch.cat(slopes)
