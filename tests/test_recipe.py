@@ -55,7 +55,6 @@ from speechbrain_spg.lobes import SPGHuBERT, SPGWav2Vec2, SPGWavLM, x86_cpu
 from speechbrain_spg.tools.trace import history_clock, save_history
 
 FRAGMENT_DIR = REPO / "hparams"
-SHARED_DIR = RECIPE_DIR / "hparams" / "shared"
 
 WAV2VEC2_BASE = "facebook/wav2vec2-base"
 HUBERT_LARGE = "facebook/hubert-large-ll60k"
@@ -104,8 +103,9 @@ FRAGMENTS = {
     "spg_wavlm_base_plus.yaml": (WAVLM_BASE_PLUS, SPGWavLM, 0.65),
 }
 
-#: The shared SPG block of the recipe's YAMLs, and the YAMLs using it.
-SHARED_BLOCK = "spg.yaml"
+#: The shared SPG lobe block, and the YAMLs (recipe's, then the drop-in
+#: fragments) using it.
+SHARED_BLOCK = FRAGMENT_DIR / "spg_lobe.yaml"
 SHARED_BLOCK_USERS = {
     "tiny_spg.yaml",
     "tiny_spg_ctc_att.yaml",
@@ -115,6 +115,9 @@ SHARED_BLOCK_USERS = {
     "wav2vec2_base_ump.yaml",
     "hubert_large_spg.yaml",
     "hubert_large_ump.yaml",
+    "spg_wav2vec2_base.yaml",
+    "spg_hubert_large.yaml",
+    "spg_wavlm_base_plus.yaml",
 }
 
 #: SentencePiece vocabulary small enough for the few training sentences.
@@ -200,10 +203,8 @@ def tiny_corpus(tmp_path_factory):
 def test_every_shipped_yaml_is_covered():
     recipe = {p.name for p in (RECIPE_DIR / "hparams").glob("*.yaml")}
     fragments = {p.name for p in FRAGMENT_DIR.glob("*.yaml")}
-    shared = {p.name for p in SHARED_DIR.glob("*.yaml")}
     assert recipe == set(FULL_SIZE_YAMLS) | set(TINY_YAMLS)
-    assert fragments == set(FRAGMENTS)
-    assert shared == {SHARED_BLOCK}
+    assert fragments == set(FRAGMENTS) | {SHARED_BLOCK.name}
 
 
 #: Lines of the knobs' explanations, which only the shared block holds.
@@ -214,34 +215,41 @@ KNOB_EXPLANATIONS = (
 )
 
 
-def test_spg_and_ump_yamls_take_the_lobe_from_the_shared_block():
-    """Every SPG and UMP YAML builds its lobe by including the one shared
-    SPG block (whose lobe follows the model's architecture), passes it only
-    knobs the block explains (top-level keys of the YAML, so that the
-    command line can set them), and repeats none of the explanations."""
-    block = SHARED_BLOCK
-    text = (SHARED_DIR / block).read_text(encoding="utf-8")
-    with open(SHARED_DIR / block, encoding="utf-8") as fin:
+def test_every_spg_yaml_takes_the_lobe_from_the_shared_block():
+    """Every SPG and UMP YAML of the recipe, and every drop-in fragment,
+    builds its lobe by including the one shared SPG block (whose lobe
+    follows the model's architecture), passes it only knobs the block
+    explains (top-level keys of the YAML, so that the command line can set
+    them), and repeats none of the explanations."""
+    text = SHARED_BLOCK.read_text(encoding="utf-8")
+    with open(SHARED_BLOCK, encoding="utf-8") as fin:
         root = ruamel.yaml.YAML().load(fin)
     assert root.tag.value == "!apply:speechbrain_spg.lobes.spg_lobe"
     explained = text
     assert all(line in explained for line in KNOB_EXPLANATIONS)
     including = set()
-    for path in (RECIPE_DIR / "hparams").glob("*.yaml"):
+    recipe_yamls = sorted((RECIPE_DIR / "hparams").glob("*.yaml"))
+    fragments = [FRAGMENT_DIR / name for name in sorted(FRAGMENTS)]
+    for path in recipe_yamls + fragments:
         yaml_text = path.read_text(encoding="utf-8")
         assert not any(line in yaml_text for line in KNOB_EXPLANATIONS)
         with open(path, encoding="utf-8") as fin:
             raw = ruamel.yaml.YAML().load(fin)
-        tag = getattr(raw["ssl"], "tag", None)
-        if tag is None or tag.value != f"!include:shared/{block}":
+        lobe = raw["ssl"] if path.parent != FRAGMENT_DIR else raw["lobe"]
+        include = os.path.relpath(SHARED_BLOCK, path.parent)
+        tag = getattr(lobe, "tag", None)
+        if tag is None or tag.value != f"!include:{include}":
             continue
         including.add(path.name)
-        for knob, value in raw["ssl"].items():
+        for knob, value in lobe.items():
             if knob in ("source", "save_path"):
+                continue
+            explains = rf"^# (\w+, )*{knob}[,:]"
+            assert re.search(explains, explained, re.MULTILINE), knob
+            if knob in ("freeze", "inject_sparsity_loss"):  # fixed values
                 continue
             assert value.value == f"<{knob}>", (path.name, knob)
             assert knob in raw, (path.name, knob)
-            assert f"# {knob}" in explained or f", {knob}:" in explained, knob
     assert including == SHARED_BLOCK_USERS
     assert "output_norm: True" in text
 
