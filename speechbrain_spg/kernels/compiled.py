@@ -25,7 +25,7 @@ def _plain(arg):
     return arg.detach() if isinstance(arg, torch.Tensor) else arg
 
 
-def with_eager_fallback(compiled, fallback, state=None):
+def with_eager_fallback(compiled, fallback, state=None, device_type="cpu"):
     """``compiled`` (given plain tensors), or ``fallback`` from its first
     failure on (``kernels.with_fallback``).
 
@@ -35,6 +35,10 @@ def with_eager_fallback(compiled, fallback, state=None):
         The compiled function and the eager one it was compiled from.
     state : dict, optional
         Failure state shared with other functions (default: its own).
+    device_type : str
+        Autocast is switched off there around the call: the kernels cast
+        themselves, and a graph compiled with autocast on and one with it
+        off would be two compilations of the same math.
 
     Returns
     -------
@@ -47,8 +51,13 @@ def with_eager_fallback(compiled, fallback, state=None):
     tensor([-1., -1.])
     """
     name = getattr(fallback, "__name__", "kernel")
+
+    def run(*args):
+        with torch.autocast(device_type, enabled=False):
+            return compiled(*(_plain(arg) for arg in args))
+
     return with_fallback(
-        lambda *args: compiled(*(_plain(arg) for arg in args)),
+        run,
         fallback,
         {"failed": False} if state is None else state,
         f"torch.compile failed on the SPG gate kernel {name} ({{error}}); "
@@ -81,7 +90,10 @@ def compiled_kernels(device_type):
     state = {"failed": False}
     forward, backward, upcast, from_gated, soft_zeros = (
         with_eager_fallback(
-            torch.compile(f, dynamic=True, fullgraph=True), f, state
+            torch.compile(f, dynamic=True, fullgraph=True),
+            f,
+            state,
+            device_type,
         )
         for f in (
             eager.forward,
