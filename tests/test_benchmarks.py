@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, assert_png
 
+from conftest import REPO, assert_png
 from speechbrain_spg.data.architectures import TINY_OVERRIDES, build_config
 from speechbrain_spg.lobes import flushes_subnormals as flushing
 

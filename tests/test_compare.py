@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import assert_png, parse_markdown_table
 
+from conftest import assert_png, parse_markdown_table
 from speechbrain_spg.evaluation.compare import (
     choose_baseline,
     compare_runs,

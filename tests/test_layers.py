@@ -17,10 +17,10 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import device_reads
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 from torch import nn
 
+from conftest import device_reads
 from speechbrain_spg import layers
 from speechbrain_spg.gate import gated_weight
 from speechbrain_spg.kernels import chunks

@@ -12,9 +12,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import REPO
 from hyperpyyaml import load_hyperpyyaml
 
+from conftest import REPO
 from speechbrain_spg.export import CompactWav2Vec2, load_compact
 
 README = REPO / "README.md"

@@ -29,6 +29,11 @@ import pytest
 import ruamel.yaml
 import torch
 import yaml
+from hyperpyyaml import load_hyperpyyaml, resolve_references
+from speechbrain.integrations.huggingface.hubert import HuBERT
+from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
+from speechbrain.utils.checkpoints import Checkpointer
+
 from conftest import (
     RECIPE_DIR,
     REPO,
@@ -37,11 +42,6 @@ from conftest import (
     read_json,
     recipe_env,
 )
-from hyperpyyaml import load_hyperpyyaml, resolve_references
-from speechbrain.integrations.huggingface.hubert import HuBERT
-from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
-from speechbrain.utils.checkpoints import Checkpointer
-
 from speechbrain_spg.data.architectures import (
     TINY_OVERRIDES,
     build_config,

@@ -35,11 +35,11 @@ import soundfile
 import speechbrain as sb
 import torch
 import yaml
-from conftest import RECIPE_DIR, read_json, recipe_env
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.batch import PaddedBatch
 from transformers import BertConfig
 
+from conftest import RECIPE_DIR, read_json, recipe_env
 from speechbrain_spg.checkpointing import (
     Counter,
     RandomState,
