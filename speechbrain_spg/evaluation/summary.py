@@ -25,11 +25,11 @@ import torch
 from speechbrain.utils.distributed import if_main_process, run_on_main
 from speechbrain.utils.logger import get_logger
 
+from speechbrain_spg.evaluation.compare import SUMMARY_FILE
 from speechbrain_spg.export import CompactWav2Vec2, export_compact
 
 logger = get_logger(__name__)
 
-SUMMARY_FILE = "summary.json"
 TABLE_FILE = "summary.txt"
 
 
