@@ -1,8 +1,10 @@
 """SpeechBrain lobes of wav2vec2, HuBERT and WavLM with self-pinching gates.
 
 The selected linear layers become ``GatedLinear`` layers sharing their
-weights (same state-dict keys); ``inject_sparsity_loss`` attaches the
-regulariser to the output, for recipes that minimise only their task loss.
+weights (same state-dict keys); each training forward pass first runs the
+sparsity controller (``project_thresholds``); ``inject_sparsity_loss``
+attaches the sparsity term to the output, for recipes that minimise only
+their task loss.
 
 Authors
  * speechbrain-spg developers 2026
@@ -23,7 +25,7 @@ from transformers import AutoConfig
 from transformers.models.wavlm.modeling_wavlm import WavLMAttention
 
 from speechbrain_spg.gate import hard_mask
-from speechbrain_spg.kernels import soft_zero_counts
+from speechbrain_spg.kernels import EAGER, select_kernels, soft_zero_counts
 from speechbrain_spg.kernels.chunks import pregated_weights
 from speechbrain_spg.layers import GatedLinear, SelfPinchingGate, group_indices
 from speechbrain_spg.options import SPGOptions, check_model_type, gated_target
@@ -33,6 +35,8 @@ from speechbrain_spg.sparsity import (
     LayerSparsity,
     SparsityReport,
     hard_zero_counts,
+    offset_step,
+    project_out,
 )
 
 
@@ -296,6 +300,7 @@ class SPGLobeMixin:
             damping=options.sparsity_damping,
         )
         self.register_load_state_dict_post_hook(_restore_masks)
+        self._projected = self._hooked = self._normal = None
 
     def gated_layers(self):
         """The ``GatedLinear`` layers in gate order (looked up once).
@@ -339,6 +344,7 @@ class SPGLobeMixin:
         pregating = contextlib.nullcontext()
         if training:
             self.gate.advance()
+            self.project_thresholds()
             if not self._checked_subnormals and wav.device.type == "cpu":
                 self._checked_subnormals = True
                 if x86_cpu() and not flushes_subnormals():
@@ -401,15 +407,66 @@ class SPGLobeMixin:
         return self.hard_zero_counts().sum().item() / self.gated_params
 
     def sparsity_loss(self):
-        """The Lagrangian sparsity term of the step, to add to the task loss
-        (or ``inject_sparsity_loss``). One minimising optimiser is enough:
-        the multipliers ascend through a gradient reversal.
+        """The sparsity term of the step, to add to the task loss (or
+        ``inject_sparsity_loss``): the Lagrangian (one minimising optimiser
+        is enough: the multipliers ascend through a gradient reversal), or,
+        with the projection controller, zero (``project_thresholds`` holds
+        the target; it runs here if no forward pass of this step did).
 
         Returns
         -------
         torch.Tensor
         """
-        return self.regularizer(self.soft_sparsity(), self.gate.step_count)
+        if self.spg_options.sparsity_controller == "lagrangian":
+            return self.regularizer(self.soft_sparsity(), self.gate.step_count)
+        self.project_thresholds()
+        return (self.regularizer.multiplier_param * 0).sum()
+
+    def project_thresholds(self, passes=3, tolerance=1e-3):
+        """Projection controller, once per training step: Newton steps on
+        one offset of all thresholds put the soft sparsity on the scheduled
+        target; the direction of the sparsity's gradient is kept for the
+        thresholds' gradient hook (``project_out``). Nothing during warm-up,
+        after pruning or with the Lagrangian controller.
+
+        Arguments
+        ---------
+        passes : int
+            Most passes over the weights (one per Newton step).
+        tolerance : float
+            No further pass once the sparsity is this close to the target.
+        """
+        gate, step = self.gate, self.gate.step_count
+        if (
+            self.spg_options.sparsity_controller != "projection"
+            or self.is_pruned
+            or step == self._projected
+            or step < self.regularizer.warmup_steps
+        ):
+            return
+        self._projected, param = step, gate.threshold_param
+        if self._hooked != id(param):  # once per parameter (deepcopy drops it)
+            self._hooked = id(param)
+            param.register_hook(lambda grad: project_out(grad, self._normal))
+        weights = [layer.weight.detach() for layer in self.gated_layers()]
+        kernels = EAGER if gate.impl == "reference" else None
+        kernels = kernels or select_kernels(weights, gate.impl)
+        target = self.regularizer.target_at(step) * self.gated_params
+        floor = 1e-3 / gate.lr_scale  # a zero threshold has zero slope
+        with torch.no_grad():
+            for index in range(passes):
+                t = gate.thresholds().abs()
+                zeros, slopes = kernels.soft_zeros(weights, t, gate.taus())
+                slopes = (t * slopes * gate.scale).float()  # d zeros / d offset
+                if index == 0:  # the soft count's target: the hard one's + gap
+                    hard = hard_zero_counts(weights, t).sum().item()
+                    target += zeros.sum().item() - hard
+                offset = offset_step(zeros, slopes, target)
+                param.abs_().add_(offset / gate.lr_scale).clamp_min_(floor)
+                if abs(offset) * slopes.sum() <= tolerance * self.gated_params:
+                    break
+            normal = torch.zeros_like(param).index_add_(0, gate.group, slopes)
+            self._normal = normal
 
     def sparsity_report(self):
         """Sparsity overall and per gated matrix (after hard pruning the
@@ -556,9 +613,11 @@ class SPGWav2Vec2(SPGLobeMixin, Wav2Vec2):
     >>> lobe = SPGWav2Vec2(src, target_sparsity=0.6)
     >>> lobe(torch.randn(2, 4000)).shape, lobe.gate.num_groups, lobe.gated_params
     (torch.Size([2, 198, 32]), 12, 16384)
-    >>> lobe.sparsity_loss()  # multipliers still at 0
-    tensor(0., grad_fn=<AddBackward0>)
-    >>> damped = SPGWav2Vec2(src, target_sparsity=0.6, sparsity_damping=100.0)
+    >>> _ = lobe.train()(torch.randn(2, 4000))  # projects the thresholds
+    >>> abs(lobe.hard_sparsity() - 0.6) < 1e-3, lobe.sparsity_loss().item()
+    (True, 0.0)
+    >>> damped = SPGWav2Vec2(src, target_sparsity=0.6, sparsity_damping=100.0,
+    ...                      sparsity_controller="lagrangian")
     >>> torch.allclose(damped.sparsity_loss(), 100 * (damped.soft_sparsity() - 0.6) ** 2)
     True
     """

@@ -27,7 +27,13 @@ _ZERO_THRESHOLD = (
     "never move, so nothing is pruned in training); use a small positive "
     "value such as 0.05 to train."
 )
-_CHOICES = dict(tie=TIE_MODES, target_scope=TARGET_SCOPES, gate_impl=GATE_IMPLS)
+CONTROLLERS = ("projection", "lagrangian")
+_CHOICES = dict(
+    tie=TIE_MODES,
+    target_scope=TARGET_SCOPES,
+    gate_impl=GATE_IMPLS,
+    sparsity_controller=CONTROLLERS,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +62,12 @@ class SPGOptions:
         Steps before the target starts to rise, then of its linear rise.
     gate_lr_scale : float
         Speed of the thresholds and multipliers relative to the lr (> 0).
+    sparsity_controller : str
+        ``"projection"`` (default: the soft sparsity is held on the scheduled
+        target at every step) or ``"lagrangian"`` (the two-multiplier
+        regulariser); see ``speechbrain_spg.sparsity``.
     sparsity_damping : float
-        Fixed quadratic coefficient of the regulariser (>= 0; 0: the plain
+        Lagrangian only: fixed quadratic coefficient of the regulariser (>= 0; 0: the plain
         two-multiplier Lagrangian): less oscillation, but more alike layer
         sparsities.
     gate_impl : str
@@ -87,6 +97,7 @@ class SPGOptions:
     warmup_steps: int = 0
     ramp_steps: int = 0
     gate_lr_scale: float = 1.0
+    sparsity_controller: str = "projection"
     sparsity_damping: float = 0.0
     gate_impl: str = "fused"
     recompute_gated_weights: bool = False

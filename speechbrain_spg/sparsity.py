@@ -14,6 +14,15 @@ is a fixed restoring force that ``lambda_1`` need not build up first: less
 oscillation and overshoot, nothing at the target, but large values make the
 layers' sparsities more alike.
 
+The default controller (option ``sparsity_controller: projection``) needs no
+multiplier: before each training step's forward pass, a Newton step on ONE
+offset shared by all thresholds (in weight-std units) puts the soft sparsity
+on the scheduled target (``offset_step``), and the thresholds' gradient loses
+its component along the sparsity's gradient (``project_out``: the exact
+Lagrange multiplier of the step), so the task loss only moves the thresholds
+along the constraint and decides how the layers share the sparsity. Both
+controllers are this project's design, not the paper's.
+
 Authors
  * speechbrain-spg developers 2026
 """
@@ -253,6 +262,61 @@ class LagrangianSparsityRegularizer(nn.Module):
         gap = soft_sparsity - self.target_at(step)
         lam = GradientReversal.apply(self.multiplier_param) * self.lr_scale
         return lam[0] * gap + (lam[1] + self.damping) * gap * gap
+
+
+def offset_step(zeros, derivatives, target_zeros, max_step=0.25):
+    """Newton step of the offset shared by all thresholds that brings the
+    soft-zero count to ``target_zeros``.
+
+    Arguments
+    ---------
+    zeros : torch.Tensor
+        Soft-zero count of each matrix (1-D).
+    derivatives : torch.Tensor
+        Derivative of each count in the offset (1-D, >= 0).
+    target_zeros : float
+        The count to reach.
+    max_step : float
+        Largest step (the count is a sigmoid sum: far away it is flat).
+
+    Returns
+    -------
+    float
+
+    Example
+    -------
+    >>> offset_step(torch.tensor([3.0, 5.0]), torch.tensor([10.0, 10.0]), 10.0)
+    0.1
+    >>> offset_step(torch.tensor([3.0]), torch.tensor([0.0]), 10.0)
+    0.25
+    """
+    gap, slope = target_zeros - zeros.sum().item(), derivatives.sum().item()
+    step = gap / slope if slope > 0 else math.copysign(max_step, gap)
+    return max(-max_step, min(max_step, step))
+
+
+def project_out(grad, normal):
+    """``grad`` less its component along ``normal`` (unchanged if ``normal``
+    is None or zero).
+
+    Arguments
+    ---------
+    grad, normal : torch.Tensor
+        1-D, same size.
+
+    Returns
+    -------
+    torch.Tensor
+
+    Example
+    -------
+    >>> project_out(torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.0]))
+    tensor([0., 1.])
+    """
+    if normal is None or not bool(normal.any()):
+        return grad
+    normal = normal.to(grad.dtype)
+    return grad - (grad @ normal) / (normal @ normal) * normal
 
 
 def hard_zero_counts(weights, thresholds):
