@@ -3,13 +3,17 @@
 ``export_compact(lobe, path)`` writes, into a temporary folder then moved into
 place with one rename (so an interrupted export leaves no half-written one):
 
-- ``hf/``: a HuggingFace folder (pruned weights zero) that SpeechBrain's
-  ``Wav2Vec2`` lobe and ``transformers.AutoModel`` load unchanged;
 - ``compact.safetensors``: each pruned matrix as a bitmask (``<key>::mask``,
   one bit per weight) and its kept values (``<key>::values``), the rest as is;
-- ``spg_manifest.json``: configuration, per-layer sparsity and thresholds,
-  target, parameter counts, source and the sha256 of every file, which
-  ``load_compact`` checks, with the architecture, before building the model.
+- ``spg_manifest.json``: configuration, feature extractor, per-layer sparsity
+  and thresholds, target, parameter counts, source and the sha256 of every
+  file, which ``load_compact`` checks, with the architecture, before loading;
+- on request (``dense_hf=True``), ``hf/``: a plain HuggingFace folder (pruned
+  weights zero) for tools that only read HuggingFace weights.
+
+``CompactWav2Vec2`` is the SpeechBrain lobe over an export: it reads the
+compact form directly, and by default keeps the pruned weights at zero
+through further fine-tuning.
 
 Authors
  * speechbrain-spg developers 2026
@@ -22,11 +26,18 @@ import math
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
+from speechbrain.utils.checkpoints import (
+    mark_as_loader,
+    mark_as_saver,
+    mark_as_transfer,
+    register_checkpoint_hooks,
+)
 from transformers import AutoConfig, AutoModel
 
 from speechbrain_spg import __version__
@@ -36,12 +47,10 @@ from speechbrain_spg.options import check_model_type
 MANIFEST = "spg_manifest.json"
 COMPACT_FILE = "compact.safetensors"
 HF_FOLDER = "hf"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 #: Manifest keys that loading needs.
 _MANIFEST_KEYS = ("model_type", "config", "files", "sparse_shapes")
-#: Files loaded besides those in ``hf/``: the manifest must hold their sha256.
-_VERIFIED_FILES = (COMPACT_FILE, f"{HF_FOLDER}/config.json")
 
 
 class CompactExportError(RuntimeError):
@@ -175,41 +184,51 @@ def compact_tensors(state, masks, dtype="float32"):
     return out
 
 
-def expand_tensors(tensors, shapes):
-    """Inverse of ``compact_tensors``: dense float32 tensors.
+def expand_tensors(tensors, shapes, pool=None):
+    """Inverse of ``compact_tensors``: dense float32 tensors and the masks.
+
+    Each matrix is scattered from the positions of its set bits; matrices
+    are independent, so a thread pool expands several at once.
 
     Arguments
     ---------
     tensors, shapes : dict
-        Tensors read from ``compact.safetensors``; key -> shape of every
-        sparsely stored matrix.
+        Tensors read from ``compact.safetensors``; key -> shape of (at least)
+        every sparsely stored matrix.
+    pool : concurrent.futures.Executor, optional
+        Where the matrices are expanded (default: one after the other).
 
     Returns
     -------
-    dict
+    state, masks : dict
+        Key -> tensor; key -> boolean mask of every sparsely stored matrix.
 
     Example
     -------
     >>> w = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
-    >>> out = compact_tensors({"w": w}, {"w": w != 0})
-    >>> torch.equal(expand_tensors(out, {"w": [2, 2]})["w"], w)
-    True
+    >>> state, masks = expand_tensors(compact_tensors({"w": w}, {"w": w != 0}), {"w": [2, 2]})
+    >>> torch.equal(state["w"], w), masks["w"].tolist()
+    (True, [[False, True], [True, False]])
     """
-    state = {}
+
+    def expand(name):
+        shape = tuple(shapes[name])
+        packed = tensors[f"{name}::mask"].numpy()
+        bits = np.unpackbits(packed, count=math.prod(shape)).view(np.bool_)
+        dense = np.zeros(bits.shape, dtype=np.float32)
+        dense[np.flatnonzero(bits)] = tensors[f"{name}::values"].float().numpy()
+        mask = torch.from_numpy(bits).reshape(shape)
+        return torch.from_numpy(dense).reshape(shape), mask
+
+    names = [key[: -len("::mask")] for key in tensors if key.endswith("::mask")]
+    expanded = dict(zip(names, (pool.map if pool else map)(expand, names)))
+    state = {name: dense for name, (dense, _) in expanded.items()}
     for key, tensor in tensors.items():
-        if key.endswith("::values"):
-            continue
-        if key.endswith("::mask"):
-            name = key[: -len("::mask")]
-            mask = unpack_mask(tensor, shapes[name])
-            dense = torch.zeros(mask.shape, dtype=torch.float32)
-            dense[mask] = tensors[f"{name}::values"].float()
-            state[name] = dense
-        elif tensor.is_floating_point():
-            state[key] = tensor.float()
-        else:
-            state[key] = tensor
-    return state
+        if "::" not in key:
+            state[key] = (
+                tensor.float() if tensor.is_floating_point() else tensor
+            )
+    return state, {name: mask for name, (_, mask) in expanded.items()}
 
 
 def sha256_of(path):
@@ -270,8 +289,15 @@ def ideal_compact_bytes(state, masks, dtype="float32"):
     return int(math.ceil(total))
 
 
-def export_compact(lobe, path, dtype="float32", overwrite=False):
-    """Writes the pruned lobe as a HuggingFace folder and a compact file.
+def export_compact(
+    lobe,
+    path,
+    dtype="float32",
+    overwrite=False,
+    dense_hf=False,
+    extra_files=None,
+):
+    """Writes the pruned lobe in compact form (and, on request, dense).
 
     Arguments
     ---------
@@ -284,6 +310,13 @@ def export_compact(lobe, path, dtype="float32", overwrite=False):
         ``"float32"`` (default, exact) or ``"float16"`` for the compact file.
     overwrite : bool
         Replace a non-empty ``path`` instead (in one rename).
+    dense_hf : bool
+        Also write ``hf/``, a plain HuggingFace folder with the pruned weights
+        set to zero (the size of the dense model), for tools that read only
+        HuggingFace weights.
+    extra_files : dict, optional
+        Relative name -> file to copy into the export (e.g. a head and a
+        tokenizer); their sha256 goes into the manifest too.
 
     Returns
     -------
@@ -299,8 +332,13 @@ def export_compact(lobe, path, dtype="float32", overwrite=False):
     >>> out = os.path.join(tempfile.mkdtemp(), "compact")
     >>> manifest = export_compact(lobe, out)
     >>> sorted(os.listdir(out)), round(manifest["sparsity"]["gated"], 2)
-    (['compact.safetensors', 'hf', 'spg_manifest.json'], 0.58)
+    (['compact.safetensors', 'spg_manifest.json'], 0.58)
     """
+    if dtype not in _DTYPES:
+        raise ValueError(
+            f"export_compact: dtype must be one of {sorted(_DTYPES)}, got "
+            f"{dtype!r} (the recipe key: export_dtype)."
+        )
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
         raise FileExistsError(
@@ -316,7 +354,10 @@ def export_compact(lobe, path, dtype="float32", overwrite=False):
     name = os.path.basename(path)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
-        manifest = _write_export(lobe, tmp, dtype)
+        for rel, src in (extra_files or {}).items():
+            shutil.copy(src, os.path.join(tmp, rel))
+        manifest = _write_export(lobe, tmp, dtype, dense_hf)
+        _readable_by_all(tmp)
         if os.path.exists(path):  # replaced: moved aside, then removed
             old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
             os.rmdir(old)
@@ -331,14 +372,26 @@ def export_compact(lobe, path, dtype="float32", overwrite=False):
     return manifest
 
 
-def _write_export(lobe, folder, dtype):
+def _readable_by_all(folder):
+    """Gives a temporary folder the permissions of a folder made as usual
+    (``mkdtemp`` makes it private), so that the export can be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
+def _write_export(lobe, folder, dtype, dense_hf):
     """Writes every file of an export into ``folder``; returns the manifest."""
     state, masks = pruned_state_dict(lobe)
-    hf_dir = os.path.join(folder, HF_FOLDER)
-    model = AutoModel.from_config(lobe.model.config)
-    model.load_state_dict(state, strict=True)
-    model.save_pretrained(hf_dir)
-    lobe.feature_extractor.save_pretrained(hf_dir)
+    if dense_hf:
+        hf_dir = os.path.join(folder, HF_FOLDER)
+        model = AutoModel.from_config(lobe.model.config)
+        model.load_state_dict(state, strict=True)
+        model.save_pretrained(hf_dir)
+        lobe.feature_extractor.save_pretrained(hf_dir)
     save_file(
         compact_tensors(state, masks, dtype),
         os.path.join(folder, COMPACT_FILE),
@@ -346,7 +399,6 @@ def _write_export(lobe, folder, dtype):
     )
     report = lobe.sparsity_report()
     removed = sum(int((~m).sum()) for m in masks.values())
-    ideal = ideal_compact_bytes(state, masks, dtype)
     options, total = lobe.spg_options, lobe.total_params
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -355,6 +407,7 @@ def _write_export(lobe, folder, dtype):
         "source": lobe.source,
         "model_type": lobe.model.config.model_type,
         "config": lobe.model.config.to_dict(),
+        "feature_extractor": lobe.feature_extractor.to_dict(),
         "dtype": dtype,
         "spg": {
             "target_sparsity": options.target_sparsity,
@@ -388,7 +441,7 @@ def _write_export(lobe, folder, dtype):
             for layer in report.layers
         ],
         "sparse_shapes": {key: list(m.shape) for key, m in masks.items()},
-        "ideal_compact_bytes": ideal,
+        "ideal_compact_bytes": ideal_compact_bytes(state, masks, dtype),
         "files": {
             rel: sha256_of(os.path.join(folder, rel))
             for rel in _relative_files(folder)
@@ -432,12 +485,12 @@ def read_manifest(path, verify=True):
     >>> _ = export_compact(SPGWav2Vec2(tiny_model_folder(), save_path=""), out)
     >>> read_manifest(out)["params"]["gated"]
     16384
-    >>> with open(os.path.join(out, "hf", "config.json"), "a") as f:
-    ...     _ = f.write(" ")
+    >>> with open(os.path.join(out, COMPACT_FILE), "ab") as f:
+    ...     _ = f.write(b" ")
     >>> read_manifest(out)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
-    speechbrain_spg.export.CompactExportError: ...config.json: sha256 ... does not match the manifest ...
+    speechbrain_spg.export.CompactExportError: ...compact.safetensors: sha256 ... does not match the manifest ...
     """
     path = os.fspath(path)
     where = os.path.join(path, MANIFEST)
@@ -454,7 +507,8 @@ def read_manifest(path, verify=True):
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CompactExportError(
             f"{where}: format_version {manifest.get('format_version')!r} is "
-            f"not supported (expected {FORMAT_VERSION})."
+            f"not supported (expected {FORMAT_VERSION}); export the model "
+            "again with this version of speechbrain-spg."
         )
     missing = [key for key in _MANIFEST_KEYS if key not in manifest]
     if missing:
@@ -462,10 +516,32 @@ def read_manifest(path, verify=True):
             f"{where}: the keys {missing} are missing; the manifest "
             "was edited or truncated. Export again."
         )
-    if not verify:
-        return manifest
+    if verify:
+        verify_files(path, manifest)
+    return manifest
+
+
+def verify_files(path, manifest):
+    """Checks the architecture and the sha256 of every file an export loads.
+
+    Arguments
+    ---------
+    path : str or os.PathLike
+        Export folder.
+    manifest : dict
+        Its manifest (``read_manifest(path, verify=False)``).
+
+    Example
+    -------
+    >>> from speechbrain_spg.data.architectures import tiny_model_folder
+    >>> from speechbrain_spg.lobes import SPGWav2Vec2
+    >>> out = os.path.join(tempfile.mkdtemp(), "compact")
+    >>> _ = export_compact(SPGWav2Vec2(tiny_model_folder(), save_path=""), out)
+    >>> verify_files(out, read_manifest(out, verify=False))
+    """
+    where = os.path.join(path, MANIFEST)
     hf_files = _relative_files(os.path.join(path, HF_FOLDER))
-    loaded = list(_VERIFIED_FILES) + [f"{HF_FOLDER}/{rel}" for rel in hf_files]
+    loaded = [COMPACT_FILE] + [f"{HF_FOLDER}/{rel}" for rel in hf_files]
     unlisted = sorted(set(loaded) - set(manifest["files"]))
     if unlisted:
         raise CompactExportError(
@@ -490,7 +566,121 @@ def read_manifest(path, verify=True):
                 f"({expected}); the file was modified or corrupted. "
                 "Export again."
             )
-    return manifest
+
+
+def empty_model(config):
+    """A HuggingFace model of ``config`` with uninitialised weights.
+
+    Building on the meta device skips the random initialisation that loading
+    overwrites anyway (most of the time a load would otherwise take).
+
+    Arguments
+    ---------
+    config : dict or transformers.PretrainedConfig
+        The architecture (a dict holds ``model_type``).
+
+    Returns
+    -------
+    transformers.PreTrainedModel
+        Its tensors on the meta device: ``fill_model`` gives it real ones.
+
+    Example
+    -------
+    >>> model = empty_model({"model_type": "wav2vec2", "num_hidden_layers": 1})
+    >>> any(p.is_meta for p in model.parameters())
+    True
+    """
+    if isinstance(config, dict):
+        config = dict(config)
+        config = AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.device("meta"):
+        return AutoModel.from_config(config)
+
+
+def fill_model(model, state, where):
+    """Gives ``model`` (built by ``empty_model``) the tensors of ``state``.
+
+    Arguments
+    ---------
+    model : transformers.PreTrainedModel
+        The model.
+    state : dict
+        Key -> tensor, every tensor of the architecture.
+    where : str
+        What the tensors came from, for the error message.
+
+    Returns
+    -------
+    transformers.PreTrainedModel
+        ``model``, in eval mode (else ``CompactExportError``: tensors unlike
+        its architecture).
+
+    Example
+    -------
+    >>> model = empty_model({"model_type": "wav2vec2", "num_hidden_layers": 1})
+    >>> fill_model(model, {}, "nothing")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    speechbrain_spg.export.CompactExportError: nothing: tensors do not match ...
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    common = set(state) & set(expected)
+    wrong = sorted(k for k in common if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        raise CompactExportError(
+            f"{where}: tensors do not match the {model.config.model_type} "
+            f"architecture (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, wrong shape {wrong[:3]})."
+        )
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def read_compact_file(path, shapes, verify_in=None):
+    """The dense state dict of a ``compact.safetensors`` file, and its masks.
+
+    Arguments
+    ---------
+    path : str or os.PathLike
+        The file (a plain safetensors state dict is read as it is).
+    shapes : dict
+        Key -> shape, of at least every sparsely stored matrix (a manifest's
+        ``sparse_shapes``, or a model's state dict shapes).
+    verify_in : str, optional
+        Export folder whose checksums are verified meanwhile, in a thread.
+
+    Returns
+    -------
+    state, masks : dict
+        Key -> float32 tensor; key -> boolean mask of the pruned matrices.
+
+    Example
+    -------
+    >>> w = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
+    >>> f = os.path.join(tempfile.mkdtemp(), COMPACT_FILE)
+    >>> save_file(compact_tensors({"w": w}, {"w": w != 0}), f)
+    >>> state, masks = read_compact_file(f, {"w": [2, 2]})
+    >>> torch.equal(state["w"], w), masks["w"].sum().item()
+    (True, 2)
+    """
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        checked = None
+        if verify_in is not None:
+            manifest = read_manifest(verify_in, verify=False)
+            checked = pool.submit(verify_files, verify_in, manifest)
+        try:
+            state, masks = expand_tensors(
+                load_file(os.fspath(path)), shapes, pool
+            )
+        except Exception:
+            if checked is not None:  # a missing or corrupted file: say so
+                checked.result()
+            raise
+        if checked is not None:
+            checked.result()
+    return state, masks
 
 
 def load_compact(path, verify=True):
@@ -501,7 +691,8 @@ def load_compact(path, verify=True):
     path : str or os.PathLike
         Export folder written by ``export_compact``.
     verify : bool
-        Verify checksums and architecture first (recommended).
+        Verify checksums and architecture (recommended; done while the
+        tensors are expanded).
 
     Returns
     -------
@@ -523,45 +714,57 @@ def load_compact(path, verify=True):
     >>> type(model).__name__, model.training, same.abs().max().item() < 1e-5
     ('Wav2Vec2Model', False, True)
     """
-    manifest = read_manifest(path, verify=verify)
-    config = dict(manifest["config"])
-    model = AutoModel.from_config(
-        AutoConfig.for_model(config.pop("model_type"), **config)
+    return _load_export(path, verify)[0]
+
+
+def _load_export(path, verify):
+    """(model, masks, manifest) of an export folder."""
+    path = os.fspath(path)
+    manifest = read_manifest(path, verify=False)
+    state, masks = read_compact_file(
+        os.path.join(path, COMPACT_FILE),
+        manifest["sparse_shapes"],
+        verify_in=path if verify else None,
     )
-    tensors = load_file(os.path.join(os.fspath(path), COMPACT_FILE))
-    state = expand_tensors(tensors, manifest["sparse_shapes"])
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    common = set(state) & set(expected)
-    wrong = sorted(k for k in common if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        raise CompactExportError(
-            f"{path}: tensors do not match the {manifest['model_type']} "
-            f"architecture of the manifest (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}, wrong shape {wrong[:3]})."
-        )
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    model = fill_model(empty_model(manifest["config"]), state, path)
+    return model, masks, manifest
 
 
+@register_checkpoint_hooks
 class CompactWav2Vec2(Wav2Vec2):
     """SpeechBrain lobe over a compact SPG export (wav2vec2, HuBERT or WavLM).
 
-    A recipe uses a compressed model by pointing ``source`` at the export:
-    the manifest's checksums are verified, then SpeechBrain's own
-    ``Wav2Vec2`` lobe loads ``<export>/hf``.
+    A recipe uses a compressed model by pointing ``source`` at the export
+    folder: its checksums are verified and the compact file is read directly.
+    An inference ``hyperparams.yaml`` gives ``config`` instead (the folder's
+    files then come through SpeechBrain's ``Pretrainer``, which loads
+    ``compact.safetensors`` into this lobe through ``load_weights``).
+
+    With ``keep_sparsity`` (the default unless frozen) the gradient of every
+    pruned weight is zeroed before it reaches the optimiser, so further
+    fine-tuning keeps them at exactly zero (Adam, AdamW, SGD; weight decay
+    too) while every parameter still receives a gradient, as DDP expects.
+    (Without ``apply_spec_augment``, the unused SpecAugment embedding
+    ``masked_spec_embed`` is not trained, for the same reason.)
 
     Arguments
     ---------
-    source : str
+    source : str, optional
         Export folder written by ``export_compact``.
     save_path : str
-        Unused for local exports; kept for signature compatibility.
+        Unused; kept for signature compatibility with SpeechBrain's lobes.
     verify : bool
         Verify the manifest checksums first.
-    **kwargs
-        Every other argument of SpeechBrain's ``Wav2Vec2`` lobe.
+    config : dict, optional
+        The model's configuration (with ``model_type``), instead of
+        ``source``: the weights come later through ``load_weights``.
+    normalize_wav : bool, optional
+        Normalise input waveforms (default: the export's feature extractor
+        setting; ``True`` with ``config``).
+    output_norm, freeze, freeze_feature_extractor, apply_spec_augment, output_all_hiddens : bool
+        As in SpeechBrain's ``Wav2Vec2`` lobe.
+    keep_sparsity : bool, optional
+        Hold pruned weights at zero in training (default: ``not freeze``).
 
     Example
     -------
@@ -573,8 +776,106 @@ class CompactWav2Vec2(Wav2Vec2):
     torch.Size([1, 198, 32])
     """
 
-    def __init__(self, source, save_path="", verify=True, **kwargs):
-        manifest = read_manifest(source, verify=verify)
-        hf_folder = os.path.join(os.fspath(source), HF_FOLDER)
-        super().__init__(source=hf_folder, save_path=save_path, **kwargs)
-        self.manifest = manifest
+    def __init__(
+        self,
+        source=None,
+        save_path="",
+        verify=True,
+        config=None,
+        normalize_wav=None,
+        output_norm=False,
+        freeze=False,
+        freeze_feature_extractor=False,
+        apply_spec_augment=False,
+        output_all_hiddens=False,
+        keep_sparsity=None,
+    ):
+        torch.nn.Module.__init__(self)
+        if (source is None) == (config is None):
+            raise ValueError(
+                "CompactWav2Vec2: give either source (an export folder) or "
+                "config (a model configuration), not both or neither."
+            )
+        masks = None
+        if source is not None:
+            self.model, masks, self.manifest = _load_export(source, verify)
+            extractor = self.manifest.get("feature_extractor", {})
+            default_normalize = extractor.get("do_normalize", True)
+        else:
+            self.model, self.manifest = empty_model(config), None
+            default_normalize = True
+        self.config = self.model.config
+        self.model.config.apply_spec_augment = apply_spec_augment
+        self.normalize_wav = (
+            default_normalize if normalize_wav is None else normalize_wav
+        )
+        self.output_norm = output_norm
+        self.output_all_hiddens = output_all_hiddens
+        self.freeze = freeze
+        self.freeze_feature_extractor = freeze_feature_extractor
+        self.keep_sparsity = (
+            not freeze if keep_sparsity is None else keep_sparsity
+        )
+        self._masked_names = []
+        if masks is not None:
+            self._prepare(masks)
+
+    def _prepare(self, masks):
+        """Freezing, training mode and the sparsity masks, once weighted."""
+        if self.freeze:
+            self.freeze_model(self.model)
+        else:
+            self.model.train()
+            if self.freeze_feature_extractor:
+                self.model.feature_extractor.eval()
+                for param in self.model.feature_extractor.parameters():
+                    param.requires_grad = False
+            embed = getattr(self.model, "masked_spec_embed", None)
+            if embed is not None and not self.config.apply_spec_augment:
+                embed.requires_grad = False  # unused: DDP would wait for it
+        if self.keep_sparsity and not self.freeze:
+            self._keep_masks(masks)
+
+    def _keep_masks(self, masks):
+        """Zeroes the gradient of every pruned weight (masks as buffers)."""
+        params = dict(self.model.named_parameters())
+        for i, (key, mask) in enumerate(sorted(masks.items())):
+            name = f"sparsity_mask_{i}"
+            self.register_buffer(name, mask, persistent=False)
+            params[key].register_hook(
+                lambda grad, name=name: grad * getattr(self, name)
+            )
+            self._masked_names.append(key)
+
+    @mark_as_saver
+    def save_weights(self, path):
+        """Saves the model's weights (safetensors; the Checkpointer's hook).
+
+        Arguments
+        ---------
+        path : str or os.PathLike
+            Where to write.
+        """
+        state = self.model.state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+
+    @mark_as_transfer
+    @mark_as_loader
+    def load_weights(self, path, *args):
+        """Loads ``compact.safetensors`` or a saved checkpoint (the hook of
+        SpeechBrain's Pretrainer and Checkpointer for this lobe).
+
+        Arguments
+        ---------
+        path : str or os.PathLike
+            The file.
+        *args
+            Ignored (the Checkpointer passes ``end_of_epoch``).
+        """
+        shapes = {k: v.shape for k, v in self.model.state_dict().items()}
+        state, masks = read_compact_file(path, shapes)
+        if any(p.is_meta for p in self.model.parameters()):  # from a config
+            self.model = fill_model(self.model, state, os.fspath(path))
+            self._prepare(masks)
+        else:
+            self.model.load_state_dict(state, strict=True)

@@ -93,7 +93,7 @@ def gather_from_ranks(value):
     return values
 
 
-def prune_and_export(lobe, folder, calibrate=False):
+def prune_and_export(lobe, folder, calibrate=False, write=None):
     """Hard-prunes an SPG lobe and exports it as a compact model.
 
     The export is written by the main process (over a previous one, which
@@ -109,6 +109,9 @@ def prune_and_export(lobe, folder, calibrate=False):
     calibrate : bool
         Scale all thresholds by one factor so that the hard sparsity is the
         target exactly (see ``hard_prune``).
+    write : callable, optional
+        ``write(lobe, folder)`` writes the export (default: the compact model
+        alone; ``tools.inference.recipe_folder_writer``: an inference folder).
 
     Returns
     -------
@@ -135,7 +138,12 @@ def prune_and_export(lobe, folder, calibrate=False):
     """
     trained = lobe.hard_sparsity()
     report = lobe.hard_prune(calibrate=calibrate)
-    run_on_main(export_compact, args=[lobe, folder], kwargs={"overwrite": True})
+    if write is None:
+        run_on_main(
+            export_compact, args=[lobe, folder], kwargs={"overwrite": True}
+        )
+    else:
+        run_on_main(write, args=[lobe, folder])
     return {
         "target_sparsity": lobe.spg_options.target_sparsity,
         "target_scope": lobe.spg_options.target_scope,

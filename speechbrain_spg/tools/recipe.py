@@ -317,6 +317,33 @@ def load_init(init_dir, head):
     return init_dir
 
 
+def vocabulary(tokenizer):
+    """The token strings, by id, for SpeechBrain's CTC beam searcher.
+
+    Arguments
+    ---------
+    tokenizer : CTCTextEncoder or speechbrain.tokenizers.SentencePiece
+        Character encoder or SentencePiece wrapper.
+
+    Returns
+    -------
+    list of str
+
+    Example
+    -------
+    >>> from speechbrain.dataio.encoder import CTCTextEncoder
+    >>> encoder = CTCTextEncoder()
+    >>> encoder.insert_blank(index=0)
+    >>> encoder.update_from_iterable("AB", sequence_input=False)
+    >>> vocabulary(encoder)
+    ['<blank>', 'A', 'B']
+    """
+    if hasattr(tokenizer, "sp"):
+        sp = tokenizer.sp
+        return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    return [str(tokenizer.ind2lab[i]) for i in range(len(tokenizer))]
+
+
 def save_init_files(head, save_folder, out_dir):
     """Writes what ``load_init`` reads: ``head.ckpt`` and the tokenizer file.
 

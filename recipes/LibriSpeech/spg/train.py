@@ -35,7 +35,7 @@ from speechbrain_spg import checkpointing
 from speechbrain_spg.baselines import uniform_magnitude_prune
 from speechbrain_spg.evaluation import summary
 from speechbrain_spg.lobes import SPGLobeMixin
-from speechbrain_spg.tools import recipe, trace
+from speechbrain_spg.tools import inference, recipe, trace
 
 logger = get_logger(__name__)
 
@@ -440,15 +440,6 @@ def build_tokenizer(hparams, init_dir):
     return encoder
 
 
-def token_strings(tokenizer, hparams):
-    """Vocabulary list for the CTC beam searcher."""
-    if hparams["token_type"] == "bpe":
-        sp = tokenizer.sp
-        return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    ind2lab = tokenizer.ind2lab
-    return [str(ind2lab[i]) for i in range(len(ind2lab))]
-
-
 def check_hparams(hparams, path):
     """Validates the recipe-level keys (the lobe validates its own)."""
     choices = {
@@ -556,7 +547,7 @@ if __name__ == "__main__":
     if hparams["decoder"] == "ctc" and hparams["test_search"] == "beam":
         asr_brain.ctc_beam_searcher = sb.decoders.ctc.CTCBeamSearcher(
             **hparams["test_beam_search"],
-            vocab_list=token_strings(tokenizer, hparams),
+            vocab_list=recipe.vocabulary(tokenizer),
         )
 
     # 3. The starting model's error rates (a new run only)
@@ -613,10 +604,15 @@ if __name__ == "__main__":
     }
     if asr_brain.debug:
         results["debug"] = True  # a few batches only: not a result
+    compact = os.path.join(out, "compact")  # the inference folder
     if asr_brain.is_gated:
-        compact = os.path.join(out, "compact")
         results["sparsity"] = summary.prune_and_export(
-            asr_brain.ssl, compact, calibrate=hparams.get("calibrate", False)
+            asr_brain.ssl,
+            compact,
+            calibrate=hparams.get("calibrate", False),
+            write=inference.recipe_folder_writer(
+                hparams, hparams_file, overrides
+            ),
         )
         asr_brain.modules.ssl = summary.load_export(
             compact, asr_brain.ssl, asr_brain.device
@@ -639,6 +635,8 @@ if __name__ == "__main__":
     if dense_reference:
         results["dense_reference"] = dense_reference
     summary.write_summary(out, results)
+    if "sparsity" in results and if_main_process():  # model card, usage
+        inference.publish(compact, results, hparams.get("model_license"))
 
     if torch.distributed.is_initialized():
         # The DDP-wrapped modules (their reducers use the process group) go
