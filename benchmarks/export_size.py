@@ -1,18 +1,25 @@
 #!/usr/bin/env python3
-"""Dense vs compact export: file size and load time at several sparsities.
+"""Compact-only export vs dense HuggingFace folder: size and load time.
 
 Builds an SSL architecture from its configuration with random weights (no
-download), wraps it in an SPG lobe, prunes it to each sparsity with
-``calibrate_thresholds`` + ``hard_prune`` and exports it in float32 and
-float16. Prints, measured side by side in one run, the size of the dense
-HuggingFace ``model.safetensors``, of ``compact.safetensors`` and the ideal
-compact size (dense tensors + kept values + one bit per gated weight), and the
-time to load each (``AutoModel.from_pretrained`` on the dense folder vs
-``load_compact``).
+download), saves it as a dense HuggingFace folder (float32, and the same
+weights in float16), wraps it in an SPG lobe, prunes it to each gated
+sparsity (``calibrate_thresholds`` + ``hard_prune``) and exports it
+compact-only (the default) in float32 and float16. Prints, per (sparsity,
+dtype):
+
+- sizes: the dense folder in float32 and float16, the export folder (every
+  file: ``compact.safetensors`` and the manifest), its ratio to the dense
+  float32 folder and to the ideal compact size (``ideal_compact_bytes``:
+  ungated tensors + kept values + one bit per gated weight);
+- load times, best of ``--repeats``, the loaders alternating in every round:
+  ``AutoModel.from_pretrained`` on the dense float32 folder,
+  ``load_compact(verify=True)`` and ``CompactWav2Vec2(export)``; then the
+  same three with a first forward pass on 1 s of audio (a dense load backed
+  by a memory map may defer reading the weights to that pass).
 
 Usage:
-    python benchmarks/export_size.py --model facebook/wav2vec2-base \
-        --sparsities 0.5 0.65 0.85
+    OMP_NUM_THREADS=2 python benchmarks/export_size.py
 
 Authors
  * speechbrain-spg developers 2026
@@ -20,78 +27,142 @@ Authors
 
 import argparse
 import os
-import shutil
 import tempfile
 import time
 
+import torch
 from transformers import AutoModel
 
 from speechbrain_spg.data.architectures import hub_config, save_random_model
-from speechbrain_spg.export import export_compact, load_compact
+from speechbrain_spg.export import CompactWav2Vec2, export_compact, load_compact
 from speechbrain_spg.lobes import SPGWav2Vec2
 
+LOADERS = ("dense", "load_compact", "CompactWav2Vec2")
 
-def timed(function, repeats=3):
-    """Best wall time of ``repeats`` calls, in seconds."""
-    best = float("inf")
+
+def folder_bytes(folder):
+    """Total size of the files below ``folder``."""
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(folder)
+        for name in names
+    )
+
+
+def loaders(dense, export, wav):
+    """Loader name -> (load, load + first forward pass), as callables."""
+    normalised = torch.nn.functional.layer_norm(wav, wav.shape[1:])
+
+    def dense_load():
+        return AutoModel.from_pretrained(dense).eval()
+
+    def lobe_load():
+        return CompactWav2Vec2(export, freeze=True)
+
+    calls = {
+        "dense": (dense_load, lambda m: m(normalised).last_hidden_state),
+        "load_compact": (
+            lambda: load_compact(export, verify=True),
+            lambda m: m(normalised).last_hidden_state,
+        ),
+        "CompactWav2Vec2": (lobe_load, lambda m: m(wav)),
+    }
+    return {
+        name: (load, lambda load=load, run=run: run(load()))
+        for name, (load, run) in calls.items()
+    }
+
+
+def best_times(functions, repeats):
+    """Name -> best wall time; every round calls each function once."""
+    best = dict.fromkeys(functions, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - start)
+        for name, function in functions.items():
+            start = time.perf_counter()
+            with torch.no_grad():
+                function()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
-def measure(source, sparsity, dtype, work):
-    """Exports one pruned copy; returns a dict of sizes and load times."""
+def measure(source, dense16, sparsity, work, repeats):
+    """Rows (one per dtype) of sizes and load times at one sparsity."""
     lobe = SPGWav2Vec2(source, save_path="", target_sparsity=sparsity)
     lobe.calibrate_thresholds(sparsity)
     lobe.hard_prune()
-    out = os.path.join(work, f"compact_{sparsity}_{dtype}")
-    manifest = export_compact(lobe, out, dtype=dtype)
-    dense_file = os.path.join(source, "model.safetensors")
-    compact_file = os.path.join(out, "compact.safetensors")
-    row = {
-        "sparsity": manifest["sparsity"]["gated"],
-        "dtype": dtype,
-        "dense_bytes": os.path.getsize(dense_file),
-        "compact_bytes": os.path.getsize(compact_file),
-        "ideal_bytes": manifest["ideal_compact_bytes"],
-        "dense_load_s": timed(lambda: AutoModel.from_pretrained(source)),
-        "compact_load_s": timed(lambda: load_compact(out)),
-    }
-    shutil.rmtree(out)
-    return row
+    wav = torch.randn(1, 16000, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for dtype in ("float32", "float16"):
+        out = os.path.join(work, f"compact_{sparsity}_{dtype}")
+        manifest = export_compact(lobe, out, dtype=dtype)
+        calls = loaders(source, out, wav)
+        load = best_times({k: v[0] for k, v in calls.items()}, repeats)
+        forward = best_times({k: v[1] for k, v in calls.items()}, repeats)
+        rows.append(
+            {
+                "sparsity": manifest["sparsity"]["gated"],
+                "dtype": dtype,
+                "dense_bytes": folder_bytes(source),
+                "dense16_bytes": folder_bytes(dense16),
+                "export_bytes": folder_bytes(out),
+                "ideal_bytes": manifest["ideal_compact_bytes"],
+                "load_s": load,
+                "load_forward_s": forward,
+            }
+        )
+    return rows
+
+
+def print_rows(model, rows, repeats):
+    """The two tables: sizes, then times (seconds) and their ratios."""
+    print(f"model: {model} (random weights, built from its config)")
+    print(
+        f"{'sparsity':>8} {'dtype':>7} {'dense32 MB':>10} {'dense16 MB':>10} "
+        f"{'export MB':>9} {'/dense32':>8} {'/ideal':>7}"
+    )
+    for r in rows:
+        print(
+            f"{r['sparsity']:>8.4f} {r['dtype']:>7} "
+            f"{r['dense_bytes'] / 1e6:>10.1f} {r['dense16_bytes'] / 1e6:>10.1f} "
+            f"{r['export_bytes'] / 1e6:>9.1f} "
+            f"{r['export_bytes'] / r['dense_bytes']:>8.3f} "
+            f"{r['export_bytes'] / r['ideal_bytes']:>7.4f}"
+        )
+    print(
+        f"\nbest of {repeats}, seconds; ratio = / dense. load: "
+        "dense | load_compact | CompactWav2Vec2; the same + forward on 1 s"
+    )
+    for r in rows:
+        cells = []
+        for key in ("load_s", "load_forward_s"):
+            t = r[key]
+            cells.append(
+                f"{t['dense']:.3f} | {t['load_compact']:.3f} "
+                f"({t['load_compact'] / t['dense']:.2f}x) | "
+                f"{t['CompactWav2Vec2']:.3f} "
+                f"({t['CompactWav2Vec2'] / t['dense']:.2f}x)"
+            )
+        print(f"{r['sparsity']:>8.4f} {r['dtype']:>7}  " + "   ".join(cells))
 
 
 def main(argv=None):
-    """Runs the benchmark and prints one row per (sparsity, dtype)."""
+    """Runs the benchmark, prints the tables and returns the rows."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="facebook/wav2vec2-base")
     parser.add_argument(
         "--sparsities", type=float, nargs="+", default=[0.5, 0.65, 0.85]
     )
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        source = save_random_model(hub_config(args.model), f"{work}/dense")
+        config = hub_config(args.model)
+        source = save_random_model(config, f"{work}/dense")
+        dense16 = f"{work}/dense16"
+        AutoModel.from_pretrained(source).half().save_pretrained(dense16)
         for sparsity in args.sparsities:
-            for dtype in ("float32", "float16"):
-                rows.append(measure(source, sparsity, dtype, work))
-    header = (
-        f"{'gated sparsity':>14} {'dtype':>8} {'dense MB':>9} "
-        f"{'compact MB':>10} {'ratio':>6} {'vs ideal':>8} "
-        f"{'dense load s':>12} {'compact load s':>14}"
-    )
-    print(f"model: {args.model} (random weights, built from its config)")
-    print(header)
-    for r in rows:
-        print(
-            f"{r['sparsity']:>14.4f} {r['dtype']:>8} "
-            f"{r['dense_bytes'] / 1e6:>9.1f} {r['compact_bytes'] / 1e6:>10.1f} "
-            f"{r['compact_bytes'] / r['dense_bytes']:>6.3f} "
-            f"{r['compact_bytes'] / r['ideal_bytes']:>8.4f} "
-            f"{r['dense_load_s']:>12.2f} {r['compact_load_s']:>14.2f}"
-        )
+            rows += measure(source, dense16, sparsity, work, args.repeats)
+    print_rows(args.model, rows, args.repeats)
     return rows
 
 

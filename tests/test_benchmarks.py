@@ -336,3 +336,56 @@ def test_sparsity_controller_refuses_the_overrides_it_sets(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         controller.main(["--recipe-args", "--output_folder=elsewhere"])
     assert "--output_folder is set by the benchmark" in capsys.readouterr().err
+
+
+def test_export_size_prints_sizes_and_alternated_load_times(
+    monkeypatch, capsys
+):
+    export_size = load_benchmark("export_size", monkeypatch)
+    monkeypatch.setattr(
+        export_size,
+        "hub_config",
+        lambda hub_id: build_config("wav2vec2", **TINY_OVERRIDES),
+    )
+    order = []
+    best_times = export_size.best_times
+
+    def recording(functions, repeats):
+        order.append(list(functions))
+        return best_times(functions, repeats)
+
+    monkeypatch.setattr(export_size, "best_times", recording)
+    rows = export_size.main(["--sparsities", "0.5", "0.8", "--repeats", "2"])
+    # Per sparsity and dtype: loads, then loads + forward, the 3 loaders.
+    assert order == [list(export_size.LOADERS)] * 8
+    assert [(round(r["sparsity"], 2), r["dtype"]) for r in rows] == [
+        (0.5, "float32"),
+        (0.5, "float16"),
+        (0.8, "float32"),
+        (0.8, "float16"),
+    ]
+    for row in rows:
+        # Compact-only: the folder is the compact file plus the manifest.
+        assert row["ideal_bytes"] < row["export_bytes"] < row["dense_bytes"]
+        assert row["dense16_bytes"] < row["dense_bytes"]
+        for times in (row["load_s"], row["load_forward_s"]):
+            assert sorted(times) == sorted(export_size.LOADERS)
+            assert all(t > 0 for t in times.values())
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("model: facebook/wav2vec2-base (random")
+    assert lines[1].split() == [
+        "sparsity", "dtype", "dense32", "MB", "dense16", "MB", "export", "MB",
+        "/dense32", "/ideal",
+    ]  # fmt: skip
+    sizes = [line.split() for line in lines[2:6]]
+    assert [cells[:2] for cells in sizes] == [
+        ["0.5000", "float32"],
+        ["0.5000", "float16"],
+        ["0.8000", "float32"],
+        ["0.8000", "float16"],
+    ]
+    for cells, row in zip(sizes, rows):
+        ratio = row["export_bytes"] / row["ideal_bytes"]
+        assert float(cells[-1]) == pytest.approx(ratio, abs=1e-4)
+    times = lines[-4:]
+    assert all(line.count("x)") == 4 for line in times)

@@ -30,9 +30,12 @@ import ruamel.yaml
 import torch
 import yaml
 from hyperpyyaml import load_hyperpyyaml, resolve_references
+from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.dataio.dataio import read_audio
 from speechbrain.integrations.huggingface.hubert import HuBERT
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 from speechbrain.utils.checkpoints import Checkpointer
+from speechbrain.utils.metric_stats import ErrorRateStats
 
 from conftest import (
     RECIPE_DIR,
@@ -50,8 +53,9 @@ from speechbrain_spg.data.architectures import (
 )
 from speechbrain_spg.evaluation import compare
 from speechbrain_spg.evaluation.summary import format_table
-from speechbrain_spg.export import read_manifest
+from speechbrain_spg.export import COMPACT_FILE, MANIFEST, read_manifest
 from speechbrain_spg.lobes import SPGHuBERT, SPGWav2Vec2, SPGWavLM, x86_cpu
+from speechbrain_spg.tools.inference import load_asr
 from speechbrain_spg.tools.trace import history_clock, save_history
 
 FRAGMENT_DIR = REPO / "hparams"
@@ -582,7 +586,12 @@ def check_gated_outputs(out, summary):
         sparsity["hard_sparsity"], abs=1e-12
     )
     assert sparsity["hard_sparsity_per_rank"] == [sparsity["hard_sparsity"]]
-    assert (out / "compact" / "hf" / "config.json").is_file()
+    # Compact-only by default (export_dense_hf: False): no dense hf/ folder,
+    # and only files of the export are checksummed (none under hf/).
+    exported = set(os.listdir(out / "compact"))
+    assert {COMPACT_FILE, MANIFEST} <= exported and "hf" not in exported
+    assert COMPACT_FILE in manifest["files"]
+    assert not [rel for rel in manifest["files"] if rel.startswith("hf/")]
     assert not (out / "hf").exists()
     return sparsity
 
@@ -1160,3 +1169,80 @@ def test_recipe_flushes_subnormals_in_every_cpu_thread():
 
     assert nonzero("keep") == 1024 * 1024
     assert nonzero("flush") == 0
+
+
+# --------------------------------------------------------------------------
+# 3. The inference folder a gated run writes
+# --------------------------------------------------------------------------
+
+
+def read_split(out, split):
+    """(ids, wav paths, refs, recipe hypotheses) in the recipe's test order:
+    its test loader sorts the split's CSV by duration, ascending."""
+    with open(out / "save" / f"{split}.csv", encoding="utf-8") as f:
+        rows = sorted(csv.DictReader(f), key=lambda row: float(row["duration"]))
+    with open(out / f"hyps_{split}.jsonl", encoding="utf-8") as f:
+        hyps = {row["id"]: row["hyp"] for row in map(json.loads, f)}
+    return rows, hyps
+
+
+def word_error_rate(refs, hyps):
+    """WER in percent of parallel lists of transcripts."""
+    stats = ErrorRateStats()
+    stats.append(
+        list(range(len(refs))),
+        predict=[h.split() for h in hyps],
+        target=[r.split() for r in refs],
+    )
+    return stats.summarize("error_rate")
+
+
+def transcribe_in_batches(asr, rows, batch_size):
+    """Transcripts of ``rows`` in batches padded as the recipe pads them."""
+    words = []
+    for start in range(0, len(rows), batch_size):
+        batch = PaddedBatch(
+            [
+                {"sig": read_audio(row["wav"])}
+                for row in rows[start : start + batch_size]
+            ]
+        )
+        found, _ = asr.transcribe_batch(*batch.sig)
+        words += [" ".join(str(text).split()) for text in found]
+    return words
+
+
+@pytest.mark.parametrize(
+    "run", ["spg_ctc_char", "spg_ctc_attention_bpe", "ump_ctc_beam_char"]
+)
+def test_inference_folder_transcribes_like_the_recipe(
+    run, recipe_runs, tmp_path
+):
+    out = recipe_runs(run)
+    folder = out / "compact"
+    asr = load_asr(folder, savedir=tmp_path / "savedir")
+    attention = run == "spg_ctc_attention_bpe"
+    assert type(asr).__name__ == (
+        "EncoderDecoderASR" if attention else "EncoderASR"
+    )
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    rows, recipe_hyps = read_split(out, "test-clean")
+    refs = [row["wrd"] for row in rows]
+    batched = transcribe_in_batches(asr, rows, batch_size=16)  # the YAML's
+    # The recipe's batches: the same hypotheses, so the same WER.
+    assert batched == [" ".join(recipe_hyps[row["ID"]].split()) for row in rows]
+    wer = word_error_rate(refs, batched)
+    assert wer == pytest.approx(summary["wer"]["test-clean"], abs=1e-9)
+    # One file at a time: no padding. The feature extractor's normalisation
+    # and the convolutions see no zeros, so a few frames differ; the WER
+    # stays within 0.1 absolute of the recipe's here.
+    single = [" ".join(asr.transcribe_file(row["wav"]).split()) for row in rows]
+    assert abs(word_error_rate(refs, single) - wer) <= 0.1
+    # The model card reports this run, and the log says how to use it.
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert f"| test-clean | {summary['wer']['test-clean']:.2f} |" in card
+    assert card.count("| encoder.layers.") == 12
+    assert (
+        f"python -m speechbrain_spg.transcribe {folder} AUDIO.wav"
+        in run_log(out)
+    )

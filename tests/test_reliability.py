@@ -1037,15 +1037,35 @@ def test_export_into_empty_existing_folder_needs_no_overwrite(
     target = tmp_path / "compact"
     target.mkdir()
     export_compact(pruned_lobe, target)
-    assert sorted(os.listdir(target)) == [COMPACT_FILE, "hf", MANIFEST]
+    assert sorted(os.listdir(target)) == [COMPACT_FILE, MANIFEST]
+
+
+def fresh_export(lobe, target, dense_hf):
+    """Exports ``lobe`` (compact only, or with ``hf/``); returns the folder
+    and its parsed manifest."""
+    export_compact(lobe, target, dense_hf=dense_hf)
+    return target, json.loads((target / MANIFEST).read_text())
 
 
 @pytest.fixture
 def export_copy(pruned_lobe, tmp_path):
-    """A fresh export and its parsed manifest."""
-    target = tmp_path / "compact"
-    export_compact(pruned_lobe, target)
-    return target, json.loads((target / MANIFEST).read_text())
+    """A fresh compact-only export (the default) and its parsed manifest."""
+    return fresh_export(pruned_lobe, tmp_path / "compact", dense_hf=False)
+
+
+#: (dense_hf, a file the loaders verify), in both layouts of an export.
+LOADED_FILES = [
+    (False, COMPACT_FILE),
+    (True, COMPACT_FILE),
+    (True, "hf/config.json"),
+    (True, "hf/model.safetensors"),
+]
+LOADED_IDS = [
+    "compact_only",
+    "dense_hf-compact",
+    "dense_hf-config",
+    "dense_hf-weights",
+]
 
 
 def write_manifest(folder, manifest):
@@ -1053,36 +1073,49 @@ def write_manifest(folder, manifest):
     (folder / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
 
 
-def test_tampered_hf_weights_are_refused_by_both_loaders(export_copy):
-    folder, _ = export_copy
-    weights = folder / "hf" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
+@pytest.mark.parametrize("dense_hf, changed", LOADED_FILES, ids=LOADED_IDS)
+def test_changed_file_is_refused_by_both_loaders(
+    dense_hf, changed, pruned_lobe, tmp_path
+):
+    """A flipped bit in any file of either layout (including ``hf/``, which
+    neither loader reads any more: its checksum is still verified)."""
+    folder, _ = fresh_export(pruned_lobe, tmp_path / "compact", dense_hf)
+    target = folder / changed
+    data = bytearray(target.read_bytes())
     data[-8] ^= 0x40
-    weights.write_bytes(bytes(data))
-    pattern = re.escape(f"{weights}: sha256 ") + "[0-9a-f]{64} does not match"
+    target.write_bytes(bytes(data))
+    pattern = (
+        "^"
+        + re.escape(f"{target}: sha256 ")
+        + r"[0-9a-f]{64} does not match the manifest \([0-9a-f]{64}\); the "
+        r"file was modified or corrupted\. Export again\.$"
+    )
     with pytest.raises(CompactExportError, match=pattern):
         load_compact(folder)
     with pytest.raises(CompactExportError, match=pattern):
         CompactWav2Vec2(str(folder))
+    with pytest.raises(CompactExportError, match=pattern):
+        read_manifest(folder)
 
 
-def test_missing_listed_file_is_refused(export_copy):
-    folder, _ = export_copy
-    os.remove(folder / COMPACT_FILE)
-    with pytest.raises(CompactExportError) as error:
-        load_compact(folder)
-    assert str(error.value) == (
-        f"{folder / COMPACT_FILE}: listed in the manifest but missing."
-    )
-
-
-@pytest.mark.parametrize(
-    "removed", [COMPACT_FILE, "hf/config.json", "hf/model.safetensors"]
-)
-def test_manifest_without_a_loaded_files_checksum_is_refused(
-    removed, export_copy
+@pytest.mark.parametrize("dense_hf, removed", LOADED_FILES, ids=LOADED_IDS)
+def test_missing_listed_file_is_refused(
+    dense_hf, removed, pruned_lobe, tmp_path
 ):
-    folder, manifest = export_copy
+    folder, _ = fresh_export(pruned_lobe, tmp_path / "compact", dense_hf)
+    os.remove(folder / removed)
+    message = f"{folder / removed}: listed in the manifest but missing."
+    for load in (load_compact, lambda f: CompactWav2Vec2(str(f))):
+        with pytest.raises(CompactExportError) as error:
+            load(folder)
+        assert str(error.value) == message
+
+
+@pytest.mark.parametrize("dense_hf, removed", LOADED_FILES, ids=LOADED_IDS)
+def test_manifest_without_a_loaded_files_checksum_is_refused(
+    dense_hf, removed, pruned_lobe, tmp_path
+):
+    folder, manifest = fresh_export(pruned_lobe, tmp_path / "compact", dense_hf)
     del manifest["files"][removed]
     write_manifest(folder, manifest)
     with pytest.raises(CompactExportError) as error:
@@ -1094,11 +1127,28 @@ def test_manifest_without_a_loaded_files_checksum_is_refused(
     )
 
 
-def test_file_added_to_hf_folder_is_refused(export_copy):
-    folder, _ = export_copy
-    torch.save({}, folder / "hf" / "pytorch_model.bin")
-    with pytest.raises(CompactExportError, match=r"\['hf/pytorch_model.bin'\]"):
-        CompactWav2Vec2(str(folder))
+@pytest.mark.parametrize(
+    "dense_hf, added",
+    [(True, "hf/pytorch_model.bin"), (False, "hf/model.safetensors")],
+    ids=["dense_hf", "compact_only"],
+)
+def test_file_added_to_hf_folder_is_refused(
+    dense_hf, added, pruned_lobe, tmp_path
+):
+    """Weights slipped into ``hf/`` (next to a dense folder, or as a new one
+    in a compact-only export) are not covered by the manifest: refused."""
+    folder, _ = fresh_export(pruned_lobe, tmp_path / "compact", dense_hf)
+    (folder / "hf").mkdir(exist_ok=True)
+    torch.save({}, folder / added)
+    message = (
+        f"{folder / MANIFEST}: ['{added}'] not listed under 'files', so their "
+        "checksums cannot be verified; the manifest was edited or files were "
+        "added. Export again."
+    )
+    for load in (load_compact, lambda f: CompactWav2Vec2(str(f))):
+        with pytest.raises(CompactExportError) as error:
+            load(folder)
+        assert str(error.value) == message
 
 
 @pytest.mark.parametrize(
@@ -1110,8 +1160,9 @@ def test_file_added_to_hf_folder_is_refused(export_copy):
             "was edited or truncated. Export again.",
         ),
         (
-            lambda m: m.update(format_version=2),
-            "{manifest}: format_version 2 is not supported (expected 1).",
+            lambda m: m.update(format_version=1),
+            "{manifest}: format_version 1 is not supported (expected 2); "
+            "export the model again with this version of speechbrain-spg.",
         ),
         (
             lambda m: m.update(model_type="bert"),
