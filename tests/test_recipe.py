@@ -1233,11 +1233,17 @@ def test_inference_folder_transcribes_like_the_recipe(
     assert batched == [" ".join(recipe_hyps[row["ID"]].split()) for row in rows]
     wer = word_error_rate(refs, batched)
     assert wer == pytest.approx(summary["wer"]["test-clean"], abs=1e-9)
-    # One file at a time: no padding. The feature extractor's normalisation
-    # and the convolutions see no zeros, so a few frames differ; the WER
-    # stays within 0.1 absolute of the recipe's here.
-    single = [" ".join(asr.transcribe_file(row["wav"]).split()) for row in rows]
-    assert abs(word_error_rate(refs, single) - wer) <= 0.1
+    # One file at a time: the longest utterance of each batch was not
+    # padded, and gets the same transcript; the others were, so their
+    # features differ slightly (the convolutions and normalisations see
+    # zeros), which can change a few characters (measured on the demo:
+    # benchmarks/RESULTS.md).
+    longest = [
+        min(start + 15, len(rows) - 1) for start in range(0, len(rows), 16)
+    ]
+    for i in longest:
+        single = " ".join(asr.transcribe_file(rows[i]["wav"]).split())
+        assert single == batched[i]
     # The model card reports this run, and the log says how to use it.
     card = (folder / "README.md").read_text(encoding="utf-8")
     assert f"| test-clean | {summary['wer']['test-clean']:.2f} |" in card

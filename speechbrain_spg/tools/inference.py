@@ -313,6 +313,8 @@ def inference_hparams(
         lines.append(
             "tokenizer: !new:speechbrain_spg.tools.inference.CharTokenizer"
         )
+        if labels is not None:
+            lines.append(f"    expected_len: {labels}")
     modules = ["    encoder: !ref <encoder>"]
     if decoder == "ctc_attention":
         modules.append(f"    decoder: !ref <{searcher_key}>")
