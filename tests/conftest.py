@@ -117,3 +117,72 @@ def hubert_source(tiny_sources):
 def wavlm_source(tiny_sources):
     """Folder of the tiny WavLM model."""
     return tiny_sources["wavlm"]
+
+
+#: A training YAML's head, as the inference folder fixture copies it.
+HEAD_YAML = """\
+ssl_dim: 32
+dnn_neurons: 16
+output_neurons: {labels}
+enc: !new:speechbrain.nnet.linear.Linear
+    input_size: !ref <ssl_dim>
+    n_neurons: !ref <dnn_neurons>
+ctc_lin: !new:speechbrain.nnet.linear.Linear
+    input_size: !ref <dnn_neurons>
+    n_neurons: !ref <output_neurons>
+log_softmax: !new:speechbrain.nnet.activations.Softmax
+    apply_log: True
+"""
+
+
+def build_inference_folder(source, work):
+    """A tiny CTC inference folder in ``work/compact``: the SPG lobe of
+    ``source`` pruned to 65% (random weights), a random head and a
+    character tokenizer (blank + LibriSpeech's alphabet)."""
+    from speechbrain.nnet.linear import Linear
+
+    from speechbrain_spg.lobes import SPGWav2Vec2
+    from speechbrain_spg.tools.inference import (
+        CharTokenizer,
+        copied_definitions,
+        inference_hparams,
+        write_inference_folder,
+    )
+
+    torch.manual_seed(0)
+    lobe = SPGWav2Vec2(str(source), save_path="", target_sparsity=0.65)
+    lobe.hard_prune()
+    tokenizer = CharTokenizer()
+    tokenizer.insert_blank(index=0)
+    tokenizer.update_from_iterable(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZ' ", sequence_input=False
+    )
+    labels = str(work / "label_encoder.txt")
+    tokenizer.save(labels)
+    train_yaml = work / "train.yaml"
+    train_yaml.write_text(HEAD_YAML.format(labels=len(tokenizer)))
+    head = torch.nn.ModuleList(
+        [
+            Linear(input_size=32, n_neurons=16),
+            Linear(input_size=16, n_neurons=len(tokenizer)),
+        ]
+    )
+    keys = ["enc", "ctc_lin", "log_softmax"]
+    text = inference_hparams(
+        lobe,
+        copied_definitions(train_yaml, {}, keys),
+        ["enc", "ctc_lin"],
+        keys,
+        labels=len(tokenizer),
+    )
+    out = work / "compact"
+    write_inference_folder(lobe, out, head, labels, text)
+    return out
+
+
+@pytest.fixture(scope="session")
+def inference_folder(wav2vec2_source, tmp_path_factory):
+    """A tiny CTC inference folder (see ``build_inference_folder``)."""
+    return build_inference_folder(
+        wav2vec2_source, tmp_path_factory.mktemp("inference")
+    )

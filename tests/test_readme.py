@@ -3,25 +3,29 @@
 The block under "Use SPG from Python" is taken from README.md, its hub id
 replaced by a tiny local model (no downloads here), and executed in a
 temporary folder: it must train, prune onto the target and export a compact
-model that loads back, also through the YAML block of "Use a compressed
-model anywhere".
+model that loads back. The blocks of "Deploy and reuse a compressed model"
+run on a tiny inference folder (the YAML one: ``tests/test_dropin.py``).
 """
 
+import contextlib
+import io
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
+import soundfile
 import torch
-from hyperpyyaml import load_hyperpyyaml
 
 from conftest import REPO
-from speechbrain_spg.export import CompactWav2Vec2, load_compact
+from speechbrain_spg.export import load_compact
 
 README = REPO / "README.md"
 HEADING = "## Use SPG from Python (any training loop)"
 SOURCE_LINE = 'source = "facebook/wav2vec2-base"'
-YAML_HEADING = "## Use a compressed model anywhere"
-YAML_SOURCE = "results/wav2vec2_base_spg/1986/compact"
+DEPLOY_HEADING = "## Deploy and reuse a compressed model"
+DEPLOY_FOLDER = "results/tiny_spg/1234/compact"
 
 
 def readme_block(heading, language):
@@ -42,7 +46,8 @@ def python_example():
 
 def test_examples_use_the_paths_the_test_replaces():
     assert python_example().count(SOURCE_LINE) == 1
-    assert readme_block(YAML_HEADING, "yaml").count(YAML_SOURCE) == 1
+    assert readme_block(DEPLOY_HEADING, "bash").count(DEPLOY_FOLDER) == 1
+    assert readme_block(DEPLOY_HEADING, "python").count(DEPLOY_FOLDER) == 1
 
 
 def test_python_example_trains_prunes_and_exports(
@@ -87,19 +92,32 @@ def test_python_example_trains_prunes_and_exports(
         expected = lobe.model(wav).last_hidden_state
         got = model(wav).last_hidden_state
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-    # The one-line YAML of "Use a compressed model anywhere".
-    yaml = readme_block(YAML_HEADING, "yaml").replace(
-        YAML_SOURCE, str(tmp_path / "compact_wav2vec2")
+
+
+def test_deploy_examples_transcribe(inference_folder, tmp_path, monkeypatch):
+    """The command and the Python lines of "Deploy": the same transcript of
+    ``audio.wav`` (a file) and of ``more_audio/`` (a folder)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "more_audio").mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for path in ("audio.wav", "more_audio/other.wav"):
+        wav = 0.1 * torch.randn(16000, generator=generator)
+        soundfile.write(path, wav.numpy(), 16000)
+    command = readme_block(DEPLOY_HEADING, "bash").strip()
+    command = command.replace(DEPLOY_FOLDER, str(inference_folder))
+    assert command.startswith("python -m speechbrain_spg.transcribe ")
+    done = subprocess.run(
+        [sys.executable, *command.split()[1:]],
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    compact = load_hyperpyyaml(yaml)["wav2vec2"]
-    assert type(compact) is CompactWav2Vec2
-    with torch.no_grad():
-        features = compact.eval()(wav)
-        # The same SpeechBrain wrapper around the pruned lobe; output_norm
-        # is the YAML's only difference.
-        lobe_features = lobe(wav)
-    # SpeechBrain's output_norm: a layer norm over time and features.
-    normed = torch.nn.functional.layer_norm(
-        lobe_features, lobe_features.shape[1:]
+    lines = [line.split("\t") for line in done.stdout.splitlines()]
+    assert [path for path, _ in lines] == ["audio.wav", "more_audio/other.wav"]
+    code = readme_block(DEPLOY_HEADING, "python").replace(
+        DEPLOY_FOLDER, str(inference_folder)
     )
-    torch.testing.assert_close(features, normed, atol=1e-5, rtol=1e-4)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "README.md deploy example", "exec"), {})
+    assert printed.getvalue().split() == lines[0][1].split()

@@ -14,73 +14,22 @@ import pytest
 import soundfile
 import torch
 from speechbrain.dataio.preprocess import AudioNormalizer
-from speechbrain.nnet.linear import Linear
 
 from speechbrain_spg import transcribe
-from speechbrain_spg.data.architectures import tiny_model_folder
-from speechbrain_spg.lobes import SPGWav2Vec2
 from speechbrain_spg.tools.inference import (
-    CharTokenizer,
-    copied_definitions,
-    inference_hparams,
     load_asr,
-    write_inference_folder,
 )
 
-TRAIN_YAML = """\
-ssl_dim: 32
-dnn_neurons: 16
-output_neurons: {n_tokens}
-enc: !new:speechbrain.nnet.linear.Linear
-    input_size: !ref <ssl_dim>
-    n_neurons: !ref <dnn_neurons>
-ctc_lin: !new:speechbrain.nnet.linear.Linear
-    input_size: !ref <dnn_neurons>
-    n_neurons: !ref <output_neurons>
-log_softmax: !new:speechbrain.nnet.activations.Softmax
-    apply_log: True
-"""
 #: The tiny model's convolutions (kernels 10, 8; strides 5, 4) need 45
 #: samples for one frame.
 MIN_SAMPLES = 45
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def folder(inference_folder):
     """A tiny CTC inference folder (random weights, 65% of gated weights
-    pruned)."""
-    work = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    source = tiny_model_folder()
-    lobe = SPGWav2Vec2(source, save_path="", target_sparsity=0.65)
-    lobe.hard_prune()
-    shutil.rmtree(source)
-    tokenizer = CharTokenizer()
-    tokenizer.insert_blank(index=0)
-    tokenizer.update_from_iterable(
-        "ABCDEFGHIJKLMNOPQRSTUVWXYZ' ", sequence_input=False
-    )
-    labels = str(work / "label_encoder.txt")
-    tokenizer.save(labels)
-    train_yaml = work / "train.yaml"
-    train_yaml.write_text(TRAIN_YAML.format(n_tokens=len(tokenizer)))
-    head = torch.nn.ModuleList(
-        [
-            Linear(input_size=32, n_neurons=16),
-            Linear(input_size=16, n_neurons=len(tokenizer)),
-        ]
-    )
-    keys = ["enc", "ctc_lin", "log_softmax"]
-    text = inference_hparams(
-        lobe,
-        copied_definitions(train_yaml, {}, keys),
-        ["enc", "ctc_lin"],
-        keys,
-        labels=len(tokenizer),  # the tokenizer checks its label count
-    )
-    out = work / "compact"
-    write_inference_folder(lobe, out, head, labels, text)
-    return str(out)
+    pruned; ``conftest.build_inference_folder``)."""
+    return str(inference_folder)
 
 
 @pytest.fixture(scope="module")

@@ -798,3 +798,28 @@ def publish(folder, results, license_id=None):
     print("Transcribe with the compressed model:")
     for line in usage_lines(folder):
         print(f"  {line}")
+
+
+def hidden_size(folder):
+    """The width of an exported model's output features (the input size of
+    the head a recipe puts on it: 768 for base models, 1024 for large ones).
+
+    Arguments
+    ---------
+    folder : str or os.PathLike
+        An export or inference folder.
+
+    Returns
+    -------
+    int
+
+    Example
+    -------
+    >>> from speechbrain_spg.data.architectures import tiny_model_folder
+    >>> from speechbrain_spg.lobes import SPGWav2Vec2
+    >>> out = os.path.join(tempfile.mkdtemp(), "out")
+    >>> _ = export_compact(SPGWav2Vec2(tiny_model_folder(), save_path=""), out)
+    >>> hidden_size(out)
+    32
+    """
+    return int(read_manifest(folder, verify=False)["config"]["hidden_size"])
