@@ -266,7 +266,7 @@ class LagrangianSparsityRegularizer(nn.Module):
 
 def offset_step(zeros, derivatives, target_zeros, max_step=0.25):
     """Newton step of the offset shared by all thresholds that brings the
-    soft-zero count to ``target_zeros``.
+    soft-zero count to ``target_zeros`` (tensors only: no device read-back).
 
     Arguments
     ---------
@@ -274,30 +274,32 @@ def offset_step(zeros, derivatives, target_zeros, max_step=0.25):
         Soft-zero count of each matrix (1-D).
     derivatives : torch.Tensor
         Derivative of each count in the offset (1-D, >= 0).
-    target_zeros : float
+    target_zeros : torch.Tensor or float
         The count to reach.
     max_step : float
         Largest step (the count is a sigmoid sum: far away it is flat).
 
     Returns
     -------
-    float
+    torch.Tensor
+        0-d.
 
     Example
     -------
     >>> offset_step(torch.tensor([3.0, 5.0]), torch.tensor([10.0, 10.0]), 10.0)
-    0.1
+    tensor(0.1000)
     >>> offset_step(torch.tensor([3.0]), torch.tensor([0.0]), 10.0)
-    0.25
+    tensor(0.2500)
     """
-    gap, slope = target_zeros - zeros.sum().item(), derivatives.sum().item()
-    step = gap / slope if slope > 0 else math.copysign(max_step, gap)
-    return max(-max_step, min(max_step, step))
+    gap, slope = target_zeros - zeros.sum(), derivatives.sum()
+    flat = torch.sign(gap) * max_step
+    step = torch.where(slope > 0, gap / slope.clamp_min(1e-30), flat)
+    return step.clamp(-max_step, max_step)
 
 
 def project_out(grad, normal):
     """``grad`` less its component along ``normal`` (unchanged if ``normal``
-    is None or zero).
+    is None or zero; no device read-back).
 
     Arguments
     ---------
@@ -312,11 +314,15 @@ def project_out(grad, normal):
     -------
     >>> project_out(torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.0]))
     tensor([0., 1.])
+    >>> project_out(torch.tensor([2.0, 1.0]), torch.zeros(2))
+    tensor([2., 1.])
     """
-    if normal is None or not bool(normal.any()):
+    if normal is None:
         return grad
     normal = normal.to(grad.dtype)
-    return grad - (grad @ normal) / (normal @ normal) * normal
+    norm = normal @ normal
+    scale = torch.where(norm > 0, (grad @ normal) / norm.clamp_min(1e-30), 0)
+    return grad - scale * normal
 
 
 def hard_zero_counts(weights, thresholds):
