@@ -1053,6 +1053,7 @@ def lobe_step(
         target_sparsity=0.5,
         threshold_init=0.6,
         gate_impl=impl,
+        sparsity_controller="lagrangian",  # a sparsity term to differentiate
         **options,
     )
     lobe.model.config.layerdrop = layerdrop

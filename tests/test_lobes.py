@@ -450,6 +450,7 @@ def test_checkpoint_round_trip(wav2vec2_source, tmp_path):
             save_path="",
             threshold_init=0.6,
             target_sparsity=0.7,
+            sparsity_controller="lagrangian",  # multipliers that learn
         )
 
     lobe = build()
