@@ -18,9 +18,17 @@ figure (``--plot``, by default ``benchmarks/sparsity_controller.png``) draws
 soft and hard sparsity against the schedule, one panel per setting, for the
 first seed. A few minutes on one CPU core.
 
+``--step-time N`` instead times training steps of the tiny demo's setting
+(``recipes/LibriSpeech/spg``'s shipped tiny wav2vec2, ``tiny_spg.yaml``'s
+lobe options, head and three Adams; a batch of 8 x 3 s of random audio, CTC
+loss on random labels): N steps after 5 untimed ones, for each controller in
+turn (the order alternates), ``--rounds`` times, and prints the milliseconds
+per step and their ratio.
+
 Usage:
     python benchmarks/sparsity_controller.py
     python benchmarks/sparsity_controller.py --seeds 0 1 2 --ramp-steps 500
+    python benchmarks/sparsity_controller.py --step-time 30 --rounds 3
 
 Authors
  * speechbrain-spg developers 2026
@@ -28,16 +36,18 @@ Authors
 
 import argparse
 import pathlib
+import time
 
 import torch
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
 from speechbrain_spg.data.architectures import tiny_model_folder
-from speechbrain_spg.lobes import SPGWav2Vec2
+from speechbrain_spg.lobes import SPGWav2Vec2, spg_lobe
 from speechbrain_spg.options import CONTROLLERS
 
 SETTINGS = ("alone", "task")
 PLOT = pathlib.Path(__file__).resolve().parent / "sparsity_controller.png"
+TINY_DEMO = PLOT.parents[1] / "recipes/LibriSpeech/spg/pretrained/tiny_w2v2/hf"
 
 
 def largest_gap(trace, after):
@@ -163,6 +173,61 @@ def plot(traces, out_png):
     figure.savefig(out_png, format="png", dpi=110, bbox_inches="tight")
 
 
+def step_time(controller, steps, warmup=5):
+    """Seconds per training step in the tiny demo's setting (module doc).
+
+    Arguments
+    ---------
+    controller : str
+        ``sparsity_controller`` of the lobe.
+    steps, warmup : int
+        Timed steps, after ``warmup`` untimed ones.
+
+    Returns
+    -------
+    float
+    """
+    torch.manual_seed(0)
+    lobe = spg_lobe(
+        str(TINY_DEMO),
+        target_sparsity=0.65,
+        ramp_steps=100,
+        sparsity_controller=controller,
+        output_norm=True,
+        freeze_feature_extractor=True,
+    ).train()
+    head = torch.nn.Sequential(
+        torch.nn.Linear(192, 192), torch.nn.Linear(192, 31)
+    )
+    gate = [lobe.gate.threshold_param, lobe.regularizer.multiplier_param]
+    ssl = [p for p in lobe.parameters() if all(p is not g for g in gate)]
+    groups = ((head.parameters(), 5e-4), (ssl, 2e-4), (gate, 0.02))
+    optimizers = [torch.optim.Adam(params, lr) for params, lr in groups]
+    generator = torch.Generator().manual_seed(1)
+    wav = torch.randn(8, 48000, generator=generator)
+    labels = torch.randint(3, 31, (8, 30), generator=generator)
+
+    def step():
+        log_probs = torch.log_softmax(head(lobe(wav)), -1).transpose(0, 1)
+        lengths = torch.full((8,), log_probs.shape[0])
+        loss = torch.nn.functional.ctc_loss(
+            log_probs, labels, lengths, torch.full((8,), 30)
+        )
+        loss = loss + lobe.sparsity_loss()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
 def main(argv=None):
     """Runs every controller, setting and seed; prints and plots."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -175,8 +240,22 @@ def main(argv=None):
     parser.add_argument("--task-scale", type=float, default=10.0)
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--plot", default=str(PLOT))
+    parser.add_argument("--step-time", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
+    if args.step_time:
+        for index in range(args.rounds):
+            order = args.controllers[:: -1 if index % 2 else 1]  # alternate
+            times = {c: step_time(c, args.step_time) for c in order}
+            ratio = times["projection"] / times["lagrangian"]
+            print(
+                f"round {index + 1}: "
+                + ", ".join(f"{c} {t * 1e3:.1f} ms" for c, t in times.items())
+                + f", projection / lagrangian {ratio:.4f}",
+                flush=True,
+            )
+        return None
     print(
         f"{'controller':>10} {'setting':>7} {'seed':>4} {'hard':>7} "
         f"{'max |soft - target|':>19} {'layers':>11}"
