@@ -586,12 +586,18 @@ def check_gated_outputs(out, summary):
         sparsity["hard_sparsity"], abs=1e-12
     )
     assert sparsity["hard_sparsity_per_rank"] == [sparsity["hard_sparsity"]]
-    # Compact-only by default (export_dense_hf: False): no dense hf/ folder,
-    # and only files of the export are checksummed (none under hf/).
     exported = set(os.listdir(out / "compact"))
-    assert {COMPACT_FILE, MANIFEST} <= exported and "hf" not in exported
+    assert {COMPACT_FILE, MANIFEST} <= exported
     assert COMPACT_FILE in manifest["files"]
-    assert not [rel for rel in manifest["files"] if rel.startswith("hf/")]
+    dense = [rel for rel in manifest["files"] if rel.startswith("hf/")]
+    extra = RUNS[out.name][2] if out.name in RUNS else []
+    if "--export_dense_hf=True" in extra:  # on request, checksummed
+        assert "hf/model.safetensors" in dense
+    else:  # compact-only by default (export_dense_hf: False)
+        assert "hf" not in exported and not dense
+    assert manifest["dtype"] == (
+        "float16" if "--export_dtype=float16" in extra else "float32"
+    )
     assert not (out / "hf").exists()
     return sparsity
 
@@ -618,13 +624,18 @@ RUNS = {
             "--beam_size=2",
             # An untrained decoder never emits <eos>: stop it early.
             "--test_searcher={max_decode_ratio: 0.05}",
+            "--export_dense_hf=True",
         ],
         ["test-clean"],
     ),
     "ump_ctc_beam_char": (
         "tiny_ump.yaml",
         "char",
-        ["--test_search=beam", "--test_beam_search={beam_size: 2}"],
+        [
+            "--test_search=beam",
+            "--test_beam_search={beam_size: 2}",
+            "--export_dtype=float16",
+        ],
         ["test-clean"],
     ),
     "dense_ctc_bpe": (
