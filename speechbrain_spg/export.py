@@ -816,7 +816,6 @@ class CompactWav2Vec2(Wav2Vec2):
         self.keep_sparsity = (
             not freeze if keep_sparsity is None else keep_sparsity
         )
-        self._masked_names = []
         if masks is not None:
             self._prepare(masks)
 
@@ -845,7 +844,6 @@ class CompactWav2Vec2(Wav2Vec2):
             params[key].register_hook(
                 lambda grad, name=name: grad * getattr(self, name)
             )
-            self._masked_names.append(key)
 
     @mark_as_saver
     def save_weights(self, path):
