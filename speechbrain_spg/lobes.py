@@ -422,7 +422,7 @@ class SPGLobeMixin:
         self.project_thresholds()
         return (self.regularizer.multiplier_param * 0).sum()
 
-    def project_thresholds(self, passes=2):
+    def project_thresholds(self, passes=1):
         """Projection controller, once per training step: Newton steps on
         one offset of all thresholds put the hard sparsity on the scheduled
         target (the soft count is aimed at the hard target plus the soft-hard
