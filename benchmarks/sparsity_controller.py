@@ -42,7 +42,7 @@ import torch
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
 from speechbrain_spg.data.architectures import tiny_model_folder
-from speechbrain_spg.lobes import SPGWav2Vec2, spg_lobe
+from speechbrain_spg.lobes import SPGWav2Vec2, flushes_subnormals, spg_lobe
 from speechbrain_spg.options import CONTROLLERS
 
 SETTINGS = ("alone", "task")
@@ -243,7 +243,27 @@ def main(argv=None):
     parser.add_argument("--step-time", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    torch.set_flush_denormal(True)
+    was_on = flushes_subnormals()
+    torch.set_flush_denormal(True)  # as the recipe's train.py
+    try:
+        return measure(args)
+    finally:
+        torch.set_flush_denormal(was_on)
+
+
+def measure(args):
+    """What ``main`` runs, with the parsed arguments.
+
+    Arguments
+    ---------
+    args : argparse.Namespace
+
+    Returns
+    -------
+    list of tuple or None
+        (controller, setting, seed, hard, max gap) per run; None with
+        ``--step-time``.
+    """
     if args.step_time:
         for index in range(args.rounds):
             order = args.controllers[:: -1 if index % 2 else 1]  # alternate

@@ -256,7 +256,7 @@ def test_eval_overhead_refuses_a_lobe_that_does_not_cache(monkeypatch):
 
 
 def test_sparsity_controller_prints_and_plots_both_controllers(
-    monkeypatch, capsys, tmp_path
+    monkeypatch, capsys, tmp_path, flush_off
 ):
     controller = load_benchmark("sparsity_controller", monkeypatch)
     png = tmp_path / "traces.png"
@@ -283,6 +283,7 @@ def test_sparsity_controller_prints_and_plots_both_controllers(
         "layers",
     ]
     assert len(lines) == 6 and lines[-1] == f"traces: {png}"
+    assert not flushing()  # the setting the benchmark found is restored
 
 
 def test_export_size_prints_sizes_and_alternated_load_times(
