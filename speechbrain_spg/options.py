@@ -23,9 +23,9 @@ TIE_MODES = ("linear", "block", "global")
 TARGET_SCOPES = ("gated", "model")
 SUPPORTED_MODEL_TYPES = ("wav2vec2", "hubert", "wavlm")
 _ZERO_THRESHOLD = (
-    "threshold_init: 0 is a fixed point (the thresholds get zero gradient and "
-    "never move, so nothing is pruned in training); use a small positive "
-    "value such as 0.05 to train."
+    "threshold_init: 0 is a fixed point of the lagrangian controller (the "
+    "thresholds get zero gradient and never move, so nothing is pruned in "
+    "training); use a small positive value such as 0.05 to train."
 )
 CONTROLLERS = ("projection", "lagrangian")
 _CHOICES = dict(
@@ -121,7 +121,8 @@ class SPGOptions:
             ok = ok and 0 <= value < float("inf") and (value > 0 or not strict)
             what = "a finite number > 0" if strict else "a finite number >= 0"
             self._require(key, ok, what)
-            if not strict and value == 0:
+            lagrangian = self.sparsity_controller == "lagrangian"
+            if not strict and value == 0 and lagrangian:
                 warnings.warn(_ZERO_THRESHOLD, stacklevel=3)
         validate_damping(self.sparsity_damping)
         for key in ("warmup_steps", "ramp_steps"):

@@ -368,13 +368,31 @@ def test_calibrated_pruning_hits_the_target(wav2vec2_source):
 def test_calibration_refuses_zero_thresholds(wav2vec2_source):
     """No common factor moves a zero threshold: a clear error, not a
     factor of 1e38 that prunes everything."""
-    with pytest.warns(UserWarning, match="threshold_init: 0"):
-        lobe = SPGWav2Vec2(wav2vec2_source, save_path="", threshold_init=0.0)
+    with pytest.warns(UserWarning, match="threshold_init: 0 is a fixed point"):
+        lobe = SPGWav2Vec2(
+            wav2vec2_source,
+            save_path="",
+            threshold_init=0.0,
+            sparsity_controller="lagrangian",
+        )
     with pytest.raises(
         ValueError, match=r"zero or not finite .*threshold_init"
     ):
         lobe.hard_prune(calibrate=True)
     assert not lobe.is_pruned
+
+
+def test_projection_moves_zero_thresholds(wav2vec2_source):
+    """The projection controller's offset step leaves a zero threshold (its
+    count's slope vanishes there, so it takes its largest step): no
+    warning, and the first training step prunes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="threshold_init")
+        lobe = SPGWav2Vec2(
+            wav2vec2_source, save_path="", threshold_init=0.0, ramp_steps=0
+        )
+    lobe.train()(_wave(seed=4))
+    assert float(lobe.gate.thresholds().abs().min()) > 0
 
 
 def test_eval_cache_follows_threshold_and_weight_updates(wav2vec2_source):
