@@ -290,7 +290,7 @@ def inference_hparams(
         "ssl: !new:speechbrain_spg.export.CompactWav2Vec2",
         "    output_norm: " + str(bool(lobe.output_norm)),
         "    freeze: True",
-        "    normalize_wav: " + str(bool(_normalizes(lobe))),
+        "    normalize_wav: " + str(bool(getattr(lobe, "normalize_wav", True))),
         "    config:",
     ]
     for key, value in config.items():
@@ -345,11 +345,6 @@ def inference_hparams(
         "",
     ]
     return "\n".join(lines)
-
-
-def _normalizes(lobe):
-    """Whether the lobe normalises its input waveforms."""
-    return getattr(lobe, "normalize_wav", True)
 
 
 def _flow(value):
