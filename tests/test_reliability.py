@@ -725,11 +725,13 @@ def test_reference_and_fused_agree_at_extremes(case):
 
 
 def test_zero_threshold_init_warns_because_it_never_moves():
-    """A zero threshold gets zero gradient: training would never prune."""
+    """A zero threshold gets zero gradient: under the lagrangian controller
+    training would never prune (the projection's offset step leaves zero:
+    ``tests/test_lobes.py``)."""
     out = gate_outputs("fused", 0.02, 0.0, 0.02)
     assert float(out["grad_threshold"].abs().max()) == 0.0
     with pytest.warns(UserWarning, match=r"^threshold_init: 0 is a fixed"):
-        SPGOptions(threshold_init=0)
+        SPGOptions(threshold_init=0, sparsity_controller="lagrangian")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
