@@ -76,16 +76,36 @@ def parse_arguments(argv):
         "--output", help="inference folder (default <output_folder>/compact)"
     )
     parser.add_argument("--lobe", help="the SPG lobe's key (default: found)")
-    parser.add_argument("--head", default="enc,ctc_lin", type=_keys)
     parser.add_argument(
-        "--encoder", default="enc,ctc_lin,log_softmax", type=_keys
+        "--head",
+        default="enc,ctc_lin",
+        type=_keys,
+        help="the YAML keys of the head's modules, in order (saved in head.ckpt)",
     )
-    parser.add_argument("--tokenizer", default="label_encoder")
-    parser.add_argument("--test_csv", nargs="+", help="default: test_csv")
-    parser.add_argument("--calibrate", action="store_true")
-    parser.add_argument("--export_dtype", default="float32")
+    parser.add_argument(
+        "--encoder",
+        default="enc,ctc_lin,log_softmax",
+        type=_keys,
+        help="the modules applied after the SSL model, up to log-probabilities",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default="label_encoder",
+        help="the YAML key of the character encoder or SentencePiece model",
+    )
+    parser.add_argument(
+        "--test_csv", nargs="+", help="test CSV files (default: test_csv)"
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="scale all thresholds onto the target before pruning",
+    )
+    parser.add_argument(
+        "--export_dtype", default="float32", choices=["float32", "float16"]
+    )
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     parser.add_argument("--noprogressbar", action="store_true")
     args, rest = parser.parse_known_args(argv)
     lines = []
