@@ -638,7 +638,7 @@ def fill_model(model, state, where):
     return model.eval()
 
 
-def read_compact_file(path, shapes, verify_in=None):
+def read_compact_file(path, shapes, check=None):
     """The dense state dict of a ``compact.safetensors`` file, and its masks.
 
     Arguments
@@ -648,8 +648,9 @@ def read_compact_file(path, shapes, verify_in=None):
     shapes : dict
         Key -> shape, of at least every sparsely stored matrix (a manifest's
         ``sparse_shapes``, or a model's state dict shapes).
-    verify_in : str, optional
-        Export folder whose checksums are verified meanwhile, in a thread.
+    check : callable, optional
+        Run meanwhile in a thread (``verify_files`` of the export); its
+        error comes first, since a corrupted file also fails to expand.
 
     Returns
     -------
@@ -666,10 +667,7 @@ def read_compact_file(path, shapes, verify_in=None):
     (True, 2)
     """
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        checked = None
-        if verify_in is not None:
-            manifest = read_manifest(verify_in, verify=False)
-            checked = pool.submit(verify_files, verify_in, manifest)
+        checked = None if check is None else pool.submit(check)
         try:
             state, masks = expand_tensors(
                 load_file(os.fspath(path)), shapes, pool
@@ -724,7 +722,7 @@ def _load_export(path, verify):
     state, masks = read_compact_file(
         os.path.join(path, COMPACT_FILE),
         manifest["sparse_shapes"],
-        verify_in=path if verify else None,
+        check=(lambda: verify_files(path, manifest)) if verify else None,
     )
     model = fill_model(empty_model(manifest["config"]), state, path)
     return model, masks, manifest

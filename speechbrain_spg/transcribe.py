@@ -345,17 +345,6 @@ def _duration(path):
         return 0.0
 
 
-def _trust_tokenizer_length(asr):
-    """Silences SpeechBrain's warning that a character tokenizer's
-    ``expect_len`` was never called: its label file was just loaded from the
-    folder, whose checksums were verified."""
-    tokenizer = getattr(asr, "tokenizer", None)
-    if hasattr(tokenizer, "ignore_len") and not hasattr(
-        tokenizer, "expected_len"
-    ):
-        tokenizer.ignore_len()
-
-
 def _one_line(message):
     """An exception or message on one line."""
     return " ".join(str(message).split())
@@ -444,7 +433,6 @@ def main(argv=None):
             and len(paths) >= PROGRESS_MIN_FILES
             and sys.stderr.isatty()
         )
-        _trust_tokenizer_length(asr)
         results = transcribe_files(
             asr, paths, args.batch_size, progressbar=progressbar
         )

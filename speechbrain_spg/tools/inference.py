@@ -54,7 +54,8 @@ class CharTokenizer(CTCTextEncoder):
     Arguments
     ---------
     expected_len : int, optional
-        The number of labels (the head's output size), checked on loading.
+        The number of labels (the head's output size), checked on loading
+        (without it, SpeechBrain's warning that it was never set is off).
 
     Example
     -------
@@ -66,7 +67,9 @@ class CharTokenizer(CTCTextEncoder):
 
     def __init__(self, expected_len=None):
         super().__init__()
-        if expected_len is not None:
+        if expected_len is None:  # the label file is checksummed, and the
+            self.ignore_len()  # head's size checks it on loading
+        else:
             self.expect_len(expected_len)
 
     def decode_ids(self, ids):
