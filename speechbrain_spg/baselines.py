@@ -2,7 +2,9 @@
 
 Uniform magnitude pruning (UMP) is the two-stage baseline of the paper: the
 same fraction of the smallest-magnitude weights is removed from EVERY gated
-matrix at once, the masks are fixed, and the model is fine-tuned. It reuses
+matrix at once (``granularity: structured``: the same fraction of the heads
+and feed-forward units with the smallest scores from every sub-layer), the
+masks are fixed, and the model is fine-tuned. It reuses
 the SPG lobe (same modules, same export) with its gates replaced by fixed
 masks, so both methods go through the same recipe and the same exporter.
 
@@ -70,8 +72,44 @@ def uniform_magnitude_prune(lobe, sparsity=None):
     (0.65, {0.65})
     """
     sparsity = lobe.gated_target if sparsity is None else sparsity
-    masks = [
-        magnitude_mask(layer.weight, sparsity) for layer in lobe.gated_layers()
-    ]
+    layers = lobe.gated_layers()
+    if lobe.structured:
+        masks = structured_magnitude_masks(lobe.gate, layers, sparsity)
+    else:
+        masks = [magnitude_mask(layer.weight, sparsity) for layer in layers]
     lobe.apply_masks(masks)
     return lobe.sparsity_report()
+
+
+def structured_magnitude_masks(gate, layers, sparsity):
+    """Structured UMP: in every sub-layer, the same fraction of its heads
+    (or feed-forward units) with the smallest scores is removed.
+
+    Arguments
+    ---------
+    gate : speechbrain_spg.structured.StructuredGate
+        The structured gate (its sub-layers and their scores).
+    layers : list of nn.Linear
+        The gated matrices, in gate order.
+    sparsity : float
+        Fraction of the units of every sub-layer to remove (rounded to
+        whole units).
+
+    Returns
+    -------
+    list of torch.Tensor
+        Boolean weight masks, one per gated matrix.
+
+    Example
+    -------
+    >>> from speechbrain_spg.data.architectures import tiny_model_folder
+    >>> from speechbrain_spg.lobes import SPGHuBERT
+    >>> lobe = SPGHuBERT(tiny_model_folder("hubert"), granularity="structured")
+    >>> layers = lobe.gated_layers()
+    >>> masks = structured_magnitude_masks(lobe.gate, layers, 0.5)
+    >>> [int(m.any(dim=1).sum()) for m in masks[:5]]  # kept rows: q/k/v, out, FF in
+    [16, 16, 16, 32, 32]
+    """
+    squares = gate.all_squares()
+    units = [magnitude_mask(square, sparsity) for square in squares]
+    return gate.weight_masks(units, layers)

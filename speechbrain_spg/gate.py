@@ -56,7 +56,32 @@ def pinch_argument(weight, threshold, tau):
     >>> pinch_argument(torch.tensor([0.0, 1.0, 10.0]), 0.5, 0.125)
     tensor([-1.,  3., 80.])
     """
-    x = (weight * weight - threshold * threshold) / (2 * tau)
+    return pinch_argument_of_square(weight * weight, threshold, tau)
+
+
+def pinch_argument_of_square(square, threshold, tau):
+    """The sigmoid's argument ``(s^2 - t^2) / (2 tau)`` from ``s^2``, clipped
+    as in ``pinch_argument``: the structured gates score a whole unit (an
+    attention head, a feed-forward unit) by a mean square ``s^2``.
+
+    Arguments
+    ---------
+    square : torch.Tensor
+        ``W^2``, or a unit's score ``s^2`` (non-negative).
+    threshold, tau : torch.Tensor or float
+        As in ``pinch_argument``.
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape as ``square``.
+
+    Example
+    -------
+    >>> pinch_argument_of_square(torch.tensor([0.0, 1.0]), 0.5, 0.125)
+    tensor([-1.,  3.])
+    """
+    x = (square - threshold * threshold) / (2 * tau)
     return x.clamp(max=SIGMOID_SATURATION)
 
 
@@ -79,6 +104,52 @@ def soft_mask(weight, threshold, tau):
     tensor([0.0000, 0.5000, 1.0000])
     """
     return torch.sigmoid(pinch_argument(weight, threshold, tau))
+
+
+def soft_mask_of_square(square, threshold, tau):
+    """The soft mask ``sigmoid((s^2 - t^2) / (2 tau))`` of the scores ``s^2``
+    of whole units (structured gates; ``soft_mask`` for single weights).
+
+    Arguments
+    ---------
+    square, threshold, tau : torch.Tensor or float
+        As in ``pinch_argument_of_square``.
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape as ``square``, values in [0, 1].
+
+    Example
+    -------
+    >>> soft_mask_of_square(torch.tensor([0.0, 1.0, 9.0]), 1.0, 0.01).round(decimals=4)
+    tensor([0.0000, 0.5000, 1.0000])
+    """
+    return torch.sigmoid(pinch_argument_of_square(square, threshold, tau))
+
+
+def hard_mask_of_square(square, threshold):
+    """The units the pruning keeps: ``s^2 > t^2`` (``hard_mask`` for single
+    weights).
+
+    Arguments
+    ---------
+    square : torch.Tensor
+        Scores ``s^2`` of the units.
+    threshold : torch.Tensor or float
+        The absolute threshold ``t``.
+
+    Returns
+    -------
+    torch.Tensor
+        Boolean, ``True`` where the unit is kept.
+
+    Example
+    -------
+    >>> hard_mask_of_square(torch.tensor([0.25, 4.0]), -1.0)
+    tensor([False,  True])
+    """
+    return square > threshold * threshold
 
 
 def hard_mask(weight, threshold):

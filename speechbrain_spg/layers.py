@@ -504,6 +504,28 @@ class GatedLinear(nn.Linear):
             self._cache = (key, self._eval_weight(dtype))
         return F.linear(x, self._cache[1], self.bias)
 
+    def effective_bias(self):
+        """The bias the layer adds (weight gates leave it as it is).
+
+        Returns
+        -------
+        torch.Tensor or None
+        """
+        return self.bias
+
+    def fix_mask(self, mask):
+        """Fixes a hard mask for good: the pruned weights become zero and
+        stay out of the product.
+
+        Arguments
+        ---------
+        mask : torch.Tensor
+            Boolean, ``True`` where kept.
+        """
+        with torch.no_grad():
+            self.weight.mul_(mask)
+        self.mask = mask.to(torch.bool)
+
     def _eval_weight(self, dtype):
         """The effective weight, cast to ``dtype`` if given."""
         weight = self.effective_weight()

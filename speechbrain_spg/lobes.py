@@ -38,6 +38,7 @@ from speechbrain_spg.sparsity import (
     offset_step,
     project_out,
 )
+from speechbrain_spg.structured import StructuredGatedLinear, install_structured
 
 
 def find_prunable_linears(model, pattern):
@@ -96,6 +97,12 @@ def install_gates(model, options):
     """
     found = find_prunable_linears(model, options.prune_modules)
     names = [name for name, _ in found]
+    if options.granularity == "structured":
+        gate = install_structured(
+            model, found, lambda subs: group_indices(subs, options.tie), options
+        )
+        _gate_wavlm_attention(model)
+        return gate, names
     scales = torch.stack([m.weight.detach().float().std() for _, m in found])
     gate = SelfPinchingGate(
         scales.clamp_min(torch.finfo(torch.float32).tiny),
@@ -110,16 +117,22 @@ def install_gates(model, options):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, GatedLinear(linear, gate, index))
+    _gate_wavlm_attention(model)
+    return gate, names
+
+
+def _gate_wavlm_attention(model):
+    """WavLM attention reads its projections' tensors: it gets the gated ones."""
     for module in model.modules():
         if type(module) is WavLMAttention:
             module.__class__ = GatedWavLMAttention
-    return gate, names
 
 
 @contextlib.contextmanager
 def effective_weights(*layers):
-    """Inside the block, the ``GatedLinear`` layers' ``weight`` is the gated
-    weight, for code that reads it instead of calling them (WavLM attention).
+    """Inside the block, the ``GatedLinear`` layers' ``weight`` (and
+    ``bias``) are the gated ones, for code that reads them instead of
+    calling the layers (WavLM attention).
 
     Arguments
     ---------
@@ -136,15 +149,18 @@ def effective_weights(*layers):
     True
     """
     gated = [layer for layer in layers if isinstance(layer, GatedLinear)]
-    originals = [layer._parameters["weight"] for layer in gated]
-    effective = [layer.effective_weight() for layer in gated]
+    originals = [dict(layer._parameters) for layer in gated]
+    effective = [
+        (layer.effective_weight(), layer.effective_bias()) for layer in gated
+    ]
     try:
-        for layer, weight in zip(gated, effective):
+        for layer, (weight, bias) in zip(gated, effective):
             layer._parameters["weight"] = weight
+            layer._parameters["bias"] = bias
         yield
     finally:
-        for layer, weight in zip(gated, originals):
-            layer._parameters["weight"] = weight
+        for layer, parameters in zip(gated, originals):
+            layer._parameters.update(parameters)
 
 
 def refuse_misspelled_options(kwargs, option_names):
@@ -282,6 +298,7 @@ class SPGLobeMixin:
         check_model_type(config.model_type, source)
         super().__init__(source=source, save_path=save_path, **kwargs)
         self.source, self.spg_options = str(source), options
+        self.structured = options.granularity == "structured"
         self.gate, self.gated_names = install_gates(self.model, options)
         self._gated_layers = tuple(
             self.model.get_submodule(name) for name in self.gated_names
@@ -349,7 +366,8 @@ class SPGLobeMixin:
                 self._checked_subnormals = True
                 if x86_cpu() and not flushes_subnormals():
                     warnings.warn(_SUBNORMAL_WARNING, stacklevel=2)
-            pregating = pregated_weights(self.gate, self.gated_layers())
+            if not self.structured:
+                pregating = pregated_weights(self.gate, self.gated_layers())
         with pregating:
             out = super().forward(wav, wav_lens)
         if training and self.spg_options.inject_sparsity_loss:
@@ -365,23 +383,57 @@ class SPGLobeMixin:
         torch.Tensor
             Scalar in [0, 1].
         """
-        count = len(self.gated_names)
+        count = self.gate.scale.numel()  # matrices, or structured sub-layers
         counts = self.gate.recorded_soft_zero_vector(count)
         if counts is None:
             recorded = self.gate.recorded_soft_zeros(count)
             missing = [i for i in range(count) if i not in recorded]
             if missing:
-                # Only matrices no forward pass gated cost an extra pass.
-                layers, gate = self.gated_layers(), self.gate
-                index = torch.tensor(missing, device=gate.scale.device)
-                weights = [layers[i].weight.detach() for i in missing]
-                ts, taus = gate.thresholds()[index], gate.taus()[index]
-                computed = soft_zero_counts(weights, ts, taus, gate.impl)
+                # Only entries no forward pass gated cost an extra pass.
+                computed = self._soft_zeros_of(missing)
                 recorded.update(zip(missing, computed.unbind()))
             counts = torch.stack([recorded[i] for i in range(count)])
         if not torch.is_grad_enabled():
             counts = counts.detach()
         return counts.sum() / self.gated_params
+
+    def _soft_zeros_of(self, entries):
+        """Soft-zero counts of gate entries (matrices, or structured
+        sub-layers) that no forward pass of this step gated."""
+        layers, gate = self.gated_layers(), self.gate
+        if self.structured:
+            for index in entries:
+                subs = gate.sublayer_layers[index]
+                gate.unit_mask(index, [x.weight.detach() for x in subs])
+            return torch.stack([gate.soft_zeros[i] for i in entries])
+        index = torch.tensor(entries, device=gate.scale.device)
+        weights = [layers[i].weight.detach() for i in entries]
+        ts, taus = gate.thresholds()[index], gate.taus()[index]
+        return soft_zero_counts(weights, ts, taus, gate.impl)
+
+    def hard_masks(self, thresholds=None):
+        """The hard mask of every gated matrix: the fixed one if pruned,
+        else ``|W| > |t|`` (structured: the units with ``s^2 > t^2``).
+
+        Arguments
+        ---------
+        thresholds : torch.Tensor, optional
+            Absolute threshold of every gate entry (default: the gate's).
+
+        Returns
+        -------
+        list of torch.Tensor
+            Boolean, ``True`` where kept, one per gated matrix.
+        """
+        layers = self.gated_layers()
+        if self.is_pruned:
+            return [layer.mask for layer in layers]
+        with torch.no_grad():
+            t = self.gate.thresholds() if thresholds is None else thresholds
+            if self.structured:
+                units = self.gate.hard_unit_masks(self.gate.all_squares(), t)
+                return self.gate.weight_masks(units, layers)
+            return [hard_mask(x.weight, t[i]) for i, x in enumerate(layers)]
 
     def hard_zero_counts(self):
         """Weights removed by the hard mask (or by the fixed mask if pruned).
@@ -392,10 +444,17 @@ class SPGLobeMixin:
             1-D long tensor, one count per gated matrix.
         """
         layers = self.gated_layers()
-        if self.is_pruned:
-            return torch.stack([(~layer.mask).sum() for layer in layers])
+        if self.is_pruned or self.structured:
+            return torch.stack([(~mask).sum() for mask in self.hard_masks()])
         weights = [layer.weight for layer in layers]
         return hard_zero_counts(weights, self.gate.thresholds())
+
+    def _hard_zero_total(self, thresholds, measured):
+        """Gated weights the hard mask removes at ``thresholds`` (one per
+        gate entry); ``measured``: the weights or the structured scores."""
+        if self.structured:
+            return self.gate.hard_zeros(measured, thresholds).sum()
+        return hard_zero_counts(measured, thresholds).sum()
 
     def hard_sparsity(self):
         """Fraction of the gated weights the hard mask removes.
@@ -426,7 +485,9 @@ class SPGLobeMixin:
         """Projection controller, once per training step: Newton steps on
         one offset of all thresholds put the hard sparsity on the scheduled
         target (the soft count is aimed at the hard target plus the soft-hard
-        gap measured first); the direction of the sparsity's gradient is kept
+        gap measured first; structured gates, whose units cross the threshold
+        in jumps, aim the soft count at the target itself and are calibrated
+        at the end); the direction of the sparsity's gradient is kept
         for the thresholds' gradient hook (``project_out``). Nothing during
         warm-up, after pruning or with the Lagrangian controller; no device
         read-back.
@@ -448,18 +509,28 @@ class SPGLobeMixin:
         if self._hooked != id(param):  # once per parameter (deepcopy drops it)
             self._hooked = id(param)
             param.register_hook(lambda grad: project_out(grad, self._normal))
-        weights = [layer.weight.detach() for layer in self.gated_layers()]
-        kernels = EAGER if gate.impl == "reference" else None
-        kernels = kernels or select_kernels(weights, gate.impl)
+        if self.structured:
+            measured = self.gate.all_squares()
+            soft_zeros = gate.soft_zeros_and_slopes
+        else:
+            measured = [layer.weight.detach() for layer in self.gated_layers()]
+            kernels = EAGER if gate.impl == "reference" else None
+            kernels = kernels or select_kernels(measured, gate.impl)
+
+            def soft_zeros(weights, t):
+                return kernels.soft_zeros(weights, t, gate.taus())
+
         target = self.regularizer.target_at(step) * self.gated_params
         floor = 1e-3 / gate.lr_scale  # a zero threshold has zero slope
         with torch.no_grad():
             for index in range(passes):
                 t = gate.thresholds().abs()
-                zeros, slopes = kernels.soft_zeros(weights, t, gate.taus())
+                zeros, slopes = soft_zeros(measured, t)
                 slopes = (t * slopes * gate.scale).float()  # d zeros / d offset
-                if index == 0:
-                    hard = hard_zero_counts(weights, t).sum()
+                if index == 0 and not self.structured:
+                    # Whole units jump across the threshold: there the soft
+                    # count is aimed at the target, and calibration ends it.
+                    hard = self._hard_zero_total(t, measured)
                     target = target + zeros.sum() - hard
                 offset = offset_step(zeros, slopes, target)
                 param.abs_().add_(offset / gate.lr_scale).clamp_min_(floor)
@@ -475,20 +546,35 @@ class SPGLobeMixin:
         SparsityReport
             ``.as_dict()`` for JSON, ``.table()`` / ``str()`` to read.
         """
-        layers = self.gated_layers()
+        layers, gate = self.gated_layers(), self.gate
         with torch.no_grad():
-            thresholds = self.gate.thresholds()
+            thresholds, groups = gate.thresholds(), gate.group
             hard = self.hard_zero_counts()
             if self.is_pruned:
                 soft = hard.double()
+            elif self.structured:
+                counts, _ = gate.soft_zeros_and_slopes(
+                    self.gate.all_squares(), thresholds
+                )
+                sizes = [
+                    sum(layers[i].weight.numel() for i in s.linears)
+                    for s in gate.sublayers
+                ]
+                fraction = counts.double() / torch.tensor(sizes).double()
+                which = gate.matrix_sublayer
+                numels = torch.tensor([x.weight.numel() for x in layers])
+                soft = fraction[which] * numels
             else:
                 weights = [layer.weight for layer in layers]
-                taus = self.gate.taus()
+                taus = gate.taus()
                 soft = soft_zero_counts(weights, thresholds, taus, "reference")
+            if self.structured:  # per matrix: its sub-layer's
+                thresholds = thresholds[gate.matrix_sublayer]
+                groups = groups[gate.matrix_sublayer]
         per_layer = tuple(
             LayerSparsity(
                 name=name,
-                group=int(self.gate.group[i]),
+                group=int(groups[i]),
                 numel=layer.weight.numel(),
                 hard=hard[i].item() / layer.weight.numel(),
                 soft=soft[i].item() / layer.weight.numel(),
@@ -524,9 +610,14 @@ class SPGLobeMixin:
             The factor the thresholds were multiplied by.
         """
         target = self.gated_target if target is None else target
-        weights = [layer.weight.detach() for layer in self.gated_layers()]
+        if self.structured:
+            measured = self.gate.all_squares()
+            names = [sub.name for sub in self.gate.sublayers]
+        else:
+            measured = [x.weight.detach() for x in self.gated_layers()]
+            names = self.gated_names
         base = self.gate.thresholds().detach()
-        values = zip(self.gated_names, base.tolist())
+        values = zip(names, base.tolist())
         bad = [n for n, v in values if v == 0 or not math.isfinite(v)]
         if bad:
             raise ValueError(
@@ -538,9 +629,8 @@ class SPGLobeMixin:
             )
 
         def sparsity(factor):
-            return hard_zero_counts(weights, base * factor).sum().item() / (
-                self.gated_params
-            )
+            removed = self._hard_zero_total(base * factor, measured)
+            return removed.item() / self.gated_params
 
         low, high = 0.0, 1.0
         while sparsity(high) < target:
@@ -569,10 +659,7 @@ class SPGLobeMixin:
             return self.sparsity_report()
         if calibrate:
             self.calibration_factor = self.calibrate_thresholds()
-        with torch.no_grad():
-            t, layers = self.gate.thresholds(), self.gated_layers()
-            masks = [hard_mask(x.weight, t[i]) for i, x in enumerate(layers)]
-        self.apply_masks(masks)
+        self.apply_masks(self.hard_masks())
         return self.sparsity_report()
 
     def apply_masks(self, masks):
@@ -581,19 +668,31 @@ class SPGLobeMixin:
         Arguments
         ---------
         masks : list of torch.Tensor
-            One boolean mask per gated matrix (``True`` = kept).
+            One boolean mask per gated matrix (``True`` = kept; structured:
+            whole units).
         """
+        for layer, mask in zip(self.gated_layers(), masks):
+            layer.fix_mask(mask)
         with torch.no_grad():
-            for layer, mask in zip(self.gated_layers(), masks):
-                layer.weight.mul_(mask)
-                layer.mask = mask.to(torch.bool)
             self.gate.pruned.fill_(True)
 
 
 def _restore_masks(module, incompatible_keys):
-    """After loading a pruned checkpoint, rebuilds the fixed masks."""
-    for layer in module.gated_layers():
-        layer.mask = (layer.weight != 0) if module.is_pruned else None
+    """After loading a pruned checkpoint, rebuilds the fixed masks (whole
+    units for structured gates)."""
+    layers = module.gated_layers()
+    for layer in layers:
+        layer.mask = None
+        if isinstance(layer, StructuredGatedLinear):
+            layer.bias_mask = None
+    if not module.is_pruned:
+        return
+    masks = [layer.weight != 0 for layer in layers]
+    if module.structured:
+        units = module.gate.unit_masks_of(masks)
+        masks = module.gate.weight_masks(units, layers)
+    for layer, mask in zip(layers, masks):
+        layer.fix_mask(mask)
 
 
 class SPGWav2Vec2(SPGLobeMixin, Wav2Vec2):

@@ -28,7 +28,9 @@ _ZERO_THRESHOLD = (
     "training); use a small positive value such as 0.05 to train."
 )
 CONTROLLERS = ("projection", "lagrangian")
+GRANULARITIES = ("weight", "structured")
 _CHOICES = dict(
+    granularity=GRANULARITIES,
     tie=TIE_MODES,
     target_scope=TARGET_SCOPES,
     gate_impl=GATE_IMPLS,
@@ -44,8 +46,14 @@ class SPGOptions:
     ---------
     target_sparsity : float
         Fraction of weights to remove, in [0, 1) (see ``target_scope``).
+    granularity : str
+        What a gate removes: single weights (``"weight"``, the paper's
+        gates) or whole attention heads and feed-forward units
+        (``"structured"``: the exported matrices shrink; see
+        ``speechbrain_spg.structured``).
     tie : str
-        One threshold per matrix (``"linear"``), per transformer block
+        One threshold per matrix (``"linear"``; structured: per block's
+        attention and per block's feed-forward), per transformer block
         (``"block"``) or for the whole encoder (``"global"``).
     prune_modules : str
         Regex searched in the ``nn.Linear`` module names: matches are gated.
@@ -72,7 +80,8 @@ class SPGOptions:
         sparsities.
     gate_impl : str
         ``"fused"`` (default: eager PyTorch), ``"compiled"`` (``torch.compile``
-        on CPU and GPU, Triton kernels on CUDA) or ``"reference"`` (autograd).
+        on CPU and GPU, Triton kernels on CUDA) or ``"reference"`` (autograd);
+        structured gates always use autograd (one reduction per matrix).
     recompute_gated_weights : bool
         Recompute ``W * M`` in the backward pass instead of keeping it: less
         memory, one more gate pass per step (WavLM's attention keeps its own).
@@ -88,6 +97,7 @@ class SPGOptions:
     """
 
     target_sparsity: float = 0.5
+    granularity: str = "weight"
     tie: str = "linear"
     prune_modules: str = DEFAULT_PRUNE_MODULES
     tau_scale: float = 0.02
