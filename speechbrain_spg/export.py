@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 from speechbrain.utils.checkpoints import (
@@ -41,8 +42,8 @@ from speechbrain.utils.checkpoints import (
 from transformers import AutoConfig, AutoModel
 
 from speechbrain_spg import __version__
-from speechbrain_spg.gate import hard_mask
 from speechbrain_spg.options import check_model_type
+from speechbrain_spg.shrink import block_sizes, shrink_model, unused_parameters
 
 MANIFEST = "spg_manifest.json"
 COMPACT_FILE = "compact.safetensors"
@@ -131,17 +132,16 @@ def pruned_state_dict(lobe):
     state = lobe.model.state_dict()
     state = {key: value.detach().cpu().clone() for key, value in state.items()}
     masks = {}
-    with torch.no_grad():
-        thresholds = lobe.gate.thresholds()
-        layers = zip(lobe.gated_names, lobe.gated_layers())
-        for i, (name, layer) in enumerate(layers):
-            if layer.mask is not None:
-                mask = layer.mask.cpu()
-            else:
-                mask = hard_mask(layer.weight, thresholds[i]).cpu()
-            key = f"{name}.weight"
-            state[key] = state[key] * mask
-            masks[key] = mask
+    layers = zip(lobe.gated_names, lobe.hard_masks(), lobe.gated_layers())
+    for name, mask, layer in layers:
+        mask = mask.cpu()
+        key = f"{name}.weight"
+        state[key] = state[key] * mask
+        masks[key] = mask
+        bias = state.get(f"{name}.bias")
+        if getattr(layer, "axis", None) == 0 and bias is not None:
+            # A removed unit's row takes its bias with it.
+            state[f"{name}.bias"] = bias * mask.any(dim=1)
     return state, masks
 
 
@@ -386,20 +386,35 @@ def _readable_by_all(folder):
 def _write_export(lobe, folder, dtype, dense_hf):
     """Writes every file of an export into ``folder``; returns the manifest."""
     state, masks = pruned_state_dict(lobe)
+    stored, sparse, structure = state, masks, None
+    if lobe.structured:  # smaller matrices instead of bitmasks
+        kept = structure_of(lobe, masks)
+        model = fill_model(empty_model(lobe.model.config), dict(state), "")
+        stored, sparse = shrink_to(model, kept).state_dict(), {}
+        structure = {
+            "attention_heads": kept["attention_heads"],
+            "intermediate_sizes": [len(units) for units in kept["kept_units"]],
+        }
     if dense_hf:
         hf_dir = os.path.join(folder, HF_FOLDER)
         model = AutoModel.from_config(lobe.model.config)
         model.load_state_dict(state, strict=True)
         model.save_pretrained(hf_dir)
         lobe.feature_extractor.save_pretrained(hf_dir)
+    metadata = {"format": "speechbrain-spg", "version": str(FORMAT_VERSION)}
+    if structure is not None:
+        metadata["structure"] = json.dumps(structure)
     save_file(
-        compact_tensors(state, masks, dtype),
+        compact_tensors(stored, sparse, dtype),
         os.path.join(folder, COMPACT_FILE),
-        metadata={"format": "speechbrain-spg", "version": str(FORMAT_VERSION)},
+        metadata=metadata,
     )
     report = lobe.sparsity_report()
-    removed = sum(int((~m).sum()) for m in masks.values())
+    removed_weights = sum(int((~m).sum()) for m in masks.values())
     options, total = lobe.spg_options, lobe.total_params
+    removed = removed_weights
+    if structure is not None:  # the biases of removed units go too
+        removed = total - sum(t.numel() for t in stored.values())
     manifest = {
         "format_version": FORMAT_VERSION,
         "library": f"speechbrain-spg {__version__}",
@@ -409,11 +424,13 @@ def _write_export(lobe, folder, dtype, dense_hf):
         "config": lobe.model.config.to_dict(),
         "feature_extractor": lobe.feature_extractor.to_dict(),
         "dtype": dtype,
+        "structure": structure,
         "spg": {
             "target_sparsity": options.target_sparsity,
             "target_scope": options.target_scope,
             "gated_target": lobe.gated_target,
             "tie": options.tie,
+            "granularity": options.granularity,
             "prune_modules": options.prune_modules,
             "tau_scale": options.tau_scale,
             "calibration_factor": getattr(lobe, "calibration_factor", None),
@@ -425,7 +442,7 @@ def _write_export(lobe, folder, dtype, dense_hf):
             "nonzero": total - removed,
         },
         "sparsity": {
-            "gated": removed / lobe.gated_params,
+            "gated": removed_weights / lobe.gated_params,
             "model": removed / total,
             "compression_ratio": total / (total - removed),
         },
@@ -440,8 +457,8 @@ def _write_export(lobe, folder, dtype, dense_hf):
             }
             for layer in report.layers
         ],
-        "sparse_shapes": {key: list(m.shape) for key, m in masks.items()},
-        "ideal_compact_bytes": ideal_compact_bytes(state, masks, dtype),
+        "sparse_shapes": {key: list(m.shape) for key, m in sparse.items()},
+        "ideal_compact_bytes": ideal_compact_bytes(stored, sparse, dtype),
         "files": {
             rel: sha256_of(os.path.join(folder, rel))
             for rel in _relative_files(folder)
@@ -566,6 +583,109 @@ def verify_files(path, manifest):
                 f"({expected}); the file was modified or corrupted. "
                 "Export again."
             )
+
+
+def structure_of(lobe, masks):
+    """The per-block sizes of a structured lobe's pruned model: the kept
+    heads of every block and its feed-forward size.
+
+    Arguments
+    ---------
+    lobe : SPGLobeMixin
+        A lobe with ``granularity: structured``.
+    masks : dict
+        Weight key -> hard mask of every gated matrix
+        (``pruned_state_dict``).
+
+    Returns
+    -------
+    dict
+        ``attention_heads`` (per block, the kept head indices) and
+        ``kept_units`` (per block, the kept feed-forward unit indices).
+
+    Example
+    -------
+    >>> from speechbrain_spg.data.architectures import tiny_model_folder
+    >>> from speechbrain_spg.lobes import SPGWav2Vec2
+    >>> lobe = SPGWav2Vec2(tiny_model_folder(), granularity="structured")
+    >>> structure = structure_of(lobe, pruned_state_dict(lobe)[1])
+    >>> structure["attention_heads"], [len(u) for u in structure["kept_units"]]
+    ([[0, 1], [0, 1]], [64, 64])
+    """
+    config = lobe.model.config
+    layers = config.num_hidden_layers
+    heads = [list(range(config.num_attention_heads)) for _ in range(layers)]
+    units = [list(range(config.intermediate_size)) for _ in range(layers)]
+    weight_masks = [masks[f"{name}.weight"] for name in lobe.gated_names]
+    unit_masks = lobe.gate.unit_masks_of(weight_masks)
+    for sub, kept in zip(lobe.gate.sublayers, unit_masks):
+        block, kind = _block_and_kind(sub.name)
+        kept = kept.nonzero().flatten().tolist()
+        (heads if kind == "attention" else units)[block] = kept
+    return {"attention_heads": heads, "kept_units": units}
+
+
+def _block_and_kind(name):
+    """``(3, "attention")`` from ``encoder.layers.3.attention``."""
+    parts = name.split(".")
+    return int(parts[-2]), parts[-1]
+
+
+def shrink_to(model, structure):
+    """Shrinks a HuggingFace model (real or on the meta device) to the
+    per-block sizes of a structured export.
+
+    Arguments
+    ---------
+    model : transformers.PreTrainedModel
+        The model, with its configuration's shapes.
+    structure : dict
+        ``attention_heads`` and ``kept_units`` (``structure_of``); for a
+        model on the meta device, ``intermediate_sizes`` instead of
+        ``kept_units`` is enough.
+
+    Returns
+    -------
+    transformers.PreTrainedModel
+        ``model``, shrunk (``speechbrain_spg.shrink``).
+
+    Example
+    -------
+    >>> model = empty_model({"model_type": "wav2vec2", "num_hidden_layers": 1})
+    >>> structure = {"attention_heads": [[0, 5]], "intermediate_sizes": [7]}
+    >>> shrink_to(model, structure).encoder.layers[0].attention.q_proj.weight.shape
+    torch.Size([128, 768])
+    """
+    units = structure.get("kept_units")
+    if units is None:
+        units = [list(range(n)) for n in structure["intermediate_sizes"]]
+    return shrink_model(model, structure["attention_heads"], units)
+
+
+def stored_structure(path):
+    """The per-block sizes a safetensors file was written with (by a
+    structured export or ``CompactWav2Vec2.save_weights``), else None.
+
+    Arguments
+    ---------
+    path : str or os.PathLike
+        The file.
+
+    Returns
+    -------
+    dict or None
+        ``attention_heads`` and ``intermediate_sizes``.
+
+    Example
+    -------
+    >>> f = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+    >>> save_file({"w": torch.ones(1)}, f, metadata={"structure": '{"attention_heads": [[1]]}'})
+    >>> stored_structure(f)
+    {'attention_heads': [[1]]}
+    """
+    with safe_open(os.fspath(path), framework="pt") as f:
+        text = (f.metadata() or {}).get("structure")
+    return None if text is None else json.loads(text)
 
 
 def empty_model(config):
@@ -724,7 +844,10 @@ def _load_export(path, verify):
         manifest["sparse_shapes"],
         check=(lambda: verify_files(path, manifest)) if verify else None,
     )
-    model = fill_model(empty_model(manifest["config"]), state, path)
+    model = empty_model(manifest["config"])
+    if manifest.get("structure"):
+        shrink_to(model, manifest["structure"])
+    model = fill_model(model, state, path)
     return model, masks, manifest
 
 
@@ -830,6 +953,9 @@ class CompactWav2Vec2(Wav2Vec2):
             embed = getattr(self.model, "masked_spec_embed", None)
             if embed is not None and not self.config.apply_spec_augment:
                 embed.requires_grad = False  # unused: DDP would wait for it
+            params = dict(self.model.named_parameters())
+            for name in unused_parameters(self.model):  # emptied blocks'
+                params[name].requires_grad = False
         if self.keep_sparsity and not self.freeze:
             self._keep_masks(masks)
 
@@ -853,7 +979,11 @@ class CompactWav2Vec2(Wav2Vec2):
             Where to write.
         """
         state = self.model.state_dict()
-        save_file({k: v.contiguous() for k, v in state.items()}, path)
+        heads, sizes = block_sizes(self.model)
+        structure = {"attention_heads": heads, "intermediate_sizes": sizes}
+        metadata = {"structure": json.dumps(structure)}
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        save_file(tensors, path, metadata=metadata)
 
     @mark_as_transfer
     @mark_as_loader
@@ -868,9 +998,13 @@ class CompactWav2Vec2(Wav2Vec2):
         *args
             Ignored (the Checkpointer passes ``end_of_epoch``).
         """
+        if any(p.is_meta for p in self.model.parameters()):  # from a config
+            structure = stored_structure(path)
+            if structure is not None:  # the per-block sizes of the file
+                shrink_to(self.model, structure)
         shapes = {k: v.shape for k, v in self.model.state_dict().items()}
         state, masks = read_compact_file(path, shapes)
-        if any(p.is_meta for p in self.model.parameters()):  # from a config
+        if any(p.is_meta for p in self.model.parameters()):
             self.model = fill_model(self.model, state, os.fspath(path))
             self._prepare(masks)
         else:

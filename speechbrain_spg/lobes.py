@@ -402,10 +402,9 @@ class SPGLobeMixin:
         sub-layers) that no forward pass of this step gated."""
         layers, gate = self.gated_layers(), self.gate
         if self.structured:
-            for index in entries:
-                subs = gate.sublayer_layers[index]
-                gate.unit_mask(index, [x.weight.detach() for x in subs])
-            return torch.stack([gate.soft_zeros[i] for i in entries])
+            squares = gate.all_squares()
+            counts = [gate.soft_zero_count(i, squares[i]) for i in entries]
+            return torch.stack(counts)
         index = torch.tensor(entries, device=gate.scale.device)
         weights = [layers[i].weight.detach() for i in entries]
         ts, taus = gate.thresholds()[index], gate.taus()[index]

@@ -133,6 +133,43 @@ def block_sizes(model):
     return heads, units
 
 
+def unused_parameters(model):
+    """The parameters of a shrunk model that no forward pass uses: the
+    0-sized matrices of emptied blocks, and the head gate of a WavLM block
+    left without heads. Training must freeze them (DDP waits for a gradient
+    of every trainable parameter).
+
+    Arguments
+    ---------
+    model : transformers.PreTrainedModel
+        A shrunk (or unshrunk) model.
+
+    Returns
+    -------
+    list of str
+        Parameter names.
+
+    Example
+    -------
+    >>> from speechbrain_spg.data.architectures import (
+    ...     TINY_OVERRIDES, build_config, build_model)
+    >>> model = build_model(build_config("wavlm", **TINY_OVERRIDES))
+    >>> unused = unused_parameters(shrink_model(model, [[], [0]], [[0], [0]]))
+    >>> sorted(name.split("attention.")[1] for name in unused)[:3]
+    ['gru_rel_pos_const', 'gru_rel_pos_linear.bias', 'gru_rel_pos_linear.weight']
+    """
+    unused = [name for name, p in model.named_parameters() if p.numel() == 0]
+    for name, module in model.named_modules():
+        if isinstance(module, ShrunkWavLMAttention) and not module.kept_heads:
+            gate = ("gru_rel_pos_const", "gru_rel_pos_linear")
+            unused += [
+                f"{name}.{key}"
+                for key, _ in module.named_parameters()
+                if key.startswith(gate)
+            ]
+    return unused
+
+
 class HeadlessAttention:
     """Mixin for the attention of a block whose heads were all removed.
 

@@ -311,10 +311,28 @@ class StructuredGate(SelfPinchingGate):
         threshold, tau = self._threshold_and_tau(index)
         mask = soft_mask_of_square(square, threshold, tau)
         if torch.is_grad_enabled():
-            kept = soft_mask_of_square(square.detach(), threshold, tau)
-            params = self.sublayers[index].unit_params
-            self.soft_zeros[index] = (1 - kept).sum() * params
+            self.soft_zeros[index] = self.soft_zero_count(index, square)
         return mask
+
+    def soft_zero_count(self, index, square):
+        """Soft count of the gated weights sub-layer ``index`` removes,
+        ``sum(n (1 - M))``, differentiable in its threshold only.
+
+        Arguments
+        ---------
+        index : int
+            The sub-layer.
+        square : torch.Tensor
+            Its units' scores (``squares``).
+
+        Returns
+        -------
+        torch.Tensor
+            0-d.
+        """
+        threshold, tau = self._threshold_and_tau(index)
+        kept = soft_mask_of_square(square.detach(), threshold, tau)
+        return (1 - kept).sum() * self.sublayers[index].unit_params
 
     def soft_zeros_and_slopes(self, squares, thresholds):
         """Soft counts of removed weights per sub-layer and their slopes, as

@@ -53,7 +53,12 @@ from speechbrain_spg.data.architectures import (
 )
 from speechbrain_spg.evaluation import compare
 from speechbrain_spg.evaluation.summary import format_table
-from speechbrain_spg.export import COMPACT_FILE, MANIFEST, read_manifest
+from speechbrain_spg.export import (
+    COMPACT_FILE,
+    MANIFEST,
+    load_compact,
+    read_manifest,
+)
 from speechbrain_spg.lobes import SPGHuBERT, SPGWav2Vec2, SPGWavLM, x86_cpu
 from speechbrain_spg.tools.inference import load_asr
 from speechbrain_spg.tools.trace import history_clock, save_history
@@ -80,6 +85,20 @@ FULL_SIZE_YAMLS = {
     "hubert_large_spg.yaml": (HUBERT_LARGE, SPGHuBERT, 0.60, "model"),
     "hubert_large_ump.yaml": (HUBERT_LARGE, SPGHuBERT, 0.60, "model"),
     "hubert_large_dense.yaml": (HUBERT_LARGE, HuBERT, None, None),
+    "wav2vec2_base_spg_structured.yaml": (
+        WAV2VEC2_BASE,
+        SPGWav2Vec2,
+        0.5,
+        "gated",
+    ),
+    "wav2vec2_base_ump_structured.yaml": (
+        WAV2VEC2_BASE,
+        SPGWav2Vec2,
+        0.5,
+        "gated",
+    ),
+    "hubert_large_spg_structured.yaml": (HUBERT_LARGE, SPGHuBERT, 0.5, "gated"),
+    "hubert_large_ump_structured.yaml": (HUBERT_LARGE, SPGHuBERT, 0.5, "gated"),
 }
 
 #: Gated targets the full-size YAMLs must end up with (model scope converted).
@@ -89,6 +108,10 @@ EXPECTED_GATED_TARGETS = {
     "wav2vec2_base_ump.yaml": 0.72222,
     "hubert_large_spg.yaml": 0.62672,
     "hubert_large_ump.yaml": 0.62672,
+    "wav2vec2_base_spg_structured.yaml": 0.5,
+    "wav2vec2_base_ump_structured.yaml": 0.5,
+    "hubert_large_spg_structured.yaml": 0.5,
+    "hubert_large_ump_structured.yaml": 0.5,
 }
 
 #: Tiny YAML -> (method, lobe class).
@@ -96,6 +119,8 @@ TINY_YAMLS = {
     "tiny_spg.yaml": ("spg", SPGWav2Vec2),
     "tiny_spg_ctc_att.yaml": ("spg", SPGWav2Vec2),
     "tiny_ump.yaml": ("ump", SPGWav2Vec2),
+    "tiny_spg_structured.yaml": ("spg", SPGWav2Vec2),
+    "tiny_ump_structured.yaml": ("ump", SPGWav2Vec2),
     "tiny_w2v2_dense.yaml": ("dense", Wav2Vec2),
     "tiny_dense.yaml": ("dense", Wav2Vec2),
 }
@@ -119,6 +144,12 @@ SHARED_BLOCK_USERS = {
     "wav2vec2_base_ump.yaml",
     "hubert_large_spg.yaml",
     "hubert_large_ump.yaml",
+    "tiny_spg_structured.yaml",
+    "tiny_ump_structured.yaml",
+    "wav2vec2_base_spg_structured.yaml",
+    "wav2vec2_base_ump_structured.yaml",
+    "hubert_large_spg_structured.yaml",
+    "hubert_large_ump_structured.yaml",
     "spg_wav2vec2_base.yaml",
     "spg_hubert_large.yaml",
     "spg_wavlm_base_plus.yaml",
@@ -349,11 +380,15 @@ def test_full_size_yaml_instantiates(
     # Long GPU runs take the compiled gate kernels (UMP never gates).
     expected_impl = "compiled" if hparams["method"] == "spg" else "fused"
     assert lobe.spg_options.gate_impl == expected_impl
-    assert lobe.gated_target == pytest.approx(
-        target * TOTAL_PARAMS[hub_id] / gated, rel=1e-12
-    )
+    ratio = TOTAL_PARAMS[hub_id] / gated if scope == "model" else 1.0
+    assert lobe.gated_target == pytest.approx(target * ratio, rel=1e-12)
     assert lobe.gated_target == pytest.approx(
         EXPECTED_GATED_TARGETS[name], abs=1e-5
+    )
+    structured = "structured" in name
+    assert lobe.structured == structured
+    assert len(lobe.gate.sublayers if structured else lobe.gated_names) == (
+        2 * hub_config(hub_id).num_hidden_layers * (1 if structured else 3)
     )
 
 
@@ -638,6 +673,18 @@ RUNS = {
         ],
         ["test-clean"],
     ),
+    "spg_structured_ctc_char": (
+        "tiny_spg_structured.yaml",
+        "char",
+        [],
+        ["test-clean"],
+    ),
+    "ump_structured_ctc_char": (
+        "tiny_ump_structured.yaml",
+        "char",
+        [],
+        ["test-clean"],
+    ),
     "dense_ctc_bpe": (
         "tiny_w2v2_dense.yaml",
         "bpe",
@@ -717,22 +764,59 @@ def test_recipe_runs_end_to_end(run, recipe_ssl_source, recipe_runs):
         assert (out / "hf" / "model.safetensors").is_file()
         return
     sparsity = check_gated_outputs(out, summary)
+    structured = "structured" in yaml_name
+    target = 0.5 if structured else 0.65
     assert sparsity["target_scope"] == "gated"
-    assert sparsity["gated_target"] == sparsity["target_sparsity"] == 0.65
+    assert sparsity["gated_target"] == sparsity["target_sparsity"] == target
+    if structured:
+        check_structured_export(out / "compact", sparsity)
     if method == "ump":
         # Every gated matrix loses the same fraction, before training.
         assert {
             round(layer["sparsity"], 2) for layer in sparsity["layers"]
-        } == {0.65}
-        assert sparsity["hard_sparsity"] == pytest.approx(0.65, abs=1e-3)
+        } == {target}
+        assert sparsity["hard_sparsity"] == pytest.approx(target, abs=1e-3)
         assert sparsity["hard_sparsity_trained"] == sparsity["hard_sparsity"]
         assert sparsity["calibration_factor"] is None
     else:
         # One epoch of a few utterances on a random model stays below the
         # target; the final pruning calibrates to it (--calibrate=True).
         assert 0 <= sparsity["hard_sparsity_trained"] < 0.6
-        assert sparsity["hard_sparsity"] == pytest.approx(0.65, abs=1e-3)
+        # Structured: a head of the tiny model is 1/8 of the gated weights
+        # and a unit 1/256; calibration stops at a unit's crossing.
+        bound = 1 / 256 if structured else 1e-3
+        assert sparsity["hard_sparsity"] == pytest.approx(target, abs=bound)
         assert sparsity["calibration_factor"] > 0
+
+
+def check_structured_export(folder, sparsity):
+    """A structured run's export holds the smaller matrices its manifest
+    lists, and every gated matrix lost whole units."""
+    manifest = json.loads((folder / "spg_manifest.json").read_text("utf-8"))
+    assert manifest["spg"]["granularity"] == "structured"
+    assert manifest["sparse_shapes"] == {}
+    structure = manifest["structure"]
+    model = load_compact(folder)
+    for i, layer in enumerate(model.encoder.layers):
+        heads = len(structure["attention_heads"][i])
+        head_dim = TINY_SSL_DIM // model.config.num_attention_heads
+        assert layer.attention.q_proj.weight.shape == (
+            heads * head_dim,
+            TINY_SSL_DIM,
+        )
+        units = structure["intermediate_sizes"][i]
+        assert layer.feed_forward.output_dense.weight.shape == (
+            TINY_SSL_DIM,
+            units,
+        )
+    stored = sum(p.numel() for p in model.parameters())
+    assert stored == manifest["params"]["nonzero"] < manifest["params"]["total"]
+    removed_weights = sum(
+        layer["sparsity"] * layer["numel"] for layer in manifest["layers"]
+    )
+    assert removed_weights == pytest.approx(
+        sparsity["hard_sparsity"] * manifest["params"]["gated"]
+    )
 
 
 #: A tqdm progress bar as it appears in a captured output ("100%|###| 2/2").
@@ -1237,7 +1321,13 @@ def transcribe_in_batches(asr, rows, batch_size):
 
 
 @pytest.mark.parametrize(
-    "run", ["spg_ctc_char", "spg_ctc_attention_bpe", "ump_ctc_beam_char"]
+    "run",
+    [
+        "spg_ctc_char",
+        "spg_ctc_attention_bpe",
+        "ump_ctc_beam_char",
+        "spg_structured_ctc_char",
+    ],
 )
 def test_inference_folder_transcribes_like_the_recipe(
     run, recipe_runs, tmp_path

@@ -5,6 +5,7 @@ model with the removed units zeroed, and the sparsity controllers."""
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -610,6 +611,20 @@ def test_unknown_granularity_is_refused(biased_wav2vec2):
         assert str(error.value) == message
         assert error.value.__cause__ is None
         assert error.value.__context__ is None
+
+
+def test_structured_lagrangian_with_a_small_threshold_warns():
+    """Unit scores are about 1: the Lagrangian cannot move a threshold that
+    starts far below them (measured: nothing pruned in 200 steps)."""
+    structured = dict(
+        granularity="structured", sparsity_controller="lagrangian"
+    )
+    with pytest.warns(UserWarning, match="threshold_init 0.05: unit scores"):
+        SPGOptions(**structured, threshold_init=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SPGOptions(**structured, threshold_init=0.9)
+        SPGOptions(granularity="structured", threshold_init=0.05)
 
 
 def test_structured_needs_every_linear_of_a_sub_layer(biased_wav2vec2):

@@ -469,6 +469,7 @@ def model_card(manifest, results, interface="EncoderASR", license_id=None):
     >>> "| test-clean | 7.00 | 2.00 |" in card, "license: unknown" in card
     (True, True)
     """
+    structure = manifest.get("structure")
     spg, params, sparsity = (
         manifest["spg"],
         manifest["params"],
@@ -486,12 +487,8 @@ def model_card(manifest, results, interface="EncoderASR", license_id=None):
         f"# {manifest['model_type']} compressed with self-pinching gates (SPG)",
         "",
         f"Source model: `{manifest['source']}` (its license field: "
-        f"{license_id or 'unknown, check the source model card'}). Every "
-        "attention and feed-forward matrix of its transformer encoder was "
-        "fine-tuned for ASR through the gate `W * sigmoid((W^2 - t^2) / "
-        "(2 tau))` with one learned threshold `t` per group, then pruned to "
-        "`|W| > t` (speechbrain-spg; the sparsity controller is that "
-        "project's design, not the SPG paper's).",
+        f"{license_id or 'unknown, check the source model card'}). "
+        + _gate_sentence(structure),
         "",
         "| | value |",
         "|---|---:|",
@@ -502,7 +499,7 @@ def model_card(manifest, results, interface="EncoderASR", license_id=None):
         f"| parameters, total | {params['total']:,} |",
         f"| parameters, nonzero | {params['nonzero']:,} |",
         f"| compression ratio | {sparsity['compression_ratio']:.2f}x |",
-        f"| stored as | {manifest['dtype']} values + 1 bit per gated weight |",
+        f"| stored as | {_storage(manifest['dtype'], structure)} |",
         "",
         "## Error rates of this folder",
         "",
@@ -542,6 +539,38 @@ def model_card(manifest, results, interface="EncoderASR", license_id=None):
         "",
     ]
     return "\n".join(lines)
+
+
+def _gate_sentence(structure):
+    """How the model card's model was compressed (weights or units)."""
+    if structure is None:
+        return (
+            "Every attention and feed-forward matrix of its transformer "
+            "encoder was fine-tuned for ASR through the gate `W * "
+            "sigmoid((W^2 - t^2) / (2 tau))` with one learned threshold `t` "
+            "per group, then pruned to `|W| > t` (speechbrain-spg; the "
+            "sparsity controller is that project's design, not the SPG "
+            "paper's)."
+        )
+    return (
+        "Every attention head and feed-forward unit of its transformer "
+        "encoder was fine-tuned for ASR through the gate `sigmoid((s^2 - "
+        "t^2) / (2 tau))` of the mean square `s^2` of its weights, with one "
+        "learned threshold `t` per group, then removed where `s <= t`: the "
+        "matrices are smaller (speechbrain-spg's structured gates, beyond "
+        "the SPG paper's)."
+    )
+
+
+def _storage(dtype, structure):
+    """The model card's 'stored as' cell."""
+    if structure is None:
+        return f"{dtype} values + 1 bit per gated weight"
+    heads = [len(kept) for kept in structure["attention_heads"]]
+    return (
+        f"{dtype}, smaller matrices: heads per block {heads}, feed-forward "
+        f"sizes {structure['intermediate_sizes']}"
+    )
 
 
 def write_model_card(folder, results, license_id=None):
