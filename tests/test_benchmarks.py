@@ -337,3 +337,151 @@ def test_export_size_prints_sizes_and_alternated_load_times(
         assert float(cells[-1]) == pytest.approx(ratio, abs=1e-4)
     times = lines[-4:]
     assert all(line.count("x)") == 4 for line in times)
+
+
+def tiny_hub_config(hub_id):
+    """A tiny configuration of the family of a hub model."""
+    return build_config(
+        "hubert" if "hubert" in hub_id else "wav2vec2", **TINY_OVERRIDES
+    )
+
+
+def test_inference_speed_alternates_three_models_and_prints_the_ratio_line(
+    monkeypatch, capsys
+):
+    inference_speed = load_benchmark("inference_speed", monkeypatch)
+    monkeypatch.setattr(inference_speed, "hub_config", tiny_hub_config)
+    order = []
+    timed_pass = inference_speed.timed_pass
+
+    def recording(name, function, inputs):
+        order.append(name)
+        assert torch.is_inference_mode_enabled()
+        assert inputs.shape == (1, 16000)
+        return timed_pass(name, function, inputs)
+
+    monkeypatch.setattr(inference_speed, "timed_pass", recording)
+    rows = inference_speed.main(["--rounds", "3", "--seconds", "1"])
+    variants = list(inference_speed.VARIANTS)
+    assert variants == ["dense", "unstructured", "structured"]
+    # Per model (both defaults): one warm-up pass each, then every round
+    # times each model once, the starting model rotating.
+    rotated = [variants[r:] + variants[:r] for r in range(3)]
+    per_model = variants + [name for turn in rotated for name in turn]
+    assert order == per_model * 2
+    models = ["facebook/wav2vec2-base", "facebook/hubert-large-ll60k"]
+    assert [(r["model"], r["variant"]) for r in rows] == [
+        (model, variant) for model in models for variant in variants
+    ]
+    for model in models:
+        dense, unstructured, structured = (
+            r for r in rows if r["model"] == model
+        )
+        # Same fraction of the gated weights removed by both exports.
+        assert unstructured["gated_sparsity"] == pytest.approx(0.5, abs=1e-3)
+        assert structured["gated_sparsity"] == pytest.approx(0.5, abs=1e-3)
+        # Unstructured loads back at the dense shapes; structured is smaller.
+        assert unstructured["weight_bytes"] == dense["weight_bytes"]
+        assert structured["weight_bytes"] < dense["weight_bytes"]
+        assert structured["file_bytes"] < dense["file_bytes"]
+        # The equivalence checks were computed (and pass).
+        assert dense["max_abs_diff"] is None
+        assert 0 <= structured["max_abs_diff"] < 1e-4
+        assert 0 <= unstructured["max_abs_diff"] < 1e-4
+        for row in (dense, unstructured, structured):
+            assert len(row["times_s"]) == 3 and all(
+                t > 0 for t in row["times_s"]
+            )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("device cpu, torch threads ")
+    for model in models:
+        start = lines.index(
+            next(x for x in lines if x.startswith(f"model: {model} "))
+        )
+        assert lines[start + 1].split()[:4] == [
+            "variant", "gated", "sp.", "latency",
+        ]  # fmt: skip
+        table = [line.split() for line in lines[start + 2 : start + 5]]
+        assert [cells[0] for cells in table] == variants
+        model_rows = [r for r in rows if r["model"] == model]
+        for cells, row in zip(table, model_rows):
+            # sparsity, latency, /dense, rounds, weights, /dense, files, /dense
+            assert len(cells) == 9
+            assert float(cells[3]) == pytest.approx(
+                row["latency_ratio"], abs=1e-3
+            )
+            assert float(cells[6]) == pytest.approx(
+                row["weight_ratio"], abs=1e-3
+            )
+            assert float(cells[8]) == pytest.approx(row["file_ratio"], abs=1e-3)
+        assert table[0][3] == table[0][6] == table[0][8] == "1.000"
+        assert table[1][6] == "1.000"  # unstructured: dense shapes
+        assert float(table[2][6]) < 1
+        for variant, line in zip(variants[1:], lines[start + 5 : start + 7]):
+            match = re.fullmatch(
+                rf"check: {variant} export vs its pruned lobe, max abs diff "
+                r"(\d\.\d\de[+-]\d\d)",
+                line,
+            )
+            assert match and float(match.group(1)) < 1e-4
+        ratio = re.fullmatch(
+            r"inference latency ratio structured/dense: (\d+\.\d+)",
+            lines[start + 7],
+        )
+        structured = model_rows[2]["latency_ratio"]
+        assert float(ratio.group(1)) == pytest.approx(structured, abs=1e-3)
+    # The last line: the first model's ratio, a plain decimal.
+    match = re.fullmatch(
+        r"inference latency ratio structured/dense: (\d+\.\d+)", lines[-1]
+    )
+    assert match and float(match.group(1)) == pytest.approx(
+        rows[2]["latency_ratio"], abs=1e-3
+    )
+    assert lines[-2] == "first model, facebook/wav2vec2-base:"
+
+
+def test_inference_speed_check_catches_a_wrong_structured_export(monkeypatch):
+    import os
+
+    inference_speed = load_benchmark("inference_speed", monkeypatch)
+    monkeypatch.setattr(inference_speed, "hub_config", tiny_hub_config)
+    load_compact = inference_speed.load_compact
+
+    def wrong_load(folder):
+        model = load_compact(folder)
+        if os.path.basename(folder) == "structured":
+            # A shrink that pairs the kept units of the feed-forward's two
+            # matrices in different orders, say.
+            output_dense = model.encoder.layers[0].feed_forward.output_dense
+            with torch.no_grad():
+                output_dense.weight.copy_(output_dense.weight.flip(1))
+        return model
+
+    monkeypatch.setattr(inference_speed, "load_compact", wrong_load)
+    rows = inference_speed.main(
+        ["--models", "facebook/wav2vec2-base", "--rounds", "1"]
+        + ["--seconds", "0.5"]
+    )
+    by_variant = {r["variant"]: r for r in rows}
+    assert by_variant["unstructured"]["max_abs_diff"] < 1e-4
+    assert by_variant["structured"]["max_abs_diff"] > 1e-3
+
+
+def test_alternating_latency_returns_the_median_of_each_model(monkeypatch):
+    inference_speed = load_benchmark("inference_speed", monkeypatch)
+    clock = {"a": iter([9.0, 3.0, 1.0, 2.0]), "b": iter([9.0, 5.0, 7.0, 6.0])}
+    calls = []
+
+    def fake_pass(name, function, inputs):
+        calls.append(name)
+        function(inputs)
+        return next(clock[name])
+
+    monkeypatch.setattr(inference_speed, "timed_pass", fake_pass)
+    ran = []
+    models = {"a": ran.append, "b": ran.append}
+    medians = inference_speed.alternating_latency(models, "x", rounds=3)
+    # The warm-up pass (9.0) is not counted.
+    assert medians == {"a": 2.0, "b": 6.0}
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert ran == ["x"] * 8
