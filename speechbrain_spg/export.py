@@ -434,6 +434,7 @@ def _write_export(lobe, folder, dtype, dense_hf):
             "prune_modules": options.prune_modules,
             "tau_scale": options.tau_scale,
             "calibration_factor": getattr(lobe, "calibration_factor", None),
+            "calibration_offset": getattr(lobe, "calibration_offset", None),
         },
         "params": {
             "total": total,

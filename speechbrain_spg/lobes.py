@@ -532,7 +532,11 @@ class SPGLobeMixin:
                     hard = self._hard_zero_total(t, measured)
                     target = target + zeros.sum() - hard
                 offset = offset_step(zeros, slopes, target)
-                param.abs_().add_(offset / gate.lr_scale).clamp_min_(floor)
+                if self.structured:  # t = b + theta: theta may be negative
+                    param.add_(offset / gate.lr_scale)
+                else:
+                    param.abs_().add_(offset / gate.lr_scale)
+                    param.clamp_min_(floor)
             normal = torch.zeros_like(param).index_add_(0, gate.group, slopes)
             self._normal = normal
 
@@ -595,6 +599,8 @@ class SPGLobeMixin:
         """Scales all thresholds by one factor (bisection) to hit a hard
         sparsity, keeping the allocation between layers that training found
         (a ``ValueError`` if a threshold is 0 or not finite: nothing moves it).
+        Structured gates, whose thresholds are ``b + theta``, are shifted by
+        one offset (in spreads) instead.
 
         Arguments
         ---------
@@ -606,16 +612,15 @@ class SPGLobeMixin:
         Returns
         -------
         float
-            The factor the thresholds were multiplied by.
+            The factor the thresholds were multiplied by (structured: the
+            offset added to them).
         """
         target = self.gated_target if target is None else target
-        if self.structured:
-            measured = self.gate.all_squares()
-            names = [sub.name for sub in self.gate.sublayers]
-        else:
-            measured = [x.weight.detach() for x in self.gated_layers()]
-            names = self.gated_names
         base = self.gate.thresholds().detach()
+        if self.structured:
+            return self._calibrate_offset(target, base, iterations)
+        measured = [x.weight.detach() for x in self.gated_layers()]
+        names = self.gated_names
         values = zip(names, base.tolist())
         bad = [n for n, v in values if v == 0 or not math.isfinite(v)]
         if bad:
@@ -641,6 +646,27 @@ class SPGLobeMixin:
             self.gate.threshold_param.mul_(high)
         return high
 
+    def _calibrate_offset(self, target, base, iterations):
+        """``calibrate_thresholds`` of structured gates: the smallest shift
+        of every threshold (bisection) whose hard sparsity reaches
+        ``target``; returns it."""
+        squares = self.gate.all_squares()
+
+        def sparsity(offset):
+            thresholds = (base + offset).clamp_min(0)
+            removed = self._hard_zero_total(thresholds, squares)
+            return removed.item() / self.gated_params
+
+        low, high = -float(base.max()), 1.0
+        while sparsity(high) < target:
+            high *= 2  # ends: the scores are finite
+        for _ in range(iterations):
+            mid = (low + high) / 2
+            low, high = (mid, high) if sparsity(mid) < target else (low, mid)
+        with torch.no_grad():
+            self.gate.threshold_param.add_(high / self.gate.lr_scale)
+        return high
+
     def hard_prune(self, calibrate=False):
         """Applies the hard mask ``|W| > |t|`` for good (fixed masks), so that
         the lobe computes what the exported compact model computes.
@@ -657,7 +683,13 @@ class SPGLobeMixin:
         if self.is_pruned:
             return self.sparsity_report()
         if calibrate:
-            self.calibration_factor = self.calibrate_thresholds()
+            calibration = self.calibrate_thresholds()
+            key = (
+                "calibration_offset"
+                if self.structured
+                else "calibration_factor"
+            )
+            setattr(self, key, calibration)
         self.apply_masks(self.hard_masks())
         return self.sparsity_report()
 

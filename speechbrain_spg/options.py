@@ -27,13 +27,6 @@ _ZERO_THRESHOLD = (
     "thresholds get zero gradient and never move, so nothing is pruned in "
     "training); use a small positive value such as 0.05 to train."
 )
-_STRUCTURED_LAGRANGIAN = (
-    "granularity: structured with sparsity_controller: lagrangian and "
-    "threshold_init {value}: unit scores are mean squares in units of the "
-    "weights' variance, about 1, so such a small threshold leaves every gate "
-    "saturated, the thresholds get no gradient and nothing is pruned. Use "
-    "the projection controller (the default) or threshold_init about 0.9."
-)
 CONTROLLERS = ("projection", "lagrangian")
 GRANULARITIES = ("weight", "structured")
 _CHOICES = dict(
@@ -67,7 +60,9 @@ class SPGOptions:
     tau_scale : float
         Temperature relative to each matrix's weight variance (> 0).
     threshold_init : float
-        Initial threshold in units of weight std (>= 0; 0 would never move).
+        Initial threshold in units of weight std (>= 0; 0 would never move);
+        structured: how far below each sub-layer's lowest unit score the
+        threshold starts, in units of the scores' spread.
     target_scope : str
         The target is a fraction of the gated weights (``"gated"``) or of ALL
         parameters of the wrapped model (``"model"``).
@@ -141,13 +136,6 @@ class SPGOptions:
             lagrangian = self.sparsity_controller == "lagrangian"
             if not strict and value == 0 and lagrangian:
                 warnings.warn(_ZERO_THRESHOLD, stacklevel=3)
-        if (
-            self.granularity == "structured"
-            and self.sparsity_controller == "lagrangian"
-            and self.threshold_init < 0.5
-        ):
-            message = _STRUCTURED_LAGRANGIAN.format(value=self.threshold_init)
-            warnings.warn(message, stacklevel=3)
         validate_damping(self.sparsity_damping)
         for key in ("warmup_steps", "ramp_steps"):
             value = getattr(self, key)

@@ -10,17 +10,26 @@ the exported model is smaller in its shapes and faster:
 - a feed-forward unit: one row of ``intermediate_dense`` (with its bias) and
   the matching column of ``output_dense``.
 
-A unit's score ``s^2`` is the mean square of its weights, each in units of
-its matrix's standard deviation (scale-free: q, k, v and out weigh alike),
-and the unit is used as ``W * M`` with the formula of
-``speechbrain_spg.gate``, ``M = sigmoid((s^2 - t^2) / (2 tau))``,
-``tau = tau_scale``. One learnable threshold per tie group of sub-layers:
-``tie: linear`` gives one per block's attention and one per block's
-feed-forward, ``block`` one per block, ``global`` one. The sparsity
-controllers count the gated weights of each unit, so the target is still
-the fraction of gated weights removed. Pruning keeps the units with
-``s^2 > t^2``; ``speechbrain_spg.shrink`` then removes the others from the
-shapes.
+A unit's norm is the root mean square of its weights, each in units of its
+matrix's standard deviation (q, k, v and out weigh alike). Its score ``s``
+is that norm in units of the spread (standard deviation) of its sub-layer's
+unit norms at the start: a head averages tens of thousands of weights and a
+feed-forward unit a few hundred, so head norms lie much closer together,
+and only in units of their spread do the scores of both mean the same. The
+unit is used as ``W * M`` with the formula of ``speechbrain_spg.gate``,
+``M = sigmoid((s^2 - t^2) / (2 tau))``, with ``tau = tau_scale * c`` (``c``:
+the sub-layer's mean score), so that the gate's width is ``tau_scale``
+spreads in every sub-layer. Each sub-layer's threshold is
+``t = b + theta``: ``b`` its lowest score at the start and ``theta`` one
+learnable value per tie group of sub-layers (``tie: linear``: one per
+block's attention and one per block's feed-forward; ``block``: per block;
+``global``: one), starting at ``-threshold_init``, so that a shared step of
+the controller moves every sub-layer through its own scores at the same
+pace (where UMP removes the same fraction everywhere, the task loss then
+moves the thresholds apart). The controllers count the gated weights of
+each unit, so the target is still the fraction of gated weights removed.
+Pruning keeps the units with ``s > t``; ``speechbrain_spg.shrink`` then
+removes the others from the shapes. These choices are this project's.
 
 Authors
  * speechbrain-spg developers 2026
@@ -208,9 +217,8 @@ class StructuredGate(SelfPinchingGate):
     """Learnable thresholds of the tie groups of gated sub-layers.
 
     Its entries are sub-layers, not matrices: ``thresholds()`` and
-    ``taus()`` have one value per sub-layer (scores are already scale-free),
-    and ``soft_zeros`` records, per sub-layer, the soft count of gated
-    weights removed.
+    ``taus()`` have one value per sub-layer, and ``soft_zeros`` records,
+    per sub-layer, the soft count of gated weights removed.
 
     Arguments
     ---------
@@ -218,30 +226,49 @@ class StructuredGate(SelfPinchingGate):
         The gated sub-layers.
     scales : torch.Tensor
         Standard deviation of every gated matrix (1-D, gate order).
+    norms : list of torch.Tensor
+        The unit norms of every sub-layer at the start (``unit_squares``'s
+        square roots): they fix each sub-layer's spread, mean and lowest
+        score.
     groups : list of int
         Tie group of each sub-layer.
     tau_scale, threshold_init, lr_scale
-        As in ``SelfPinchingGate``.
+        As in ``SelfPinchingGate`` (``threshold_init``: in spreads below
+        each sub-layer's lowest score).
 
     Example
     -------
     >>> sub = SubLayer("ff", (0, 1), (0, 1), 1, 2, 2)
-    >>> gate = StructuredGate([sub], torch.ones(2), [0], 0.01, 1.0)
     >>> w = [torch.tensor([[0.5], [2.0]]), torch.tensor([[0.5, 2.0]])]
-    >>> gate.unit_mask(0, w).detach().round(decimals=3)  # s^2 = 0.25 and 4
+    >>> norms = [unit_squares(w, sub.axes, 1, [1.0, 1.0]).sqrt()]  # 0.5, 2
+    >>> gate = StructuredGate([sub], torch.ones(2), norms, [0], 0.01, 0.25)
+    >>> gate.squares(0, w).sqrt()  # in spreads (1.06)
+    tensor([0.4714, 1.8856])
+    >>> gate.thresholds().detach()  # 0.25 spreads below the lowest score
+    tensor([0.2214])
+    >>> with torch.no_grad():
+    ...     _ = gate.threshold_param.fill_(1.0)  # t = 0.47 + 1
+    >>> gate.unit_mask(0, w).detach().round(decimals=3)
     tensor([0., 1.])
     >>> gate.soft_zeros[0].detach().round(decimals=3)  # one unit of 2 weights
     tensor(2.)
     """
 
     def __init__(
-        self, sublayers, scales, groups, tau_scale, threshold_init, lr_scale=1.0
+        self,
+        sublayers,
+        scales,
+        norms,
+        groups,
+        tau_scale,
+        threshold_init,
+        lr_scale=1.0,
     ):
         super().__init__(
             torch.ones(len(sublayers)),
             groups,
             tau_scale,
-            threshold_init,
+            -threshold_init,
             lr_scale=lr_scale,
             impl="reference",
         )
@@ -249,6 +276,11 @@ class StructuredGate(SelfPinchingGate):
         self.register_buffer(
             "weight_scale", scales.float().clamp_min(MIN_SCALE)
         )
+        spreads = [_spread(n.float()) for n in norms]
+        self.register_buffer("spread", torch.stack(spreads))
+        scores = [n.float() / s for n, s in zip(norms, spreads)]
+        self.register_buffer("base", torch.stack([x.min() for x in scores]))
+        self.register_buffer("center", torch.stack([x.mean() for x in scores]))
         sublayer_of = [0] * len(scales)
         for index, sub in enumerate(self.sublayers):
             for position in sub.linears:
@@ -259,8 +291,35 @@ class StructuredGate(SelfPinchingGate):
             torch.tensor([float(s.unit_params) for s in self.sublayers]),
         )
 
+    def thresholds(self):
+        """Absolute threshold of each sub-layer, ``b + theta`` (>= 0).
+
+        Returns
+        -------
+        torch.Tensor
+            1-D, differentiable.
+        """
+        return (self.base + self.group_thresholds()[self.group]).clamp_min(0)
+
+    def taus(self):
+        """Temperature of each sub-layer: ``tau_scale`` times its mean score
+        (a gate ``tau_scale`` spreads wide).
+
+        Returns
+        -------
+        torch.Tensor
+        """
+        return self.tau_scale * self.center
+
+    def _threshold_and_tau(self, index):
+        """``thresholds()[index]`` and ``taus()[index]``, indexed with Python
+        ints only: no device read-back."""
+        theta = self.threshold_param[self._groups[index]] * self.lr_scale
+        threshold = (self.base[index] + theta).clamp_min(0)
+        return threshold, self.tau_scale * self.center[index]
+
     def squares(self, index, weights):
-        """Scores ``s^2`` of the units of sub-layer ``index``.
+        """Squared scores ``s^2`` of the units of sub-layer ``index``.
 
         Arguments
         ---------
@@ -275,7 +334,8 @@ class StructuredGate(SelfPinchingGate):
         """
         sub = self.sublayers[index]
         scales = [self.weight_scale[i] for i in sub.linears]
-        return unit_squares(weights, sub.axes, sub.unit_size, scales)
+        squares = unit_squares(weights, sub.axes, sub.unit_size, scales)
+        return squares / self.spread[index].square()
 
     def all_squares(self):
         """Scores of the units of every sub-layer, from the current weights
@@ -442,6 +502,14 @@ class StructuredGate(SelfPinchingGate):
         return kept
 
 
+def _spread(norms):
+    """Standard deviation of a sub-layer's unit norms (a positive floor
+    for one unit or identical ones)."""
+    if norms.numel() < 2:
+        return norms.abs().mean().clamp_min(MIN_SCALE)
+    return norms.std().clamp_min(norms.abs().mean() * 1e-3 + MIN_SCALE)
+
+
 class StructuredGatedLinear(GatedLinear):
     """A ``nn.Linear`` whose rows (or columns) are gated unit by unit.
 
@@ -469,7 +537,8 @@ class StructuredGatedLinear(GatedLinear):
     -------
     >>> from torch import nn
     >>> sub = SubLayer("ff", (0, 1), (0, 1), 1, 2, 3)
-    >>> gate = StructuredGate([sub], torch.ones(2), [0], 0.01, 1.0)
+    >>> norms = [torch.tensor([1.0, 2.0])]  # spread 0.71: scores 1.41, 2.83
+    >>> gate = StructuredGate([sub], torch.ones(2), norms, [0], 0.01, -0.5)
     >>> up, down = nn.Linear(1, 2), nn.Linear(2, 1)
     >>> with torch.no_grad():
     ...     _ = up.weight.copy_(torch.tensor([[0.1], [2.0]])), down.weight.fill_(1.0)
@@ -600,9 +669,21 @@ def install_structured(model, found, groups, options):
     """
     sublayers = find_sublayers(model, found)
     scales = torch.stack([m.weight.detach().float().std() for _, m in found])
+    scales = scales.nan_to_num(0.0).clamp_min(MIN_SCALE)
+    with torch.no_grad():
+        norms = [
+            unit_squares(
+                [found[i][1].weight for i in sub.linears],
+                sub.axes,
+                sub.unit_size,
+                [scales[i] for i in sub.linears],
+            ).sqrt()
+            for sub in sublayers
+        ]
     gate = StructuredGate(
         sublayers,
-        scales.nan_to_num(0.0),
+        scales,
+        norms,
         groups([sub.name for sub in sublayers]),
         options.tau_scale,
         options.threshold_init,

@@ -612,6 +612,7 @@ def check_gated_outputs(out, summary):
         "hard_sparsity_per_rank",
         "model_sparsity",
         "calibration_factor",
+        "calibration_offset",
         "layers",
     }
     # 2 blocks x (q, k, v, out, intermediate, output) of the tiny model.
@@ -786,7 +787,12 @@ def test_recipe_runs_end_to_end(run, recipe_ssl_source, recipe_runs):
         # and a unit 1/256; calibration stops at a unit's crossing.
         bound = 1 / 256 if structured else 1e-3
         assert sparsity["hard_sparsity"] == pytest.approx(target, abs=bound)
-        assert sparsity["calibration_factor"] > 0
+        if structured:  # shifted by one offset instead of scaled
+            assert sparsity["calibration_factor"] is None
+            assert isinstance(sparsity["calibration_offset"], float)
+        else:
+            assert sparsity["calibration_factor"] > 0
+            assert sparsity["calibration_offset"] is None
 
 
 def check_structured_export(folder, sparsity):

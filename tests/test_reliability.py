@@ -384,6 +384,10 @@ NON_NEGATIVE_INT = "{}: must be a non-negative integer, got {}."
 
 #: (YAML overrides, the whole message or its start ending in "...").
 BAD_SPG_VALUES = [
+    (
+        {"granularity": "rows"},
+        "granularity: must be one of 'weight', 'structured', got 'rows'.",
+    ),
     ({"target_sparsity": 1.5}, NUMBER_IN_0_1.format("1.5")),
     ({"target_sparsity": "high"}, NUMBER_IN_0_1.format("'high'")),
     ({"target_sparsity": True}, NUMBER_IN_0_1.format("True")),
@@ -448,7 +452,7 @@ BAD_SPG_VALUES = [
     (
         {"ssl": {"target_sparsty": 0.5}},
         "target_sparsty: unknown option; did you mean 'target_sparsity'? SPG "
-        "options: gate_impl, gate_lr_scale, inject_sparsity_loss, "
+        "options: gate_impl, gate_lr_scale, granularity, inject_sparsity_loss, "
         "prune_modules, ramp_steps, recompute_gated_weights, "
         "sparsity_controller, sparsity_damping, target_scope, "
         "target_sparsity, tau_scale, threshold_init, tie, warmup_steps.",

@@ -5,7 +5,6 @@ model with the removed units zeroed, and the sparsity controllers."""
 
 import math
 import re
-import warnings
 
 import pytest
 import torch
@@ -112,8 +111,32 @@ def _scale(lobe, name):
 
 
 def hand_scores(lobe):
-    """s^2 of every unit, by loops: sub-layer name -> float64 vector."""
-    model, heads = lobe.model, lobe.model.config.num_attention_heads
+    """s^2 of every unit, by loops: its mean square (in units of each
+    matrix's std) over the squared spread of the sub-layer's unit norms at
+    install: sub-layer name -> float64 vector."""
+    spreads = hand_install_scores(lobe)[1]
+    raw = mean_squares(lobe, lobe.model)
+    return {name: raw[name] / spreads[name] ** 2 for name in raw}
+
+
+def hand_install_scores(lobe):
+    """Scores s (not squared) of the source model's units, and each
+    sub-layer's spread of unit norms: (name -> vector, name -> float)."""
+    raw = mean_squares(lobe, AutoModel.from_pretrained(lobe.source))
+    spreads = {name: value.sqrt().std() for name, value in raw.items()}
+    return {n: raw[n].sqrt() / spreads[n] for n in raw}, spreads
+
+
+def hand_tau(lobe, index):
+    """tau of sub-layer ``index``: tau_scale times its mean install score."""
+    scores = hand_install_scores(lobe)[0][lobe.gate.sublayers[index].name]
+    return lobe.gate.tau_scale * scores.mean()
+
+
+def mean_squares(lobe, model):
+    """Mean square of every unit's weights in units of the gate's matrix
+    std, by loops: sub-layer name -> float64 vector."""
+    heads = model.config.num_attention_heads
     scores = {}
     for i in range(_layer_count(lobe)):
         name = f"encoder.layers.{i}.attention"
@@ -151,17 +174,21 @@ def hand_scores(lobe):
 
 
 def hand_threshold(lobe, index):
-    """The absolute threshold of sub-layer ``index`` (its group's)."""
+    """The absolute threshold of sub-layer ``index``: its lowest install
+    score plus its group's learnable value (at least 0)."""
     gate = lobe.gate
-    return gate.threshold_param[int(gate.group[index])] * gate.lr_scale
+    base = hand_install_scores(lobe)[0][gate.sublayers[index].name].min()
+    theta = gate.threshold_param[int(gate.group[index])] * gate.lr_scale
+    return (base + theta).clamp_min(0)
 
 
-def hand_soft_sparsity(lobe, scores, tau):
+def hand_soft_sparsity(lobe, scores):
     """sum over units of unit_params * (1 - M) / gated_params, at the
     gate's current thresholds."""
     removed = 0.0
     for index, sub in enumerate(lobe.gate.sublayers):
         t = hand_threshold(lobe, index).item()
+        tau = hand_tau(lobe, index)
         mask = torch.sigmoid((scores[sub.name] - t * t) / (2 * tau))
         removed += (sub.unit_params * (1 - mask)).sum().item()
     return removed / lobe.gated_params
@@ -177,7 +204,9 @@ def split_thresholds(lobe, scores, fraction=0.5):
             ordered = scores[sub.name].sort().values
             k = min(max(round(fraction * len(ordered)), 1), len(ordered) - 1)
             square = (ordered[k - 1] + ordered[k]) / 2
-            gate.threshold_param[i] = math.sqrt(square) / gate.lr_scale
+            base = hand_install_scores(lobe)[0][sub.name].min()
+            theta = math.sqrt(square) - base
+            gate.threshold_param[i] = theta / gate.lr_scale
 
 
 def unit_rows(model, sub_name, units):
@@ -261,7 +290,8 @@ def test_scores_and_gates_match_a_hand_computation(model_type, biased_sources):
             atol=0,
         )
         t = hand_threshold(lobe, index).detach().double()
-        hand = torch.sigmoid((scores[sub.name] - t * t) / (2 * 0.05))
+        tau = hand_tau(lobe, index)
+        hand = torch.sigmoid((scores[sub.name] - t * t) / (2 * tau))
         assert hand.max() - hand.min() > 0.1  # the gates differ: a real test
         with torch.no_grad():
             mask = gate.unit_mask(index, weights)
@@ -278,10 +308,10 @@ def test_scores_and_gates_match_a_hand_computation(model_type, biased_sources):
             else:
                 expected_w = layer.weight * rows[None, :]
                 expected_b = layer.bias  # out_proj / output_dense: ungated
-            torch.testing.assert_close(weight, expected_w, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(weight, expected_w, rtol=1e-4, atol=1e-6)
             if axis == 0:
                 torch.testing.assert_close(
-                    bias, expected_b, rtol=1e-5, atol=1e-7
+                    bias, expected_b, rtol=1e-4, atol=1e-6
                 )
                 assert not torch.allclose(bias, layer.bias)
             else:
@@ -308,11 +338,12 @@ def test_threshold_gradients_through_the_task_loss(biased_wav2vec2):
     t = lobe.gate.threshold_param.detach().clone().requires_grad_(True)
     reference = AutoModel.from_pretrained(biased_wav2vec2).eval()
     params = {}
+    install = hand_install_scores(lobe)[0]
     for index, name in enumerate(_sub_names(lobe)):
-        threshold = t[int(lobe.gate.group[index])] * lobe.gate.lr_scale
-        mask = torch.sigmoid(
-            (scores[name].float() - threshold**2) / (2 * lobe.gate.tau_scale)
-        )
+        theta = t[int(lobe.gate.group[index])] * lobe.gate.lr_scale
+        threshold = (install[name].min().float() + theta).clamp_min(0)
+        tau = hand_tau(lobe, index).float()
+        mask = torch.sigmoid((scores[name].float() - threshold**2) / (2 * tau))
         rows = unit_rows(reference, name, mask)
         for child, axis in gated_children(name):
             linear = reference.get_submodule(f"{name}.{child}")
@@ -344,12 +375,13 @@ def test_lagrangian_soft_count_is_the_hand_count(biased_wav2vec2):
     assert sorted(gate.soft_zeros) == [0, 1, 2, 3]  # every sub-layer gated
 
     t = gate.threshold_param.detach().clone().requires_grad_(True)
+    install = hand_install_scores(lobe)[0]
     total = 0
     for index, sub in enumerate(gate.sublayers):
-        threshold = t[int(gate.group[index])] * gate.lr_scale
-        mask = torch.sigmoid(
-            (scores[sub.name] - threshold.double() ** 2) / (2 * 0.05)
-        )
+        theta = t[int(gate.group[index])] * gate.lr_scale
+        threshold = (install[sub.name].min() + theta.double()).clamp_min(0)
+        tau = hand_tau(lobe, index)
+        mask = torch.sigmoid((scores[sub.name] - threshold**2) / (2 * tau))
         params = 4 * 16 * 32 if index % 2 == 0 else 2 * 32  # one head / unit
         assert sub.unit_params == params
         count = (params * (1 - mask)).sum()
@@ -400,9 +432,10 @@ def test_projection_controller_reaches_the_target(target, fine_source):
     torch.manual_seed(0)
     lobe = _lobe(fine_source, target_sparsity=target, ramp_steps=10)
     assert lobe.gate.num_groups == 8 and lobe.gated_params == 196608
-    _train(lobe, 30)
-    # The controller holds the SOFT count on the target (units jump).
-    assert abs(lobe.soft_sparsity().item() - target) <= 0.005
+    _train(lobe, 60)  # at most 0.25 spreads per step
+    # The controller holds the SOFT count on the target (units jump); the
+    # last optimiser step moved it a little since.
+    assert abs(lobe.soft_sparsity().item() - target) <= 0.01
     assert abs(lobe.hard_sparsity() - target) <= 0.03
     report = lobe.hard_prune(calibrate=True)
     assert abs(report.hard - target) <= 0.005, report.hard
@@ -449,7 +482,10 @@ def test_tie_modes_group_sub_layers(tie, groups, fine_source):
             torch.arange(1.0, lobe.gate.num_groups + 1) / 4
         )
         thresholds = lobe.gate.thresholds()
-    expected = (torch.tensor(groups) + 1.0) / 4 * lobe.gate.lr_scale
+    install = hand_install_scores(lobe)[0]
+    base = torch.stack([install[name].min() for name in _sub_names(lobe)])
+    theta = (torch.tensor(groups) + 1.0) / 4 * lobe.gate.lr_scale
+    expected = (base.float() + theta).clamp_min(0)
     torch.testing.assert_close(thresholds, expected)
     # Per matrix in the report: its sub-layer's group and threshold.
     report = lobe.sparsity_report()
@@ -613,20 +649,6 @@ def test_unknown_granularity_is_refused(biased_wav2vec2):
         assert error.value.__context__ is None
 
 
-def test_structured_lagrangian_with_a_small_threshold_warns():
-    """Unit scores are about 1: the Lagrangian cannot move a threshold that
-    starts far below them (measured: nothing pruned in 200 steps)."""
-    structured = dict(
-        granularity="structured", sparsity_controller="lagrangian"
-    )
-    with pytest.warns(UserWarning, match="threshold_init 0.05: unit scores"):
-        SPGOptions(**structured, threshold_init=0.05)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        SPGOptions(**structured, threshold_init=0.9)
-        SPGOptions(granularity="structured", threshold_init=0.05)
-
-
 def test_structured_needs_every_linear_of_a_sub_layer(biased_wav2vec2):
     with pytest.raises(ValueError) as error:
         _lobe(biased_wav2vec2, prune_modules=r"attention\.q_proj$")
@@ -658,7 +680,7 @@ def test_wavlm_trains_and_skipped_sub_layers_still_count(biased_wavlm):
     task = lobe(_wave(seed=2)).pow(2).mean()
     assert sorted(gate.soft_zeros) == [0, 1]
     soft = lobe.soft_sparsity()  # also counts the skipped block's
-    hand = hand_soft_sparsity(lobe, scores, 0.05)
+    hand = hand_soft_sparsity(lobe, scores)
     assert 0.1 < hand < 0.9
     assert soft.item() == pytest.approx(hand, rel=1e-5)
     param = gate.threshold_param
@@ -681,21 +703,23 @@ def test_wavlm_trains_and_skipped_sub_layers_still_count(biased_wavlm):
 def test_soft_sparsity_without_a_forward_follows_the_thresholds(
     granularity, biased_wav2vec2
 ):
+    structured = granularity == "structured"
     lobe = SPGWav2Vec2(
         biased_wav2vec2,
         save_path="",
         granularity=granularity,
-        threshold_init=0.9,
+        threshold_init=0.05 if structured else 0.9,
         tau_scale=0.05,
     )
     before = lobe.soft_sparsity().item()
-    with torch.no_grad():
-        lobe.gate.threshold_param.mul_(1.1)
+    with torch.no_grad():  # structured: t = b + theta, shifted
+        param = lobe.gate.threshold_param
+        param.add_(0.5) if structured else param.mul_(1.1)
     after = lobe.soft_sparsity().item()
     assert after > before  # higher thresholds: more removed
     assert after == pytest.approx(lobe.sparsity_report().soft, rel=1e-5)
     if granularity == "structured":
-        hand = hand_soft_sparsity(lobe, hand_scores(lobe), 0.05)
+        hand = hand_soft_sparsity(lobe, hand_scores(lobe))
         assert after == pytest.approx(hand, rel=1e-5)
 
 
@@ -703,10 +727,7 @@ def test_regulariser_alone_takes_several_steps(biased_wav2vec2):
     """As ``test_sparsity_control._optimise_regularizer_only`` does for
     weight gates: steps of the Lagrangian term alone, no forward pass."""
     lobe = _lobe(
-        biased_wav2vec2,
-        sparsity_controller="lagrangian",
-        threshold_init=0.9,
-        target_sparsity=0.5,
+        biased_wav2vec2, sparsity_controller="lagrangian", target_sparsity=0.5
     )
     params = [lobe.gate.threshold_param, lobe.regularizer.multiplier_param]
     optimizer = torch.optim.Adam(params, lr=0.02)

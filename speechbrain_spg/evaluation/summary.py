@@ -154,6 +154,7 @@ def prune_and_export(lobe, folder, calibrate=False, write=None):
         "hard_sparsity_per_rank": gather_from_ranks(report.hard),
         "model_sparsity": report.model_sparsity,
         "calibration_factor": getattr(lobe, "calibration_factor", None),
+        "calibration_offset": getattr(lobe, "calibration_offset", None),
         "layers": [
             {
                 "name": layer.name,
