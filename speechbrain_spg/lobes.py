@@ -526,9 +526,9 @@ class SPGLobeMixin:
                 t = gate.thresholds().abs()
                 zeros, slopes = soft_zeros(measured, t)
                 slopes = (t * slopes * gate.scale).float()  # d zeros / d offset
+                # Whole units jump across their threshold: structured gates
+                # aim the soft count at the target (calibration ends there).
                 if index == 0 and not self.structured:
-                    # Whole units jump across the threshold: there the soft
-                    # count is aimed at the target, and calibration ends it.
                     hard = self._hard_zero_total(t, measured)
                     target = target + zeros.sum() - hard
                 offset = offset_step(zeros, slopes, target)
