@@ -4,7 +4,11 @@
 place with one rename (so an interrupted export leaves no half-written one):
 
 - ``compact.safetensors``: each pruned matrix as a bitmask (``<key>::mask``,
-  one bit per weight) and its kept values (``<key>::values``), the rest as is;
+  one bit per weight) and its kept values (``<key>::values``), the rest as is
+  (a structured export: the smaller matrices, no mask); with ``dtype="int8"``
+  every gated matrix's kept values are int8 (``<key>::int8``, with one
+  float32 scale per output row in ``<key>::scales``, see
+  ``speechbrain_spg.quantize``) and the other tensors float16;
 - ``spg_manifest.json``: configuration, feature extractor, per-layer sparsity
   and thresholds, target, parameter counts, source and the sha256 of every
   file, which ``load_compact`` checks, with the architecture, before loading;
@@ -40,16 +44,37 @@ from speechbrain.utils.checkpoints import (
     register_checkpoint_hooks,
 )
 from transformers import AutoConfig, AutoModel
+from transformers.models.wavlm.modeling_wavlm import WavLMAttention
 
 from speechbrain_spg import __version__
 from speechbrain_spg.options import check_model_type
-from speechbrain_spg.shrink import block_sizes, shrink_model, unused_parameters
+from speechbrain_spg.quantize import (
+    EMPTY_ROW_SCALE,
+    SCHEME,
+    dequantize_matrix,
+    dynamic_int8_linear,
+    int8_matrix,
+    quantize_matrix,
+)
+from speechbrain_spg.shrink import (
+    ShrunkWavLMAttention,
+    block_sizes,
+    shrink_model,
+    unused_parameters,
+)
 
 MANIFEST = "spg_manifest.json"
 COMPACT_FILE = "compact.safetensors"
 HF_FOLDER = "hf"
 FORMAT_VERSION = 2
-_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+#: Export dtype -> storage type of its float tensors (int8: the ungated ones).
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "int8": torch.float16,
+}
+#: Key suffixes of a quantised matrix: its int8 values, its per-row scales.
+_INT8, _SCALES = "::int8", "::scales"
 #: Manifest keys that loading needs.
 _MANIFEST_KEYS = ("model_type", "config", "files", "sparse_shapes")
 
@@ -145,16 +170,22 @@ def pruned_state_dict(lobe):
     return state, masks
 
 
-def compact_tensors(state, masks, dtype="float32"):
+def compact_tensors(state, masks, dtype="float32", quantized=None):
     """Encodes a state dict for safetensors, as bitmask + kept values for
-    the masked keys.
+    the masked keys (and, in int8, int8 values + per-row scales).
 
     Arguments
     ---------
     state, masks : dict
         Key -> tensor; key -> boolean mask of the keys stored sparsely.
     dtype : str
-        ``"float32"`` or ``"float16"``: storage type of every float tensor.
+        ``"float32"`` or ``"float16"``: storage type of every float tensor;
+        ``"int8"``: the ``quantized`` matrices in int8 (kept values only,
+        ``<key>::int8``) with one float32 scale per output row
+        (``<key>::scales``), every other float tensor in float16.
+    quantized : collection of str, optional
+        With ``dtype="int8"``, the 2-D keys stored in int8 (default: the
+        masked ones); ignored otherwise.
 
     Returns
     -------
@@ -166,29 +197,41 @@ def compact_tensors(state, masks, dtype="float32"):
     >>> out = compact_tensors({"w": w, "b": torch.ones(2)}, {"w": w != 0})
     >>> out["w::values"], out["w::mask"], out["b"]
     (tensor([2., 3.]), tensor([96], dtype=torch.uint8), tensor([1., 1.]))
+    >>> out = compact_tensors({"w": w}, {"w": w != 0}, "int8")
+    >>> out["w::int8"], out["w::scales"]
+    (tensor([127, 127], dtype=torch.int8), tensor([0.0157, 0.0236]))
     """
     if dtype not in _DTYPES:
         raise ValueError(
             f"dtype: must be one of {sorted(_DTYPES)}, got {dtype!r}."
         )
     store = _DTYPES[dtype]
+    if dtype != "int8":
+        quantized = ()
+    quantized = set(masks if quantized is None else quantized)
     out = {}
     for key, tensor in state.items():
-        if key in masks:
-            out[f"{key}::mask"] = pack_mask(masks[key])
-            out[f"{key}::values"] = tensor[masks[key]].to(store).contiguous()
+        mask = masks.get(key)
+        if key in quantized:
+            q, out[f"{key}{_SCALES}"] = quantize_matrix(tensor, mask)
+            out[f"{key}{_INT8}"] = q.contiguous()
+        elif mask is not None:
+            out[f"{key}::values"] = tensor[mask].to(store).contiguous()
         elif tensor.is_floating_point():
             out[key] = tensor.to(store).contiguous()
         else:
             out[key] = tensor.contiguous()
+        if mask is not None:
+            out[f"{key}::mask"] = pack_mask(mask)
     return out
 
 
 def expand_tensors(tensors, shapes, pool=None):
     """Inverse of ``compact_tensors``: dense float32 tensors and the masks.
 
-    Each matrix is scattered from the positions of its set bits; matrices
-    are independent, so a thread pool expands several at once.
+    Each matrix is scattered from the positions of its set bits (int8 ones
+    dequantised: ``q * scale`` of their row); matrices are independent, so
+    a thread pool expands several at once.
 
     Arguments
     ---------
@@ -209,26 +252,41 @@ def expand_tensors(tensors, shapes, pool=None):
     >>> state, masks = expand_tensors(compact_tensors({"w": w}, {"w": w != 0}), {"w": [2, 2]})
     >>> torch.equal(state["w"], w), masks["w"].tolist()
     (True, [[False, True], [True, False]])
+    >>> int8 = compact_tensors({"w": w}, {}, "int8", quantized=["w"])
+    >>> torch.equal(expand_tensors(int8, {})[0]["w"], w)
+    True
     """
 
     def expand(name):
         shape = tuple(shapes[name])
         packed = tensors[f"{name}::mask"].numpy()
         bits = np.unpackbits(packed, count=math.prod(shape)).view(np.bool_)
+        mask = torch.from_numpy(bits).reshape(shape)
+        if f"{name}{_INT8}" in tensors:  # int8 kept values, per-row scales
+            q, scales = tensors[f"{name}{_INT8}"], tensors[f"{name}{_SCALES}"]
+            return dequantize_matrix(q, scales, mask), mask
         dense = np.zeros(bits.shape, dtype=np.float32)
         dense[np.flatnonzero(bits)] = tensors[f"{name}::values"].float().numpy()
-        mask = torch.from_numpy(bits).reshape(shape)
         return torch.from_numpy(dense).reshape(shape), mask
 
     names = [key[: -len("::mask")] for key in tensors if key.endswith("::mask")]
     expanded = dict(zip(names, (pool.map if pool else map)(expand, names)))
     state = {name: dense for name, (dense, _) in expanded.items()}
+    for name in _int8_names(tensors):
+        if name not in expanded:  # a whole int8 matrix (structured)
+            q, scales = tensors[f"{name}{_INT8}"], tensors[f"{name}{_SCALES}"]
+            state[name] = dequantize_matrix(q, scales)
     for key, tensor in tensors.items():
         if "::" not in key:
             state[key] = (
                 tensor.float() if tensor.is_floating_point() else tensor
             )
     return state, {name: mask for name, (_, mask) in expanded.items()}
+
+
+def _int8_names(tensors):
+    """The keys of the matrices a compact file stores in int8."""
+    return [key[: -len(_INT8)] for key in tensors if key.endswith(_INT8)]
 
 
 def sha256_of(path):
@@ -256,16 +314,20 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def ideal_compact_bytes(state, masks, dtype="float32"):
+def ideal_compact_bytes(state, masks, dtype="float32", quantized=None):
     """Bytes of a compact export's tensor data without container overhead:
-    dense tensors, kept values and one bit per gated weight.
+    dense tensors, kept values, one bit per gated weight (and, in int8, one
+    byte per kept value and a float32 scale per row of the int8 matrices).
 
     Arguments
     ---------
     state, masks : dict
         Key -> tensor (pruned); key -> boolean mask of the gated matrices.
     dtype : str
-        Storage type of float tensors.
+        ``"float32"``, ``"float16"`` or ``"int8"`` (``compact_tensors``).
+    quantized : collection of str, optional
+        With ``dtype="int8"``, the keys stored in int8 (default: the masked
+        ones).
 
     Returns
     -------
@@ -276,12 +338,23 @@ def ideal_compact_bytes(state, masks, dtype="float32"):
     >>> w = torch.zeros(4, 4); w[0, 0] = 1.0
     >>> ideal_compact_bytes({"w": w}, {"w": w != 0})
     6
+    >>> ideal_compact_bytes({"w": w}, {"w": w != 0}, "int8")  # 1 + 2 + 4 * 4
+    19
     """
     width = torch.finfo(_DTYPES[dtype]).bits // 8
+    quantized = set(masks if quantized is None else quantized)
+    if dtype != "int8":
+        quantized = set()
     total = 0.0
     for key, tensor in state.items():
-        if key in masks:
-            total += int(masks[key].sum()) * width + masks[key].numel() / 8
+        mask = masks.get(key)
+        kept = tensor.numel() if mask is None else int(mask.sum())
+        if mask is not None:
+            total += mask.numel() / 8
+        if key in quantized:
+            total += kept + 4 * tensor.shape[0]
+        elif mask is not None:
+            total += kept * width
         elif tensor.is_floating_point():
             total += tensor.numel() * width
         else:
@@ -307,7 +380,10 @@ def export_compact(
     path : str or os.PathLike
         Export folder, refused if it exists and is not empty.
     dtype : str
-        ``"float32"`` (default, exact) or ``"float16"`` for the compact file.
+        ``"float32"`` (default, exact), ``"float16"``, or ``"int8"``: the
+        gated matrices' kept values in int8 with one float32 scale per
+        output row (``speechbrain_spg.quantize``), the rest in float16 (at
+        65% sparsity about two thirds of a float16 export).
     overwrite : bool
         Replace a non-empty ``path`` instead (in one rename).
     dense_hf : bool
@@ -387,6 +463,7 @@ def _write_export(lobe, folder, dtype, dense_hf):
     """Writes every file of an export into ``folder``; returns the manifest."""
     state, masks = pruned_state_dict(lobe)
     stored, sparse, structure = state, masks, None
+    gated = [f"{name}.weight" for name in lobe.gated_names]
     if lobe.structured:  # smaller matrices instead of bitmasks
         kept = structure_of(lobe, masks)
         model = fill_model(empty_model(lobe.model.config), dict(state), "")
@@ -405,7 +482,7 @@ def _write_export(lobe, folder, dtype, dense_hf):
     if structure is not None:
         metadata["structure"] = json.dumps(structure)
     save_file(
-        compact_tensors(stored, sparse, dtype),
+        compact_tensors(stored, sparse, dtype, quantized=gated),
         os.path.join(folder, COMPACT_FILE),
         metadata=metadata,
     )
@@ -424,6 +501,7 @@ def _write_export(lobe, folder, dtype, dense_hf):
         "config": lobe.model.config.to_dict(),
         "feature_extractor": lobe.feature_extractor.to_dict(),
         "dtype": dtype,
+        "quantization": _quantization(dtype, len(gated)),
         "structure": structure,
         "spg": {
             "target_sparsity": options.target_sparsity,
@@ -459,7 +537,9 @@ def _write_export(lobe, folder, dtype, dense_hf):
             for layer in report.layers
         ],
         "sparse_shapes": {key: list(m.shape) for key, m in sparse.items()},
-        "ideal_compact_bytes": ideal_compact_bytes(stored, sparse, dtype),
+        "ideal_compact_bytes": ideal_compact_bytes(
+            stored, sparse, dtype, quantized=gated
+        ),
         "files": {
             rel: sha256_of(os.path.join(folder, rel))
             for rel in _relative_files(folder)
@@ -468,6 +548,22 @@ def _write_export(lobe, folder, dtype, dense_hf):
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
     return manifest
+
+
+def _quantization(dtype, matrices):
+    """The manifest's description of an int8 export's storage (else None)."""
+    if dtype != "int8":
+        return None
+    return {
+        "scheme": SCHEME,
+        "int8_range": [-127, 127],
+        "scale_dtype": "float32",
+        "empty_row_scale": EMPTY_ROW_SCALE,
+        "matrices": matrices,
+        "tensors": "<key>::int8 (kept values, row-major; a structured "
+        "export: the whole matrix) and <key>::scales (one per output row)",
+        "other_dtype": "float16",
+    }
 
 
 def _relative_files(folder):
@@ -787,22 +883,26 @@ def read_compact_file(path, shapes, check=None):
     >>> torch.equal(state["w"], w), masks["w"].sum().item()
     (True, 2)
     """
+    return _read_compact(path, shapes, check)[:2]
+
+
+def _read_compact(path, shapes, check):
+    """``read_compact_file``'s state and masks, and the tensors as stored."""
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         checked = None if check is None else pool.submit(check)
         try:
-            state, masks = expand_tensors(
-                load_file(os.fspath(path)), shapes, pool
-            )
+            tensors = load_file(os.fspath(path))
+            state, masks = expand_tensors(tensors, shapes, pool)
         except Exception:
             if checked is not None:  # a missing or corrupted file: say so
                 checked.result()
             raise
         if checked is not None:
             checked.result()
-    return state, masks
+    return state, masks, tensors
 
 
-def load_compact(path, verify=True):
+def load_compact(path, verify=True, int8_linears=False):
     """Rebuilds the HuggingFace model of a compact export.
 
     Arguments
@@ -812,12 +912,22 @@ def load_compact(path, verify=True):
     verify : bool
         Verify checksums and architecture (recommended; done while the
         tensors are expanded).
+    int8_linears : bool
+        For an ``int8`` export only: replace every gated linear (and only
+        those) by PyTorch's dynamically quantised int8 linear, built from
+        the stored int8 values and scales (``quantize.dynamic_int8_linear``)
+        for CPU inference (not trainable; a 0-sized linear of an emptied
+        block stays float). WavLM's attention, which reads the projection
+        weights itself, is swapped for ``shrink.ShrunkWavLMAttention`` over
+        every head, which calls the projections. Default: every weight
+        dequantised to float32, as with other exports.
 
     Returns
     -------
     transformers.PreTrainedModel
         The pruned model (float32), in eval mode (else ``CompactExportError``:
-        incomplete or tampered export, tensors unlike its architecture).
+        incomplete or tampered export, tensors unlike its architecture;
+        ``ValueError``: ``int8_linears`` on an export that is not int8).
 
     Example
     -------
@@ -832,15 +942,27 @@ def load_compact(path, verify=True):
     ...     same = model(wav).last_hidden_state - lobe.model(wav).last_hidden_state
     >>> type(model).__name__, model.training, same.abs().max().item() < 1e-5
     ('Wav2Vec2Model', False, True)
+    >>> _ = export_compact(lobe, out, dtype="int8", overwrite=True)
+    >>> int8 = load_compact(out, int8_linears=True)
+    >>> type(int8.encoder.layers[0].attention.q_proj).__module__
+    'torch.ao.nn.quantized.dynamic.modules.linear'
     """
-    return _load_export(path, verify)[0]
+    path = os.fspath(path)
+    if int8_linears:
+        dtype = read_manifest(path, verify=False).get("dtype")
+        if dtype != "int8":
+            raise ValueError(
+                f"load_compact: int8_linears needs an int8 export "
+                f"(export_dtype: int8); {path} holds {dtype}."
+            )
+    return _load_export(path, verify, int8_linears)[0]
 
 
-def _load_export(path, verify):
+def _load_export(path, verify, int8_linears=False):
     """(model, masks, manifest) of an export folder."""
     path = os.fspath(path)
     manifest = read_manifest(path, verify=False)
-    state, masks = read_compact_file(
+    state, masks, tensors = _read_compact(
         os.path.join(path, COMPACT_FILE),
         manifest["sparse_shapes"],
         check=(lambda: verify_files(path, manifest)) if verify else None,
@@ -849,7 +971,30 @@ def _load_export(path, verify):
     if manifest.get("structure"):
         shrink_to(model, manifest["structure"])
     model = fill_model(model, state, path)
+    if int8_linears:
+        _install_int8_linears(model, tensors, masks)
     return model, masks, manifest
+
+
+def _install_int8_linears(model, tensors, masks):
+    """Replaces the int8-stored linears of ``model`` by dynamically
+    quantised ones, from the file's int8 values and scales (in place)."""
+    for key in _int8_names(tensors):
+        name = key[: -len(".weight")]
+        linear = model.get_submodule(name)
+        if linear.weight.numel() == 0:  # an emptied block's: never run
+            continue
+        q = tensors[f"{key}{_INT8}"]
+        if key in masks:
+            q = int8_matrix(q, masks[key])
+        parent, _, child = name.rpartition(".")
+        int8 = dynamic_int8_linear(q, tensors[f"{key}{_SCALES}"], linear.bias)
+        setattr(model.get_submodule(parent), child, int8)
+    for module in model.modules():
+        if type(module) is WavLMAttention:  # reads q_proj.weight itself
+            module.kept_heads = list(range(module.num_heads))
+            module.__class__ = ShrunkWavLMAttention
+    model.eval()
 
 
 @register_checkpoint_hooks

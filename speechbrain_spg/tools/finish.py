@@ -102,7 +102,12 @@ def parse_arguments(argv):
         help="scale all thresholds onto the target before pruning",
     )
     parser.add_argument(
-        "--export_dtype", default="float32", choices=["float32", "float16"]
+        "--export_dtype",
+        default="float32",
+        choices=["float32", "float16", "int8"],
+        help="storage of compact.safetensors: float32 (exact), float16, or "
+        "int8 (the gated matrices' kept values, one float32 scale per "
+        "output row; the rest float16)",
     )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
