@@ -27,6 +27,12 @@ _ZERO_THRESHOLD = (
     "thresholds get zero gradient and never move, so nothing is pruned in "
     "training); use a small positive value such as 0.05 to train."
 )
+_STRUCTURED_LAGRANGIAN = (
+    "granularity: structured starts every threshold below all units of its "
+    "sub-layer, where the gates give the thresholds no gradient: the "
+    "lagrangian controller cannot move them from there. Use "
+    "sparsity_controller: projection (the default)."
+)
 CONTROLLERS = ("projection", "lagrangian")
 GRANULARITIES = ("weight", "structured")
 _CHOICES = dict(
@@ -61,8 +67,8 @@ class SPGOptions:
         Temperature relative to each matrix's weight variance (> 0).
     threshold_init : float
         Initial threshold in units of weight std (>= 0; 0 would never move);
-        structured: how far below each sub-layer's lowest unit score the
-        threshold starts, in units of the scores' spread.
+        structured: how far below each sub-layer's mean unit score less 3
+        spreads the threshold starts, in spreads of the scores.
     target_scope : str
         The target is a fraction of the gated weights (``"gated"``) or of ALL
         parameters of the wrapped model (``"model"``).
@@ -136,6 +142,9 @@ class SPGOptions:
             lagrangian = self.sparsity_controller == "lagrangian"
             if not strict and value == 0 and lagrangian:
                 warnings.warn(_ZERO_THRESHOLD, stacklevel=3)
+        structured = self.granularity == "structured"
+        if structured and self.sparsity_controller == "lagrangian":
+            warnings.warn(_STRUCTURED_LAGRANGIAN, stacklevel=3)
         validate_damping(self.sparsity_damping)
         for key in ("warmup_steps", "ramp_steps"):
             value = getattr(self, key)

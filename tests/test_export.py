@@ -368,7 +368,7 @@ def test_export_refuses_an_unknown_dtype(exports, tmp_path):
     with pytest.raises(ValueError) as error:
         export_compact(exports["wav2vec2"][0], tmp_path / "x", dtype="bf16")
     assert str(error.value) == (
-        "export_compact: dtype must be one of ['float16', 'float32'], got "
+        "export_compact: dtype must be one of ['float16', 'float32', 'int8'], got "
         "'bf16' (the recipe key: export_dtype)."
     )
     assert not (tmp_path / "x").exists()

@@ -5,6 +5,7 @@ model with the removed units zeroed, and the sparsity controllers."""
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -174,10 +175,12 @@ def mean_squares(lobe, model):
 
 
 def hand_threshold(lobe, index):
-    """The absolute threshold of sub-layer ``index``: its lowest install
-    score plus its group's learnable value (at least 0)."""
+    """The absolute threshold of sub-layer ``index``: its mean install
+    score less 3, plus its group's learnable value (at least 0)."""
     gate = lobe.gate
-    base = hand_install_scores(lobe)[0][gate.sublayers[index].name].min()
+    base = (
+        hand_install_scores(lobe)[0][gate.sublayers[index].name].mean() - 3
+    ).clamp_min(0)
     theta = gate.threshold_param[int(gate.group[index])] * gate.lr_scale
     return (base + theta).clamp_min(0)
 
@@ -204,7 +207,9 @@ def split_thresholds(lobe, scores, fraction=0.5):
             ordered = scores[sub.name].sort().values
             k = min(max(round(fraction * len(ordered)), 1), len(ordered) - 1)
             square = (ordered[k - 1] + ordered[k]) / 2
-            base = hand_install_scores(lobe)[0][sub.name].min()
+            base = (
+                hand_install_scores(lobe)[0][sub.name].mean() - 3
+            ).clamp_min(0)
             theta = math.sqrt(square) - base
             gate.threshold_param[i] = theta / gate.lr_scale
 
@@ -341,7 +346,9 @@ def test_threshold_gradients_through_the_task_loss(biased_wav2vec2):
     install = hand_install_scores(lobe)[0]
     for index, name in enumerate(_sub_names(lobe)):
         theta = t[int(lobe.gate.group[index])] * lobe.gate.lr_scale
-        threshold = (install[name].min().float() + theta).clamp_min(0)
+        threshold = (
+            (install[name].mean() - 3).clamp_min(0).float() + theta
+        ).clamp_min(0)
         tau = hand_tau(lobe, index).float()
         mask = torch.sigmoid((scores[name].float() - threshold**2) / (2 * tau))
         rows = unit_rows(reference, name, mask)
@@ -379,7 +386,9 @@ def test_lagrangian_soft_count_is_the_hand_count(biased_wav2vec2):
     total = 0
     for index, sub in enumerate(gate.sublayers):
         theta = t[int(gate.group[index])] * gate.lr_scale
-        threshold = (install[sub.name].min() + theta.double()).clamp_min(0)
+        threshold = (
+            (install[sub.name].mean() - 3).clamp_min(0) + theta.double()
+        ).clamp_min(0)
         tau = hand_tau(lobe, index)
         mask = torch.sigmoid((scores[sub.name] - threshold**2) / (2 * tau))
         params = 4 * 16 * 32 if index % 2 == 0 else 2 * 32  # one head / unit
@@ -483,7 +492,9 @@ def test_tie_modes_group_sub_layers(tie, groups, fine_source):
         )
         thresholds = lobe.gate.thresholds()
     install = hand_install_scores(lobe)[0]
-    base = torch.stack([install[name].min() for name in _sub_names(lobe)])
+    base = torch.stack(
+        [(install[name].mean() - 3).clamp_min(0) for name in _sub_names(lobe)]
+    )
     theta = (torch.tensor(groups) + 1.0) / 4 * lobe.gate.lr_scale
     expected = (base.float() + theta).clamp_min(0)
     torch.testing.assert_close(thresholds, expected)
@@ -649,6 +660,17 @@ def test_unknown_granularity_is_refused(biased_wav2vec2):
         assert error.value.__context__ is None
 
 
+def test_structured_lagrangian_warns():
+    """Structured thresholds start below every unit, where the gates give
+    them no gradient: only the projection controller moves them."""
+    with pytest.warns(UserWarning, match="lagrangian controller cannot move"):
+        SPGOptions(granularity="structured", sparsity_controller="lagrangian")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SPGOptions(granularity="structured")
+        SPGOptions(sparsity_controller="lagrangian")
+
+
 def test_structured_needs_every_linear_of_a_sub_layer(biased_wav2vec2):
     with pytest.raises(ValueError) as error:
         _lobe(biased_wav2vec2, prune_modules=r"attention\.q_proj$")
@@ -729,6 +751,8 @@ def test_regulariser_alone_takes_several_steps(biased_wav2vec2):
     lobe = _lobe(
         biased_wav2vec2, sparsity_controller="lagrangian", target_sparsity=0.5
     )
+    with torch.no_grad():  # thresholds at the mean scores: gates that learn
+        lobe.gate.threshold_param.fill_(3.0 / lobe.gate.lr_scale)
     params = [lobe.gate.threshold_param, lobe.regularizer.multiplier_param]
     optimizer = torch.optim.Adam(params, lr=0.02)
     thresholds = []
