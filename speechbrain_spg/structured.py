@@ -15,24 +15,26 @@ matrix's standard deviation (q, k, v and out weigh alike). Its score ``s``
 is that norm in units of the spread (standard deviation) of its sub-layer's
 unit norms at the start: a head averages tens of thousands of weights and a
 feed-forward unit a few hundred, so head norms lie much closer together,
-and only in units of their spread do the scores of both mean the same. The
-unit is used as ``W * M`` with the formula of ``speechbrain_spg.gate``,
+and only in units of their spread do the scores of both mean the same.
+
+The unit is used as ``W * M`` with the formula of ``speechbrain_spg.gate``,
 ``M = sigmoid((s^2 - t^2) / (2 tau))``, with ``tau = tau_scale * c`` (``c``:
-the sub-layer's mean score), so that the gate's width is ``tau_scale``
-spreads in every sub-layer. Each sub-layer's threshold is
-``t = b + theta``: ``b`` its mean score at the start less ``BASE_SPREADS``
-spreads, and ``theta`` one
+the sub-layer's mean score), so that the gate is ``tau_scale`` spreads wide
+in every sub-layer. Each sub-layer's threshold is ``t = b + theta``: ``b``
+its mean score at the start less ``BASE_SPREADS`` spreads, ``theta`` one
 learnable value per tie group of sub-layers (``tie: linear``: one per
 block's attention and one per block's feed-forward; ``block``: per block;
-``global``: one), starting at ``-threshold_init``, so that a shared step of
-the controller removes about the same fraction of every sub-layer's units
-(as UMP does; the task loss then moves the thresholds apart). Starting from
-each sub-layer's weakest unit instead removed heads faster: of a handful of
+``global``: one), starting at ``-threshold_init``. A shared step of the
+controller then removes about the same fraction of every sub-layer's units
+(as UMP does), and the task loss moves the thresholds apart. Starting from
+each sub-layer's weakest unit instead removed heads first: of a handful of
 heads the weakest lies about one spread below their mean, of hundreds of
-feed-forward units about three (measured on the synthetic study). The controllers count the gated weights of
-each unit, so the target is still the fraction of gated weights removed.
-Pruning keeps the units with ``s > t``; ``speechbrain_spg.shrink`` then
-removes the others from the shapes. These choices are this project's.
+feed-forward units about three (measured on the synthetic study).
+
+The controllers count the gated weights of each unit, so the target is
+still the fraction of gated weights removed. Pruning keeps the units with
+``s > t``; ``speechbrain_spg.shrink`` then removes the others from the
+shapes. These choices are this project's, not the SPG paper's.
 
 Authors
  * speechbrain-spg developers 2026
