@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+#: The optional ONNX export and runtime (pip install speechbrain-spg[onnx]).
+ONNX_EXTRA = ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"]
+
 with open("README.md", encoding="utf-8") as f:
     long_description = f.read()
 
@@ -33,11 +36,15 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
+        # python -m speechbrain_spg.export_onnx and transcribe --onnx
+        # (onnxscript: the --dynamo exporter)
+        "onnx": ONNX_EXTRA,
         "test": [
             "pytest>=8",
             "hypothesis>=6",
             "ruff>=0.5",
             "tensorboard>=2.10",
+            *ONNX_EXTRA,
         ],
     },
     license="Apache-2.0",

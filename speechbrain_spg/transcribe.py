@@ -3,7 +3,7 @@
 Usage::
 
     python -m speechbrain_spg.transcribe FOLDER AUDIO... [--device cpu]
-        [--batch-size 8] [--noprogressbar]
+        [--batch-size 8] [--noprogressbar] [--onnx MODEL.onnx]
 
 ``FOLDER`` is an inference folder (what a compressed run of the recipe writes
 in ``<output_folder>/compact``, or ``tools.inference.write_inference_folder``):
@@ -20,6 +20,15 @@ printed on stdout, in the order of the command line: ``path<TAB>transcript``
 unreadable, empty, shorter than the model's convolutional front end accepts)
 gets one line on stderr instead, ``path: error: <reason>``, and the others are
 still transcribed. Silence is transcribed like any other audio.
+
+With ``--onnx MODEL.onnx`` (a model that ``python -m
+speechbrain_spg.export_onnx FOLDER MODEL.onnx`` wrote from ``FOLDER``), ONNX
+Runtime runs the model instead of PyTorch (``export_onnx.OnnxASR``): the
+same batches and relative lengths, greedy CTC decoding as SpeechBrain's
+``ctc_greedy_decode``, decoded by ``FOLDER``'s tokenizer (refused if it is
+not the one the model was exported with); the output and the per-file
+errors are the same. It needs the optional extra ``pip install
+speechbrain-spg[onnx]`` (without it: one line says so, exit code 2).
 
 Exit code: 0 when every file was transcribed, 1 when some file failed, 2 when
 the folder cannot be loaded (one line on stderr says why, e.g. which files an
@@ -44,6 +53,8 @@ import tempfile
 
 import soundfile
 import torch
+
+from speechbrain_spg.export_onnx import MissingExtraError
 
 #: Audio file extensions found in directories (lower case).
 AUDIO_EXTENSIONS = (".wav", ".flac")
@@ -131,9 +142,10 @@ def model_min_samples(asr):
 
     Arguments
     ---------
-    asr : speechbrain.inference.interfaces.Pretrained
-        The loaded model; its modules are searched for a HuggingFace
-        configuration with ``conv_kernel`` and ``conv_stride``.
+    asr : speechbrain.inference.interfaces.Pretrained or export_onnx.OnnxASR
+        The loaded model: its ``min_samples`` if it has one (an ONNX model
+        reads it from its metadata), else its modules are searched for a
+        HuggingFace configuration with ``conv_kernel`` and ``conv_stride``.
 
     Returns
     -------
@@ -149,6 +161,8 @@ def model_min_samples(asr):
     >>> model_min_samples(Asr())
     400
     """
+    if getattr(asr, "min_samples", None) is not None:
+        return int(asr.min_samples)
     for module in asr.mods.modules():
         config = getattr(module, "config", None)
         kernels = getattr(config, "conv_kernel", None)
@@ -374,6 +388,13 @@ def _parser():
         "transcripts (no padding)",
     )
     parser.add_argument(
+        "--onnx",
+        metavar="MODEL.onnx",
+        help="run this ONNX model (python -m speechbrain_spg.export_onnx "
+        "FOLDER MODEL.onnx) with onnxruntime instead of PyTorch; FOLDER "
+        "gives the tokenizer",
+    )
+    parser.add_argument(
         "--noprogressbar",
         action="store_true",
         help="no progress bar (shown on a terminal for many files)",
@@ -387,6 +408,18 @@ def _positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def _load(args, savedir, device):
+    """The model of the command line: the folder with PyTorch, or its ONNX
+    export with ONNX Runtime (``--onnx``)."""
+    if args.onnx:
+        from speechbrain_spg.export_onnx import OnnxASR
+
+        return OnnxASR(args.onnx, args.folder, device=device)
+    from speechbrain_spg.tools.inference import load_asr
+
+    return load_asr(args.folder, savedir=savedir, device=device)
 
 
 def main(argv=None):
@@ -412,16 +445,16 @@ def main(argv=None):
         args = _parser().parse_args(argv)
     except SystemExit as exit_:  # --help, or a wrong command line
         return exit_.code if isinstance(exit_.code, int) else 2
-    from speechbrain_spg.tools.inference import load_asr
-
     paths = audio_files(args.audio)
     with tempfile.TemporaryDirectory(prefix="spg-transcribe-") as savedir:
         try:
             device = "cuda:0" if args.device == "cuda" else args.device
-            asr = load_asr(args.folder, savedir=savedir, device=device)
+            asr = _load(args, savedir, device)
         except Exception as err:
             message = _one_line(err)
-            if not isinstance(err, (FileNotFoundError, ValueError)):
+            if not isinstance(
+                err, (FileNotFoundError, ValueError, MissingExtraError)
+            ):
                 message = (
                     f"{args.folder}: cannot load the model: "
                     f"{type(err).__name__}: {message}"

@@ -300,3 +300,26 @@ def test_module_entry_point(folder, asr, audio, tmp_path):
     assert run.stderr.splitlines() == [
         f"{audio['missing']}: error: no such file"
     ]
+
+
+def test_onnx_option_without_the_extra(capsys, monkeypatch, folder, audio):
+    """``--onnx`` where onnxruntime cannot be imported (simulated): one
+    stderr line naming the extra to install, exit code 2, nothing
+    transcribed (``tests/test_onnx.py`` runs the option itself)."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    code, out, err = _run(capsys, folder, audio["a"], "--onnx", "model.onnx")
+    assert (code, out) == (2, [])
+    assert err == [
+        "transcribe --onnx needs the optional package onnxruntime, which is "
+        "not installed: pip install speechbrain-spg[onnx]"
+    ]
+
+
+def test_min_samples_of_an_onnx_model():
+    """A model that states its ``min_samples`` (``export_onnx.OnnxASR``,
+    from the ONNX metadata) is not searched for a configuration."""
+
+    class OnnxLike:
+        min_samples = 400
+
+    assert transcribe.model_min_samples(OnnxLike()) == 400
