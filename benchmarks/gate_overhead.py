@@ -15,6 +15,8 @@ fine-tuning step (forward, CTC loss + sparsity loss, backward, Adam step) of
 - optionally (``--variants ... compiled_recompute_gated``) the compiled gate
   with ``recompute_gated_weights: True`` (no gated weight kept for the
   backward pass; computed again there),
+- optionally (``--variants ... structured``) the structured gates
+  (``granularity: structured``: heads and feed-forward units),
 
 plus evaluation-mode inference (cached gated weights) and peak memory. The
 CNN front end is frozen, as in the recipes. The step runs in the order of
@@ -76,6 +78,9 @@ def build(variant, source, device):
     if variant == "compiled_recompute_gated":
         options["recompute_gated_weights"] = True
         variant = "compiled"
+    if variant == "structured":  # heads and units (one autograd path)
+        options["granularity"] = "structured"
+        variant = "fused"
     if variant == "dense":
         lobe = Wav2Vec2(source, save_path="", freeze_feature_extractor=True)
     else:

@@ -8,15 +8,24 @@ epochs, the same data and the same schedule:
 - UMP at each target: uniform magnitude pruning, fixed masks, fine-tuning
   (``tiny_ump.yaml``);
 - SPG at each target: one-pass compression (``tiny_spg.yaml``);
+- structured UMP and structured SPG at each structured target (whole heads
+  and feed-forward units: ``tiny_ump_structured.yaml``,
+  ``tiny_spg_structured.yaml``);
 
 then ``python -m speechbrain_spg.evaluation.compare`` over all of them (WER per split,
 MAPSSWE against dense, compression wall time, plots). The Markdown table and
-plots go to ``benchmarks/synthetic_study/``, and the study's section of
-``benchmarks/RESULTS.md`` is rewritten with them, the command, the machine
-and the date.
+plots go to ``benchmarks/synthetic_study/`` (structured runs:
+``benchmarks/synthetic_study_structured/``), and the study's sections of
+``benchmarks/RESULTS.md`` are rewritten with them, the command, the machine
+and the date. The structured section has one table: WER, MAPSSWE against
+dense and against structured UMP at the same target, and the CPU latency of
+every exported model (batch 1 x 10 s, the models alternating:
+``inference_speed.alternating_latency``). An empty ``--targets`` (or
+``--structured-targets``) skips those runs and leaves their section as it is.
 
 Usage (from the repository root):
-    python benchmarks/synthetic_study.py --epochs 4 --targets 0.5 0.65 0.765
+    python benchmarks/synthetic_study.py --epochs 4 --targets 0.5 0.65 0.765 \
+        --structured-targets 0.25 0.5
 
 Authors
  * speechbrain-spg developers 2026
@@ -24,12 +33,15 @@ Authors
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import subprocess
 import sys
 
 import torch
+from inference_speed import alternating_latency
+from transformers import AutoModel
 
 from speechbrain_spg.evaluation import compare
 from speechbrain_spg.evaluation.compare import (
@@ -39,13 +51,18 @@ from speechbrain_spg.evaluation.compare import (
     time_to_reach,
 )
 from speechbrain_spg.evaluation.significance import compare_hypothesis_files
+from speechbrain_spg.export import load_compact
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "LibriSpeech", "spg")
 OUT = os.path.join(ROOT, "benchmarks", "synthetic_study")
 RESULTS = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+OUT_STRUCTURED = os.path.join(ROOT, "benchmarks", "synthetic_study_structured")
 BEGIN = "<!-- synthetic-study:begin -->"
 END = "<!-- synthetic-study:end -->"
+STRUCTURED_BEGIN = "<!-- structured-study:begin -->"
+STRUCTURED_END = "<!-- structured-study:end -->"
+SPLITS = ("test-clean", "test-other")
 
 
 def run(yaml, output, extra):
@@ -164,12 +181,19 @@ def machine():
     return f"{platform.platform()}, {device}, torch {torch.__version__}"
 
 
-def write_results_section(markdown, argv, goals):
-    """Replaces the study's section of benchmarks/RESULTS.md."""
+def write_results_section(
+    markdown,
+    argv,
+    goals,
+    markers=(BEGIN, END),
+    title="Synthetic study: SPG vs UMP vs dense",
+):
+    """Replaces one of the study's sections of benchmarks/RESULTS.md."""
+    begin, end = markers
     section = "\n".join(
         [
-            BEGIN,
-            "## Synthetic study: SPG vs UMP vs dense (generated, not typed)",
+            begin,
+            f"## {title} (generated, not typed)",
             "",
             f"Command: `python benchmarks/synthetic_study.py {' '.join(argv)}`  ",
             f"Machine: {machine()}  ",
@@ -178,20 +202,138 @@ def write_results_section(markdown, argv, goals):
             markdown.strip(),
             "",
             goals,
-            END,
+            end,
         ]
     )
     text = ""
     if os.path.isfile(RESULTS):
         with open(RESULTS, encoding="utf-8") as f:
             text = f.read()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     with open(RESULTS, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def p_value(run, other, split):
+    """MAPSSWE p-value of two runs' hypotheses on one split."""
+    test = compare_hypothesis_files(
+        compare.hypotheses_file(run.path, split),
+        compare.hypotheses_file(other.path, split),
+    )
+    return test.mapsswe.p_value
+
+
+def exported_model(run):
+    """The model a run exported: ``compact/`` (pruned) or ``hf/`` (dense)."""
+    compact = os.path.join(run.path, "compact")
+    if os.path.isdir(compact):
+        return load_compact(compact)
+    return AutoModel.from_pretrained(os.path.join(run.path, "hf")).eval()
+
+
+def stored_params(run):
+    """Parameters the run's export holds (its manifest; dense: all)."""
+    manifest = os.path.join(run.path, "compact", "spg_manifest.json")
+    if not os.path.isfile(manifest):
+        return run.summary["params"]["total"]
+    with open(manifest, encoding="utf-8") as f:
+        return json.load(f)["params"]["nonzero"]
+
+
+def latencies(runs, rounds, seconds=10.0):
+    """CPU latency (median seconds) of every run's exported model on batch
+    1 x ``seconds`` of audio, the models alternating in every round."""
+    models = {name: exported_model(run) for name, run in runs.items()}
+    wav = torch.randn(
+        1, int(seconds * 16000), generator=torch.Generator().manual_seed(0)
+    )
+    return alternating_latency(models, wav, rounds)
+
+
+def structured_markdown(runs, targets, rounds):
+    """The structured study's table and goals, from its finished runs."""
+    dense = runs["dense"]
+    names = ["dense"] + [
+        f"{method}_structured_{t}" for t in targets for method in ("ump", "spg")
+    ]
+    present = {name: runs[name] for name in names if name in runs}
+    seconds = latencies(present, rounds)
+    header = ["System", "Removed (gated)", "Params stored"]
+    for split in SPLITS:
+        header += [f"WER {split}", "p vs dense", "p vs structured UMP"]
+    header += ["CPU latency (s)", "Latency / dense"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "| --- | ---: | ---: |"
+        + " ---: | ---: | ---: |" * len(SPLITS)
+        + " ---: | ---: |",
+    ]
+    for name, run in present.items():
+        sparsity = run.summary.get("sparsity", {}).get("hard_sparsity", 0.0)
+        cells = [name, f"{sparsity:.4f}", f"{stored_params(run):,}"]
+        ump = (
+            present.get(name.replace("spg_", "ump_"))
+            if "spg_" in name
+            else None
+        )
+        for split in SPLITS:
+            cells.append(f"{run.summary['wer'][split]:.2f}")
+            cells.append(
+                "-" if run is dense else f"{p_value(run, dense, split):.3g}"
+            )
+            cells.append(
+                "-" if ump is None else f"{p_value(run, ump, split):.3g}"
+            )
+        cells += [
+            f"{seconds[name]:.3f}",
+            f"{seconds[name] / seconds['dense']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    notes = (
+        "Removed: fraction of the gated encoder weights removed (whole heads "
+        "and feed-forward units); params stored: parameters of the exported, "
+        "shrunk model. p: two-sided MAPSSWE on test utterances. Latency: "
+        "median CPU forward pass of the exported model on 1 x 10 s of audio, "
+        f"the models alternating, {rounds} rounds, CPU threads: "
+        f"{torch.get_num_threads()}."
+    )
+    goals = ["### Goals, checked on these runs", ""]
+    split = "test-clean"
+    better = []
+    for target in targets:
+        spg, ump = (
+            present.get(f"spg_structured_{target}"),
+            present.get(f"ump_structured_{target}"),
+        )
+        if spg is None or ump is None:
+            continue
+        wer_spg, wer_ump = spg.summary["wer"][split], ump.summary["wer"][split]
+        better.append(wer_spg < wer_ump)
+        goals.append(
+            f"- Structured SPG vs structured UMP at {target} ({split}): WER "
+            f"{wer_spg:.2f} vs {wer_ump:.2f}, p = {p_value(spg, ump, split):.3g}; "
+            f"better: **{yes_no(wer_spg < wer_ump)}**"
+        )
+    lowest = present.get(f"spg_structured_{min(targets)}")
+    if lowest is not None:
+        p = p_value(lowest, dense, split)
+        worse = lowest.summary["wer"][split] > dense.summary["wer"][split]
+        goals.append(
+            f"- Structured SPG at {min(targets)} vs dense ({split}): WER "
+            f"{lowest.summary['wer'][split]:.2f} vs {dense.summary['wer'][split]:.2f}, "
+            f"p = {p:.3g}; not significantly worse: "
+            f"**{yes_no(p > 0.05 or not worse)}**"
+        )
+    goals.append(
+        f"- Structured SPG better than structured UMP at every target: "
+        f"**{yes_no(bool(better) and all(better))}**"
+    )
+    return table + "\n\n" + notes, "\n".join(goals)
 
 
 def main(argv=None):
@@ -200,7 +342,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument(
-        "--targets", type=float, nargs="+", default=[0.5, 0.65, 0.765]
+        "--targets", type=float, nargs="*", default=[0.5, 0.65, 0.765]
+    )
+    parser.add_argument(
+        "--structured-targets", type=float, nargs="*", default=[0.25, 0.5]
+    )
+    parser.add_argument(
+        "--latency-rounds",
+        type=int,
+        default=5,
+        help="rounds of the exported models' CPU latency (structured table)",
     )
     parser.add_argument(
         "--runs", default=os.path.join(RECIPE, "results", "synthetic_study")
@@ -211,6 +362,39 @@ def main(argv=None):
         "--evaluate_initial_model=False",
     ]
     runs = [run("tiny_dense.yaml", f"{args.runs}/dense", common)]
+    structured = [runs[0]]
+    for target in args.structured_targets:
+        for method in ("ump", "spg"):
+            structured.append(
+                run(
+                    f"tiny_{method}_structured.yaml",
+                    f"{args.runs}/{method}_structured_{target}",
+                    [*common, f"--target_sparsity={target}"],
+                )
+            )
+    written = []
+    if args.structured_targets:
+        written += compare.main(
+            [*structured, "--baseline", runs[0], "--out", OUT_STRUCTURED]
+        )
+        loaded = {os.path.basename(path): load_run(path) for path in structured}
+        table, goals = structured_markdown(
+            loaded, args.structured_targets, args.latency_rounds
+        )
+        plots = [
+            f"![wer_vs_ratio_{split}](synthetic_study_structured/wer_vs_ratio_{split}.png)"
+            for split in SPLITS
+        ]
+        print(table, goals, sep="\n\n")
+        write_results_section(
+            table + "\n\n" + "\n".join(plots),
+            argv,
+            goals,
+            (STRUCTURED_BEGIN, STRUCTURED_END),
+            "Synthetic study: structured SPG vs structured UMP vs dense",
+        )
+    if not args.targets:
+        return written
     for target in args.targets:
         for method in ("ump", "spg"):
             runs.append(
@@ -220,7 +404,7 @@ def main(argv=None):
                     [*common, f"--target_sparsity={target}"],
                 )
             )
-    written = compare.main([*runs, "--baseline", runs[0], "--out", OUT])
+    written += compare.main([*runs, "--baseline", runs[0], "--out", OUT])
     with open(os.path.join(OUT, "comparison.md"), encoding="utf-8") as f:
         markdown = f.read()
     markdown = markdown.replace("](", "](synthetic_study/")
