@@ -218,6 +218,18 @@ def write_results_section(
         f.write(text)
 
 
+def only_wer_plots(markdown, folder):
+    """The comparison's Markdown with its WER plots, and one line pointing
+    to the per-run plots (sparsity per layer, training curves) in
+    ``benchmarks/<folder>/``, so that the results page stays short."""
+    lines = markdown.splitlines()
+    plots = [line for line in lines if line.startswith("![")]
+    kept = [line for line in lines if not line.startswith("![")]
+    wer = [line for line in plots if line.startswith("![wer_vs_ratio")]
+    note = f"Per-run plots (sparsity per layer, training curves): `benchmarks/{folder}/`."
+    return "\n".join([*kept, *wer, note] if plots else kept)
+
+
 def p_value(run, other, split):
     """MAPSSWE p-value of two runs' hypotheses on one split."""
     test = compare_hypothesis_files(
@@ -387,7 +399,9 @@ def main(argv=None):
         ]
         print(table, goals, sep="\n\n")
         write_results_section(
-            table + "\n\n" + "\n".join(plots),
+            only_wer_plots(
+                table + "\n\n" + "\n".join(plots), "synthetic_study_structured"
+            ),
             argv,
             goals,
             (STRUCTURED_BEGIN, STRUCTURED_END),
@@ -410,6 +424,7 @@ def main(argv=None):
     markdown = markdown.replace("](", "](synthetic_study/")
     if markdown.startswith("# "):  # the section has a heading of its own
         markdown = markdown.split("\n", 1)[1]
+    markdown = only_wer_plots(markdown, "synthetic_study")
     loaded = {os.path.basename(path): load_run(path) for path in runs}
     goals = goals_markdown(loaded, args.targets)
     print(goals)
