@@ -238,8 +238,13 @@ def test_quantized_study_on_a_tiny_folder(inference_folder, tmp_path, capsys):
         study.ONNX_FP32,
         study.ONNX_INT8,
     ]
-    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    blocks = text.split("\n\n")
+    table = next(b for b in blocks if b.startswith("| Variant |"))
+    rows = table.splitlines()
     assert len(rows) == 2 + len(names) + 1  # header, variants, the recipe's
+    logprob = next(b for b in blocks if b.startswith("| ONNX model |"))
+    assert len(logprob.splitlines()) == 4  # header, float32, int8
+    assert "against PyTorch in float64" in text
     for name in names:
         row = next(r for r in rows if r.startswith(f"| {name} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -256,9 +261,10 @@ def test_quantized_study_on_a_tiny_folder(inference_folder, tmp_path, capsys):
         "int8"
     )
     goals = [line for line in text.splitlines() if line.startswith("- ")]
-    assert len(goals) == len(names)  # 4 variants + the log-probabilities
-    assert "log-probabilities within 0.0001" in goals[-1]
-    assert goals[-1].endswith("**met**")  # float32 ONNX vs PyTorch
+    assert len(goals) == len(names) + 1  # 4 variants, 2 log-probabilities
+    for goal in goals[-2:]:  # float32 ONNX vs PyTorch, alone and padded
+        assert "log-probabilities within 0.0001" in goal
+        assert goal.endswith("**met**")
     for line in ("Command: `OMP_NUM_THREADS=1 python", "Machine: ", "Commit: "):
         assert line in text
 
