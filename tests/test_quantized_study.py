@@ -12,6 +12,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -274,3 +276,25 @@ def test_quantized_study_refuses_a_run_without_an_export(tmp_path):
     (tmp_path / "summary.json").write_text("{}")
     with pytest.raises(RuntimeError, match="no compact export"):
         study.ensure_run(str(tmp_path))
+
+
+def test_convert_command_writes_an_int8_folder(inference_folder, tmp_path):
+    """``python -m speechbrain_spg.tools.convert`` as the README gives it:
+    an int8 folder that loads; a missing folder: one line, status 2."""
+    out = tmp_path / "int8"
+    command = [sys.executable, "-m", "speechbrain_spg.tools.convert"]
+    done = subprocess.run(
+        [*command, str(inference_folder), str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert read_manifest(out)["dtype"] == "int8"
+    missing = subprocess.run(
+        [*command, str(tmp_path / "nothing"), str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("error: ")
+    assert len(missing.stderr.strip().splitlines()) == 1

@@ -121,3 +121,27 @@ def test_deploy_examples_transcribe(inference_folder, tmp_path, monkeypatch):
     with contextlib.redirect_stdout(printed):
         exec(compile(code, "README.md deploy example", "exec"), {})
     assert printed.getvalue().split() == lines[0][1].split()
+
+
+SMALLEST = "**Smallest files.**"
+
+
+def test_smallest_file_commands_run(inference_folder, tmp_path, monkeypatch):
+    """The ONNX lines of "Smallest files" (after the training command):
+    the int8 ONNX model transcribes ``audio.wav``."""
+    pytest.importorskip("onnxruntime", reason="the [onnx] extra is absent")
+    monkeypatch.chdir(tmp_path)
+    wav = 0.1 * torch.randn(16000, generator=torch.Generator().manual_seed(1))
+    soundfile.write("audio.wav", wav.numpy(), 16000)
+    lines = readme_block(SMALLEST, "bash").strip().splitlines()
+    assert lines[0].startswith("python train.py hparams/tiny_spg.yaml")
+    assert "--export_dtype=int8" in lines[0]
+    for line in lines[1:]:
+        command = line.replace(DEPLOY_FOLDER, str(inference_folder)).split()
+        assert command[:2] == ["python", "-m"]
+        done = subprocess.run(
+            [sys.executable, *command[1:]], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+    path, transcript = done.stdout.strip().split("\t")
+    assert path == "audio.wav" and (tmp_path / "tiny.onnx").is_file()

@@ -32,10 +32,12 @@ Authors
  * speechbrain-spg developers 2026
 """
 
+import argparse
 import datetime
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 from safetensors import safe_open
@@ -45,6 +47,7 @@ from speechbrain_spg.export import (
     _DTYPES,
     COMPACT_FILE,
     MANIFEST,
+    CompactExportError,
     _quantization,
     _readable_by_all,
     _relative_files,
@@ -189,3 +192,55 @@ def convert_inference_folder(src, dst, dtype="int8", overwrite=False):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return new
+
+
+def main(argv=None):
+    """``python -m speechbrain_spg.tools.convert SRC DST [--dtype int8]
+    [--overwrite]``: a float32 export or inference folder converted; one
+    error line and exit status 2 for a bad folder.
+
+    Arguments
+    ---------
+    argv : list of str, optional
+        Arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status.
+
+    Example
+    -------
+    >>> main(["/nonexistent/compact", "/tmp/out"])  # doctest: +ELLIPSIS
+    2
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m speechbrain_spg.tools.convert",
+        description="Writes a float32 export (or inference folder) again in "
+        "another storage type, without the training run.",
+    )
+    parser.add_argument("src", help="a float32 export or inference folder")
+    parser.add_argument("dst", help="the folder to write")
+    parser.add_argument(
+        "--dtype",
+        default="int8",
+        choices=("int8", "float16"),
+        help="storage type of the new compact file (default: int8)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing dst"
+    )
+    args = parser.parse_args(argv)
+    try:
+        manifest = convert_inference_folder(
+            args.src, args.dst, args.dtype, args.overwrite
+        )
+    except (OSError, ValueError, CompactExportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.dst}: {manifest['dtype']} ({COMPACT_FILE} rewritten)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
