@@ -5,8 +5,9 @@ Builds an SSL architecture from its configuration with random weights (no
 download), saves it as a dense HuggingFace folder (float32, and the same
 weights in float16), wraps it in an SPG lobe, prunes it to each gated
 sparsity (``calibrate_thresholds`` + ``hard_prune``) and exports it
-compact-only (the default) in float32 and float16. Prints, per (sparsity,
-dtype):
+compact-only (the default) in float32, float16 and int8 (the gated
+matrices' kept values in int8 with one float32 scale per output row, the
+other tensors in float16). Prints, per (sparsity, dtype):
 
 - sizes: the dense folder in float32 and float16, the export folder (every
   file: ``compact.safetensors`` and the manifest), its ratio to the dense
@@ -14,9 +15,12 @@ dtype):
   ungated tensors + kept values + one bit per gated weight);
 - load times, best of ``--repeats``, the loaders alternating in every round:
   ``AutoModel.from_pretrained`` on the dense float32 folder,
-  ``load_compact(verify=True)`` and ``CompactWav2Vec2(export)``; then the
-  same three with a first forward pass on 1 s of audio (a dense load backed
-  by a memory map may defer reading the weights to that pass).
+  ``load_compact(verify=True)`` and ``CompactWav2Vec2(export)`` (both
+  dequantise an int8 export to float32), and for the int8 export a fourth,
+  ``load_compact(verify=True, int8_linears=True)`` (PyTorch's dynamic int8
+  linears built from the stored int8 values); then the same loaders with a
+  first forward pass on 1 s of audio (a dense load backed by a memory map
+  may defer reading the weights to that pass).
 
 Usage:
     OMP_NUM_THREADS=2 python benchmarks/export_size.py
@@ -37,7 +41,12 @@ from speechbrain_spg.data.architectures import hub_config, save_random_model
 from speechbrain_spg.export import CompactWav2Vec2, export_compact, load_compact
 from speechbrain_spg.lobes import SPGWav2Vec2
 
+#: The loaders timed for every export, in table order.
 LOADERS = ("dense", "load_compact", "CompactWav2Vec2")
+#: The loaders timed for an int8 export: also its dynamic int8 linears.
+INT8_LOADERS = LOADERS + ("int8_linears",)
+#: The exported dtypes, in table order.
+DTYPES = ("float32", "float16", "int8")
 
 
 def folder_bytes(folder):
@@ -49,8 +58,9 @@ def folder_bytes(folder):
     )
 
 
-def loaders(dense, export, wav):
-    """Loader name -> (load, load + first forward pass), as callables."""
+def loaders(dense, export, wav, int8=False):
+    """Loader name -> (load, load + first forward pass), as callables;
+    ``INT8_LOADERS`` with ``int8`` (an int8 export), else ``LOADERS``."""
     normalised = torch.nn.functional.layer_norm(wav, wav.shape[1:])
 
     def dense_load():
@@ -67,6 +77,11 @@ def loaders(dense, export, wav):
         ),
         "CompactWav2Vec2": (lobe_load, lambda m: m(wav)),
     }
+    if int8:
+        calls["int8_linears"] = (
+            lambda: load_compact(export, verify=True, int8_linears=True),
+            lambda m: m(normalised).last_hidden_state,
+        )
     return {
         name: (load, lambda load=load, run=run: run(load()))
         for name, (load, run) in calls.items()
@@ -92,10 +107,10 @@ def measure(source, dense16, sparsity, work, repeats):
     lobe.hard_prune()
     wav = torch.randn(1, 16000, generator=torch.Generator().manual_seed(0))
     rows = []
-    for dtype in ("float32", "float16"):
+    for dtype in DTYPES:
         out = os.path.join(work, f"compact_{sparsity}_{dtype}")
         manifest = export_compact(lobe, out, dtype=dtype)
-        calls = loaders(source, out, wav)
+        calls = loaders(source, out, wav, int8=dtype == "int8")
         load = best_times({k: v[0] for k, v in calls.items()}, repeats)
         forward = best_times({k: v[1] for k, v in calls.items()}, repeats)
         rows.append(
@@ -130,17 +145,23 @@ def print_rows(model, rows, repeats):
         )
     print(
         f"\nbest of {repeats}, seconds; ratio = / dense. load: "
-        "dense | load_compact | CompactWav2Vec2; the same + forward on 1 s"
+        "dense | load_compact | CompactWav2Vec2\n  (int8 rows: these two "
+        "dequantise, then | load_compact(int8_linears=True)); the same + "
+        "forward on 1 s"
     )
     for r in rows:
         cells = []
         for key in ("load_s", "load_forward_s"):
             t = r[key]
             cells.append(
-                f"{t['dense']:.3f} | {t['load_compact']:.3f} "
-                f"({t['load_compact'] / t['dense']:.2f}x) | "
-                f"{t['CompactWav2Vec2']:.3f} "
-                f"({t['CompactWav2Vec2'] / t['dense']:.2f}x)"
+                " | ".join(
+                    [f"{t['dense']:.3f}"]
+                    + [
+                        f"{t[name]:.3f} ({t[name] / t['dense']:.2f}x)"
+                        for name in INT8_LOADERS[1:]
+                        if name in t
+                    ]
+                )
             )
         print(f"{r['sparsity']:>8.4f} {r['dtype']:>7}  " + "   ".join(cells))
 

@@ -8,6 +8,7 @@ are.
 import importlib.util
 import re
 import sys
+from operator import itemgetter
 
 import pytest
 import torch
@@ -304,20 +305,27 @@ def test_export_size_prints_sizes_and_alternated_load_times(
 
     monkeypatch.setattr(export_size, "best_times", recording)
     rows = export_size.main(["--sparsities", "0.5", "0.8", "--repeats", "2"])
-    # Per sparsity and dtype: loads, then loads + forward, the 3 loaders.
-    assert order == [list(export_size.LOADERS)] * 8
+    # Per sparsity and dtype: loads, then loads + forward, the 3 loaders
+    # (int8: also load_compact(int8_linears=True)).
+    loaders, int8_loaders = list(export_size.LOADERS), export_size.INT8_LOADERS
+    assert list(int8_loaders) == loaders + ["int8_linears"]
+    per_sparsity = [loaders] * 4 + [list(int8_loaders)] * 2
+    assert order == per_sparsity * 2
     assert [(round(r["sparsity"], 2), r["dtype"]) for r in rows] == [
         (0.5, "float32"),
         (0.5, "float16"),
+        (0.5, "int8"),
         (0.8, "float32"),
         (0.8, "float16"),
+        (0.8, "int8"),
     ]
     for row in rows:
         # Compact-only: the folder is the compact file plus the manifest.
         assert row["ideal_bytes"] < row["export_bytes"] < row["dense_bytes"]
         assert row["dense16_bytes"] < row["dense_bytes"]
+        expected = int8_loaders if row["dtype"] == "int8" else loaders
         for times in (row["load_s"], row["load_forward_s"]):
-            assert sorted(times) == sorted(export_size.LOADERS)
+            assert sorted(times) == sorted(expected)
             assert all(t > 0 for t in times.values())
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("model: facebook/wav2vec2-base (random")
@@ -325,18 +333,37 @@ def test_export_size_prints_sizes_and_alternated_load_times(
         "sparsity", "dtype", "dense32", "MB", "dense16", "MB", "export", "MB",
         "/dense32", "/ideal",
     ]  # fmt: skip
-    sizes = [line.split() for line in lines[2:6]]
+    sizes = [line.split() for line in lines[2:8]]
     assert [cells[:2] for cells in sizes] == [
         ["0.5000", "float32"],
         ["0.5000", "float16"],
+        ["0.5000", "int8"],
         ["0.8000", "float32"],
         ["0.8000", "float16"],
+        ["0.8000", "int8"],
     ]
     for cells, row in zip(sizes, rows):
         ratio = row["export_bytes"] / row["ideal_bytes"]
         assert float(cells[-1]) == pytest.approx(ratio, abs=1e-4)
-    times = lines[-4:]
-    assert all(line.count("x)") == 4 for line in times)
+        dense = row["export_bytes"] / row["dense_bytes"]
+        assert float(cells[-2]) == pytest.approx(dense, abs=1e-3)
+    times = lines[-6:]
+    # Two ratios (load, + forward) per loader after dense.
+    assert [line.split()[:2] for line in times] == [
+        cells[:2] for cells in sizes
+    ]
+    assert [line.count("x)") for line in times] == [4, 4, 6] * 2
+    for line, row in zip(times, rows):
+        ratios = [float(x) for x in re.findall(r"\((\d+\.\d\d)x\)", line)]
+        for key, printed in zip(
+            ("load_s", "load_forward_s"),
+            (ratios[: len(ratios) // 2], ratios[len(ratios) // 2 :]),
+        ):
+            t = row[key]
+            expected = [
+                t[name] / t["dense"] for name in int8_loaders[1:] if name in t
+            ]
+            assert printed == pytest.approx(expected, abs=0.006)
 
 
 def tiny_hub_config(hub_id):
@@ -346,7 +373,34 @@ def tiny_hub_config(hub_id):
     )
 
 
-def test_inference_speed_alternates_three_models_and_prints_the_ratio_line(
+def rotation_schedule(names, rounds):
+    """The order of ``alternating_times``: one warm-up pass each, then every
+    round times each model once, the starting model rotating."""
+    turns = [
+        names[r % len(names) :] + names[: r % len(names)] for r in range(rounds)
+    ]
+    return names + [name for turn in turns for name in turn]
+
+
+def inference_table(lines, model):
+    """Index of a model's ``model:`` line and its table: variant (which may
+    hold spaces) -> its 8 number cells, in printed order."""
+    start = lines.index(
+        next(x for x in lines if x.startswith(f"model: {model} "))
+    )
+    assert lines[start + 1].split()[:4] == [
+        "variant", "gated", "sp.", "latency",
+    ]  # fmt: skip
+    table = {}
+    for line in lines[start + 2 :]:
+        cells = line.split()
+        if len(cells) < 9 or not re.fullmatch(r"\d\.\d{4}", cells[-8]):
+            break
+        table[" ".join(cells[:-8])] = cells[-8:]
+    return start, table
+
+
+def test_inference_speed_alternates_all_variants_and_prints_the_ratio_lines(
     monkeypatch, capsys
 ):
     inference_speed = load_benchmark("inference_speed", monkeypatch)
@@ -363,81 +417,141 @@ def test_inference_speed_alternates_three_models_and_prints_the_ratio_line(
     monkeypatch.setattr(inference_speed, "timed_pass", recording)
     rows = inference_speed.main(["--rounds", "3", "--seconds", "1"])
     variants = list(inference_speed.VARIANTS)
-    assert variants == ["dense", "unstructured", "structured"]
-    # Per model (both defaults): one warm-up pass each, then every round
-    # times each model once, the starting model rotating.
-    rotated = [variants[r:] + variants[:r] for r in range(3)]
-    per_model = variants + [name for turn in rotated for name in turn]
-    assert order == per_model * 2
+    assert variants == [
+        "dense",
+        "unstructured",
+        "structured",
+        "unstructured int8 (dynamic int8 linears)",
+        "structured int8 (dynamic int8 linears)",
+        "structured ONNX fp32",
+        "structured ONNX int8",
+    ]
+    # Per model (both defaults, both with the ONNX rows): every variant
+    # timed in the same alternation.
+    assert order == rotation_schedule(variants, 3) * 2
     models = ["facebook/wav2vec2-base", "facebook/hubert-large-ll60k"]
     assert [(r["model"], r["variant"]) for r in rows] == [
         (model, variant) for model in models for variant in variants
     ]
     for model in models:
-        dense, unstructured, structured = (
-            r for r in rows if r["model"] == model
+        by_variant = {r["variant"]: r for r in rows if r["model"] == model}
+        dense = by_variant["dense"]
+        unstructured, structured = (
+            by_variant["unstructured"],
+            by_variant["structured"],
         )
-        # Same fraction of the gated weights removed by both exports.
-        assert unstructured["gated_sparsity"] == pytest.approx(0.5, abs=1e-3)
-        assert structured["gated_sparsity"] == pytest.approx(0.5, abs=1e-3)
+        u8, s8 = (by_variant[v] for v in variants[3:5])
+        # Same fraction of the gated weights removed by every export.
+        for row in list(by_variant.values())[1:]:
+            assert row["gated_sparsity"] == pytest.approx(0.5, abs=1e-3)
         # Unstructured loads back at the dense shapes; structured is smaller.
         assert unstructured["weight_bytes"] == dense["weight_bytes"]
         assert structured["weight_bytes"] < dense["weight_bytes"]
         assert structured["file_bytes"] < dense["file_bytes"]
+        # int8: smaller than its float32 export, in memory and on disk.
+        for int8, fp32 in ((u8, unstructured), (s8, structured)):
+            assert int8["weight_bytes"] < fp32["weight_bytes"]
+            assert int8["file_bytes"] < fp32["file_bytes"]
+            assert int8["runtime"] == "torch"
+            # Compared with its float32 export: int8 rounding, not zero.
+            assert 0 < int8["max_abs_diff"] < 0.1
+        assert s8["weight_bytes"] < u8["weight_bytes"]
         # The equivalence checks were computed (and pass).
         assert dense["max_abs_diff"] is None
         assert 0 <= structured["max_abs_diff"] < 1e-4
         assert 0 <= unstructured["max_abs_diff"] < 1e-4
-        for row in (dense, unstructured, structured):
-            assert len(row["times_s"]) == 3 and all(
-                t > 0 for t in row["times_s"]
-            )
+        for row in by_variant.values():
+            assert len(row["times_s"]) == 3
+            assert all(t > 0 for t in row["times_s"])
+        onnx32, onnx8 = (by_variant[v] for v in variants[5:])
+        assert onnx32["runtime"] == onnx8["runtime"] == "onnxruntime"
+        assert 0 <= onnx32["max_abs_diff"] < 1e-4
+        assert 0 < onnx8["max_abs_diff"] < 0.1
+        for row in (onnx32, onnx8):  # initializers: the file less the graph
+            assert 0 < row["weight_bytes"] < row["file_bytes"]
+        assert onnx32["weight_bytes"] == pytest.approx(
+            structured["weight_bytes"], rel=0.05
+        )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("device cpu, torch threads ")
+    assert lines[1].startswith("ONNX rows: onnxruntime ")
     for model in models:
-        start = lines.index(
-            next(x for x in lines if x.startswith(f"model: {model} "))
-        )
-        assert lines[start + 1].split()[:4] == [
-            "variant", "gated", "sp.", "latency",
-        ]  # fmt: skip
-        table = [line.split() for line in lines[start + 2 : start + 5]]
-        assert [cells[0] for cells in table] == variants
+        start, table = inference_table(lines, model)
         model_rows = [r for r in rows if r["model"] == model]
-        for cells, row in zip(table, model_rows):
+        assert list(table) == [r["variant"] for r in model_rows]
+        for row in model_rows:
             # sparsity, latency, /dense, rounds, weights, /dense, files, /dense
-            assert len(cells) == 9
-            assert float(cells[3]) == pytest.approx(
-                row["latency_ratio"], abs=1e-3
+            cells = table[row["variant"]]
+            ratios = (
+                row["latency_ratio"],
+                row["weight_ratio"],
+                row["file_ratio"],
             )
-            assert float(cells[6]) == pytest.approx(
-                row["weight_ratio"], abs=1e-3
+            for cell, ratio in zip(itemgetter(2, 5, 7)(cells), ratios):
+                assert float(cell) == pytest.approx(ratio, abs=1e-3)
+            low, high = map(float, cells[3].split("-"))
+            assert low - 1e-3 <= row["latency_ratio"] <= high + 1e-3
+        assert table["dense"][2] == table["dense"][5] == "1.000"
+        assert table["dense"][7] == "1.000"
+        assert table["unstructured"][5] == "1.000"  # dense shapes
+        assert float(table["structured"][5]) < 1
+        after = start + 2 + len(table)
+        assert lines[after].startswith("weights: parameters and buffers")
+        assert lines[after + 1].startswith("files: the export folder")
+        checks = lines[after + 2 : after + 1 + len(table)]
+        for row, line in zip(model_rows[1:], checks):
+            variant = re.escape(row["variant"])
+            if row["variant"] in ("unstructured", "structured"):
+                pattern = rf"check: {variant} export vs its pruned lobe, "
+            elif row["variant"] == "structured ONNX fp32":
+                pattern = (
+                    rf"check: {variant} vs the structured export in "
+                    r"PyTorch, "
+                )
+            else:
+                source = row["variant"].split()[0]
+                pattern = rf"check: {variant} vs the float32 {source} export, "
+            pattern += r"max abs diff (\d\.\d\de[+-]\d\d)"
+            pattern += {
+                "unstructured": "",
+                "structured": "",
+                "structured ONNX fp32": r" \(at most 1e-04\)",
+            }.get(row["variant"], r" \(int8 rounding, not checked\)")
+            match = re.fullmatch(pattern, line)
+            assert match, line
+            assert float(match.group(1)) == pytest.approx(
+                row["max_abs_diff"], rel=0.01, abs=1e-12
             )
-            assert float(cells[8]) == pytest.approx(row["file_ratio"], abs=1e-3)
-        assert table[0][3] == table[0][6] == table[0][8] == "1.000"
-        assert table[1][6] == "1.000"  # unstructured: dense shapes
-        assert float(table[2][6]) < 1
-        for variant, line in zip(variants[1:], lines[start + 5 : start + 7]):
-            match = re.fullmatch(
-                rf"check: {variant} export vs its pruned lobe, max abs diff "
-                r"(\d\.\d\de[+-]\d\d)",
-                line,
-            )
-            assert match and float(match.group(1)) < 1e-4
+        onnx_line, ratio_line = lines[after + 1 + len(table) :][:2]
+        onnx = re.fullmatch(
+            r"inference latency ratio structured ONNX int8/dense: "
+            r"(\d+\.\d{3})",
+            onnx_line,
+        )
+        assert float(onnx.group(1)) == pytest.approx(
+            model_rows[6]["latency_ratio"], abs=1e-3
+        )
         ratio = re.fullmatch(
             r"inference latency ratio structured/dense: (\d+\.\d+)",
-            lines[start + 7],
+            ratio_line,
         )
         structured = model_rows[2]["latency_ratio"]
         assert float(ratio.group(1)) == pytest.approx(structured, abs=1e-3)
-    # The last line: the first model's ratio, a plain decimal.
+    # The last two lines: the first model's ratios, plain decimals.
+    assert lines[-3] == "first model, facebook/wav2vec2-base:"
+    match = re.fullmatch(
+        r"inference latency ratio structured ONNX int8/dense: (\d+\.\d+)",
+        lines[-2],
+    )
+    assert match and float(match.group(1)) == pytest.approx(
+        rows[6]["latency_ratio"], abs=1e-3
+    )
     match = re.fullmatch(
         r"inference latency ratio structured/dense: (\d+\.\d+)", lines[-1]
     )
     assert match and float(match.group(1)) == pytest.approx(
         rows[2]["latency_ratio"], abs=1e-3
     )
-    assert lines[-2] == "first model, facebook/wav2vec2-base:"
 
 
 def test_inference_speed_check_catches_a_wrong_structured_export(monkeypatch):
@@ -447,8 +561,8 @@ def test_inference_speed_check_catches_a_wrong_structured_export(monkeypatch):
     monkeypatch.setattr(inference_speed, "hub_config", tiny_hub_config)
     load_compact = inference_speed.load_compact
 
-    def wrong_load(folder):
-        model = load_compact(folder)
+    def wrong_load(folder, **kwargs):
+        model = load_compact(folder, **kwargs)
         if os.path.basename(folder) == "structured":
             # A shrink that pairs the kept units of the feed-forward's two
             # matrices in different orders, say.
@@ -485,3 +599,78 @@ def test_alternating_latency_returns_the_median_of_each_model(monkeypatch):
     assert medians == {"a": 2.0, "b": 6.0}
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
     assert ran == ["x"] * 8
+
+
+def test_inference_speed_skips_the_onnx_rows_without_onnxruntime(
+    monkeypatch, capsys
+):
+    inference_speed = load_benchmark("inference_speed", monkeypatch)
+    monkeypatch.setattr(inference_speed, "hub_config", tiny_hub_config)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
+    argv = ["--models", "facebook/wav2vec2-base", "--rounds", "1"]
+    argv += ["--seconds", "0.5"]
+    # Without the option: stops before measuring, naming the package.
+    with pytest.raises(SystemExit) as stop:
+        inference_speed.main(argv)
+    message = str(stop.value)
+    assert "optional package onnxruntime, which is not installed" in message
+    assert message.endswith("(or pass --skip-missing-onnx)")
+    assert capsys.readouterr().out.startswith("device cpu")
+    rows = inference_speed.main(argv + ["--skip-missing-onnx"])
+    # The int8 rows stay; the ONNX rows are left out, saying so.
+    assert [r["variant"] for r in rows] == list(inference_speed.VARIANTS[:5])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].startswith(
+        "ONNX rows skipped: benchmarks/inference_speed.py (ONNX rows) needs "
+        "the optional package onnxruntime"
+    )
+    assert lines[-2] == (
+        "inference latency ratio structured ONNX int8/dense: skipped "
+        "(onnxruntime not installed)"
+    )
+    assert re.fullmatch(
+        r"inference latency ratio structured/dense: \d+\.\d{3}", lines[-1]
+    )
+    # --onnx-models without a model: no ONNX rows, without the packages.
+    rows = inference_speed.main(argv + ["--onnx-models"])
+    assert [r["variant"] for r in rows] == list(inference_speed.VARIANTS[:5])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert not any(line.startswith("ONNX rows") for line in lines)
+    assert lines[-2] == (
+        "inference latency ratio structured ONNX int8/dense: skipped "
+        "(not in --onnx-models)"
+    )
+
+
+def test_inference_speed_refuses_an_onnx_model_unlike_pytorch(
+    monkeypatch, capsys
+):
+    inference_speed = load_benchmark("inference_speed", monkeypatch)
+    monkeypatch.setattr(inference_speed, "hub_config", tiny_hub_config)
+    export = inference_speed.export_onnx_encoder
+
+    def wrong_export(model, example, path, **kwargs):
+        output_dense = model.encoder.layers[0].feed_forward.output_dense
+        with torch.no_grad():
+            output_dense.weight.copy_(output_dense.weight.flip(1))
+        return export(model, example, path, **kwargs)
+
+    monkeypatch.setattr(inference_speed, "export_onnx_encoder", wrong_export)
+    order = []
+    monkeypatch.setattr(
+        inference_speed, "timed_pass", lambda name, *args: order.append(name)
+    )
+    argv = ["--models", "facebook/wav2vec2-base", "--rounds", "1"]
+    with pytest.raises(
+        RuntimeError,
+        match=r"structured ONNX fp32 model's output differs from the "
+        r"structured export's in PyTorch by \S+ \(> 0.0001\)",
+    ):
+        inference_speed.main(argv + ["--seconds", "0.5"])
+    assert order == []  # refused before timing
+    # --onnx-models names models of --models only.
+    with pytest.raises(SystemExit):
+        inference_speed.main(argv + ["--onnx-models", "facebook/wavlm-base"])
+    assert "--onnx-models: not in --models: facebook/wavlm-base" in (
+        capsys.readouterr().err
+    )
