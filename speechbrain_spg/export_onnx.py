@@ -403,10 +403,14 @@ def onnx_metadata(folder, asr, graph, vocab, precision, exporter, opset):
 
     Example
     -------
-    Needs a loaded inference folder (``tests/test_onnx.py`` reads the
-    metadata of an export):
+    ``export_onnx`` writes it (and returns it with its checks):
 
-    >>> onnx_metadata(folder, asr, graph, 29, "float32", "torchscript", 17)  # doctest: +SKIP
+    >>> from speechbrain_spg.data.architectures import tiny_inference_folder
+    >>> folder = tiny_inference_folder(tempfile.mkdtemp())
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+    >>> metadata = export_onnx(folder, path)
+    >>> metadata["blank_index"], metadata["precision"], metadata["structured"]
+    ('0', 'float32', 'false')
     """
     from speechbrain_spg.export import read_manifest, sha256_of
     from speechbrain_spg.tools.inference import TOKENIZER_FILES
@@ -527,12 +531,12 @@ def export_onnx(
 
     Example
     -------
-    Needs the ``onnx`` extra and an inference folder (``tests/test_onnx.py``
-    runs it):
-
-    >>> result = export_onnx("out/compact", "model.onnx")  # doctest: +SKIP
-    >>> result["max_abs_diff"] < 1e-4  # doctest: +SKIP
-    True
+    >>> from speechbrain_spg.data.architectures import tiny_inference_folder
+    >>> folder = tiny_inference_folder(tempfile.mkdtemp())
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+    >>> result = export_onnx(folder, path)
+    >>> result["max_abs_diff"] < 1e-4, os.path.isfile(path)
+    (True, True)
     """
     mods = require_onnx(EXPORT_MODULES + (("onnxscript",) if dynamo else ()))
     onnx, ort = mods["onnx"], mods["onnxruntime"]
@@ -691,10 +695,11 @@ def read_metadata(path):
 
     Example
     -------
-    Needs ``onnxruntime`` and an exported model (``tests/test_onnx.py``
-    reads one):
-
-    >>> read_metadata("model.onnx")["blank_index"]  # doctest: +SKIP
+    >>> from speechbrain_spg.data.architectures import tiny_inference_folder
+    >>> folder = tiny_inference_folder(tempfile.mkdtemp())
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+    >>> _ = export_onnx(folder, path)
+    >>> read_metadata(path)["blank_index"]
     '0'
     """
     ort = require_onnx(RUNTIME_MODULES, "reading an ONNX model")["onnxruntime"]
@@ -744,11 +749,14 @@ class OnnxASR:
 
     Example
     -------
-    Needs ``onnxruntime`` and an exported model (``tests/test_onnx.py``
-    runs it):
-
-    >>> asr = OnnxASR("model.onnx", "out/compact")  # doctest: +SKIP
-    >>> texts, ids = asr.transcribe_batch(torch.randn(1, 16000), torch.ones(1))  # doctest: +SKIP
+    >>> from speechbrain_spg.data.architectures import tiny_inference_folder
+    >>> folder = tiny_inference_folder(tempfile.mkdtemp())
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+    >>> _ = export_onnx(folder, path)
+    >>> asr = OnnxASR(path, folder)
+    >>> texts, ids = asr.transcribe_batch(torch.randn(1, 16000), torch.ones(1))
+    >>> len(texts)
+    1
     """
 
     def __init__(self, path, folder, device="cpu"):

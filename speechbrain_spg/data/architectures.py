@@ -215,6 +215,92 @@ def tiny_model_folder(model_type="wav2vec2", seed=0):
     )
 
 
+#: The CTC head of ``tiny_inference_folder`` (a recipe's YAML entries).
+TINY_HEAD_YAML = """\
+ssl_dim: 32
+dnn_neurons: 16
+output_neurons: {labels}
+enc: !new:speechbrain.nnet.linear.Linear
+    input_size: !ref <ssl_dim>
+    n_neurons: !ref <dnn_neurons>
+ctc_lin: !new:speechbrain.nnet.linear.Linear
+    input_size: !ref <dnn_neurons>
+    n_neurons: !ref <output_neurons>
+log_softmax: !new:speechbrain.nnet.activations.Softmax
+    apply_log: True
+"""
+
+
+def tiny_inference_folder(work, source=None):
+    """A tiny CTC inference folder in ``work/compact``, for examples and
+    tests of what reads one (transcription, ONNX): the SPG lobe of a tiny
+    wav2vec2 pruned to 65% (random weights), a random head and a character
+    tokenizer (blank + LibriSpeech's alphabet).
+
+    Arguments
+    ---------
+    work : str or os.PathLike
+        An existing folder; ``compact/``, ``label_encoder.txt`` and
+        ``train.yaml`` are written in it.
+    source : str, optional
+        The tiny model (default: a new ``tiny_model_folder()``).
+
+    Returns
+    -------
+    pathlib.Path
+        The inference folder.
+
+    Example
+    -------
+    >>> folder = tiny_inference_folder(tempfile.mkdtemp())
+    >>> "hyperparams.yaml" in os.listdir(folder)
+    True
+    """
+    import pathlib
+
+    from speechbrain.nnet.linear import Linear
+
+    from speechbrain_spg.lobes import SPGWav2Vec2
+    from speechbrain_spg.tools.inference import (
+        CharTokenizer,
+        copied_definitions,
+        inference_hparams,
+        write_inference_folder,
+    )
+
+    work = pathlib.Path(work)
+    source = tiny_model_folder() if source is None else source
+    torch.manual_seed(0)
+    lobe = SPGWav2Vec2(str(source), save_path="", target_sparsity=0.65)
+    lobe.hard_prune()
+    tokenizer = CharTokenizer()
+    tokenizer.insert_blank(index=0)
+    tokenizer.update_from_iterable(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZ' ", sequence_input=False
+    )
+    labels = str(work / "label_encoder.txt")
+    tokenizer.save(labels)
+    train_yaml = work / "train.yaml"
+    train_yaml.write_text(TINY_HEAD_YAML.format(labels=len(tokenizer)))
+    head = torch.nn.ModuleList(
+        [
+            Linear(input_size=32, n_neurons=16),
+            Linear(input_size=16, n_neurons=len(tokenizer)),
+        ]
+    )
+    keys = ["enc", "ctc_lin", "log_softmax"]
+    text = inference_hparams(
+        lobe,
+        copied_definitions(train_yaml, {}, keys),
+        ["enc", "ctc_lin"],
+        keys,
+        labels=len(tokenizer),
+    )
+    out = work / "compact"
+    write_inference_folder(lobe, out, head, labels, text)
+    return out
+
+
 def default_feature_extractor():
     """Returns the wav2vec2-style preprocessor that all three families use.
 
