@@ -23,6 +23,7 @@ Authors
  * speechbrain-spg developers 2026
 """
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -425,17 +426,41 @@ def export_compact(
         raise FileExistsError(
             f"export_compact: {path} is a file, not a folder."
         )
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    name = os.path.basename(path)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
+    with written_whole(path) as tmp:
         for rel, src in (extra_files or {}).items():
             shutil.copy(src, os.path.join(tmp, rel))
         manifest = _write_export(lobe, tmp, dtype, dense_hf)
+    return manifest
+
+
+@contextlib.contextmanager
+def written_whole(path):
+    """A temporary folder beside ``path`` to write a folder into: when the
+    block ends it is made readable by all and renamed into place (an
+    existing ``path`` moved aside first, then removed); if the block fails
+    it is removed. An interrupted write leaves no half-written folder.
+
+    Arguments
+    ---------
+    path : str
+        The folder to write (absolute or relative).
+
+    Example
+    -------
+    >>> out = os.path.join(tempfile.mkdtemp(), "folder")
+    >>> with written_whole(out) as tmp:
+    ...     open(os.path.join(tmp, "a.txt"), "w").close()
+    >>> os.listdir(out)
+    ['a.txt']
+    """
+    parent, name = os.path.dirname(path), os.path.basename(path)
+    os.makedirs(parent or ".", exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent or ".")
+    try:
+        yield tmp
         _readable_by_all(tmp)
         if os.path.exists(path):  # replaced: moved aside, then removed
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent or ".")
             os.rmdir(old)
             os.rename(path, old)
             os.rename(tmp, path)
@@ -445,7 +470,6 @@ def export_compact(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
 
 
 def _readable_by_all(folder):

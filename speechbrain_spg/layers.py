@@ -412,6 +412,8 @@ class GatedLinear(nn.Linear):
         self.index = index
         object.__setattr__(self, "gate", gate)
         self.register_buffer("mask", None, persistent=False)
+        # Row-gated structured layers also fix their bias (weight gates: None).
+        self.register_buffer("bias_mask", None, persistent=False)
         self.pending = self.pregated = self._cache = None
         self.register_state_dict_post_hook(_save_pruned_weights_as_zeros)
 
@@ -566,7 +568,9 @@ class _RegateHooks(torch.autograd.graph.saved_tensors_hooks):
 
 def _save_pruned_weights_as_zeros(module, state_dict, prefix, local_metadata):
     """State-dict hook: a pruned layer saves exact zeros (momentum may have
-    moved its pruned weights), from which loading rebuilds the mask."""
-    key = prefix + "weight"
-    if module.mask is not None and key in state_dict:
-        state_dict[key] = state_dict[key].detach() * module.mask
+    moved its pruned weights and biases), from which loading rebuilds the
+    masks."""
+    for name, mask in (("weight", module.mask), ("bias", module.bias_mask)):
+        key = prefix + name
+        if mask is not None and key in state_dict:
+            state_dict[key] = state_dict[key].detach() * mask

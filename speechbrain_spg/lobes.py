@@ -38,7 +38,7 @@ from speechbrain_spg.sparsity import (
     offset_step,
     project_out,
 )
-from speechbrain_spg.structured import StructuredGatedLinear, install_structured
+from speechbrain_spg.structured import install_structured
 
 
 def find_prunable_linears(model, pattern):
@@ -713,9 +713,7 @@ def _restore_masks(module, incompatible_keys):
     units for structured gates)."""
     layers = module.gated_layers()
     for layer in layers:
-        layer.mask = None
-        if isinstance(layer, StructuredGatedLinear):
-            layer.bias_mask = None
+        layer.mask = layer.bias_mask = None
     if not module.is_pruned:
         return
     masks = [layer.weight != 0 for layer in layers]

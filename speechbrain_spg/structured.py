@@ -562,9 +562,7 @@ class StructuredGatedLinear(GatedLinear):
     def __init__(self, linear, gate, index, sublayer, axis, unit_size):
         super().__init__(linear, gate, index)
         self.sublayer, self.axis, self.unit_size = sublayer, axis, unit_size
-        self.register_buffer("bias_mask", None, persistent=False)
         object.__setattr__(self, "unit_mask", None)
-        self.register_state_dict_post_hook(_save_pruned_bias_as_zeros)
 
     def current_unit_mask(self):
         """The pass's unit mask, computed here if no sub-layer hook set it.
@@ -636,14 +634,6 @@ class StructuredGatedLinear(GatedLinear):
         torch.Tensor
         """
         return F.linear(x, self.effective_weight(), self.effective_bias())
-
-
-def _save_pruned_bias_as_zeros(module, state_dict, prefix, local_metadata):
-    """State-dict hook: a pruned row-gated layer saves its pruned biases as
-    exact zeros."""
-    key = prefix + "bias"
-    if module.bias_mask is not None and key in state_dict:
-        state_dict[key] = state_dict[key].detach() * module.bias_mask
 
 
 def install_structured(model, found, groups, options):

@@ -17,7 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from speechbrain_spg.data.architectures import (  # noqa: E402
-    TINY_HEAD_YAML,
     TINY_OVERRIDES,
     build_config,
     save_random_model,
@@ -122,9 +121,6 @@ def wavlm_source(tiny_sources):
 
 
 #: A training YAML's head, as the inference folder fixture copies it.
-HEAD_YAML = TINY_HEAD_YAML
-
-
 def build_inference_folder(source, work):
     """A tiny CTC inference folder in ``work/compact``
     (``data.architectures.tiny_inference_folder`` of ``source``)."""

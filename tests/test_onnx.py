@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from test_structured_export import pruned_structured_lobe
 
-from conftest import HEAD_YAML
 from speechbrain_spg import export_onnx, transcribe
+from speechbrain_spg.data.architectures import tiny_inference_folder
 from speechbrain_spg.export import read_manifest
 from speechbrain_spg.tools.inference import load_asr
 
@@ -162,55 +163,9 @@ def test_int8_runs_and_mostly_agrees(ort, folder, exported):
 def _structured_folder(model_type, work):
     """A tiny CTC inference folder of a structured lobe whose first block
     lost every head, the second half its heads, every feed-forward a random
-    half of its units (as ``tests/test_structured_export.py``)."""
-    from speechbrain.nnet.linear import Linear
-
-    from speechbrain_spg.data.architectures import tiny_model_folder
-    from speechbrain_spg.lobes import spg_lobe
-    from speechbrain_spg.tools.inference import (
-        CharTokenizer,
-        copied_definitions,
-        inference_hparams,
-        write_inference_folder,
-    )
-
-    torch.manual_seed(0)
-    lobe = spg_lobe(tiny_model_folder(model_type), granularity="structured")
-    generator = torch.Generator().manual_seed(0)
-    units = []
-    for sub in lobe.gate.sublayers:
-        if sub.name.endswith("layers.0.attention"):
-            kept = torch.zeros(sub.units, dtype=torch.bool)
-        elif sub.name.endswith("attention"):
-            kept = torch.arange(sub.units) % 2 == 1
-        else:
-            kept = torch.rand(sub.units, generator=generator) < 0.5
-        units.append(kept)
-    lobe.apply_masks(lobe.gate.weight_masks(units, lobe.gated_layers()))
-    tokenizer = CharTokenizer()
-    tokenizer.insert_blank(index=0)
-    tokenizer.update_from_iterable("ABCDE' ", sequence_input=False)
-    labels = str(work / "label_encoder.txt")
-    tokenizer.save(labels)
-    train_yaml = work / "train.yaml"
-    train_yaml.write_text(HEAD_YAML.format(labels=len(tokenizer)))
-    head = torch.nn.ModuleList(
-        [
-            Linear(input_size=32, n_neurons=16),
-            Linear(input_size=16, n_neurons=len(tokenizer)),
-        ]
-    )
-    keys = ["enc", "ctc_lin", "log_softmax"]
-    text = inference_hparams(
-        lobe.eval(),
-        copied_definitions(train_yaml, {}, keys),
-        ["enc", "ctc_lin"],
-        keys,
-        labels=len(tokenizer),
-    )
-    out = work / "compact"
-    write_inference_folder(lobe, out, head, labels, text)
-    return str(out)
+    half of its units (``tests/test_structured_export.py``'s lobe)."""
+    lobe, _ = pruned_structured_lobe(model_type)
+    return str(tiny_inference_folder(work, lobe=lobe))
 
 
 @pytest.mark.parametrize("model_type", ["wav2vec2", "hubert", "wavlm"])
@@ -230,7 +185,7 @@ def test_structured_export_matches_pytorch(ort, model_type, tmp_path):
     diff, shapes = _max_diff_to_pytorch(ort, out, asr)
     print(f"structured {model_type} ONNX vs PyTorch: max abs diff {diff:.3g}")
     assert diff < TOLERANCE
-    assert shapes == [(2, 448, 8), (1, 1171, 8)]
+    assert shapes == [(2, 448, 29), (1, 1171, 29)]  # blank + 28 characters
     # stored: the feed-forward matrices of the kept units (transposed for
     # MatMul), the kept head of block 1 (q, k, v: 32 x 16), no full-size
     # feed-forward (32 x 64) nor attention (32 x 32) matrix

@@ -231,7 +231,7 @@ log_softmax: !new:speechbrain.nnet.activations.Softmax
 """
 
 
-def tiny_inference_folder(work, source=None):
+def tiny_inference_folder(work, source=None, lobe=None):
     """A tiny CTC inference folder in ``work/compact``, for examples and
     tests of what reads one (transcription, ONNX): the SPG lobe of a tiny
     wav2vec2 pruned to 65% (random weights), a random head and a character
@@ -244,6 +244,8 @@ def tiny_inference_folder(work, source=None):
         ``train.yaml`` are written in it.
     source : str, optional
         The tiny model (default: a new ``tiny_model_folder()``).
+    lobe : SPGLobeMixin, optional
+        A pruned tiny lobe to export instead (e.g. a structured one).
 
     Returns
     -------
@@ -269,10 +271,11 @@ def tiny_inference_folder(work, source=None):
     )
 
     work = pathlib.Path(work)
-    source = tiny_model_folder() if source is None else source
     torch.manual_seed(0)
-    lobe = SPGWav2Vec2(str(source), save_path="", target_sparsity=0.65)
-    lobe.hard_prune()
+    if lobe is None:
+        source = tiny_model_folder() if source is None else source
+        lobe = SPGWav2Vec2(str(source), save_path="", target_sparsity=0.65)
+        lobe.hard_prune()
     tokenizer = CharTokenizer()
     tokenizer.insert_blank(index=0)
     tokenizer.update_from_iterable(

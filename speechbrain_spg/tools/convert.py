@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -49,13 +48,13 @@ from speechbrain_spg.export import (
     MANIFEST,
     CompactExportError,
     _quantization,
-    _readable_by_all,
     _relative_files,
     compact_tensors,
     ideal_compact_bytes,
     read_compact_file,
     read_manifest,
     sha256_of,
+    written_whole,
 )
 
 
@@ -87,7 +86,7 @@ def convert_inference_folder(src, dst, dtype="int8", overwrite=False):
 
     Example
     -------
-    >>> import torch
+    >>> import tempfile, torch
     >>> from speechbrain_spg.data.architectures import tiny_model_folder
     >>> from speechbrain_spg.export import export_compact, load_compact
     >>> from speechbrain_spg.lobes import SPGWav2Vec2
@@ -144,10 +143,7 @@ def convert_inference_folder(src, dst, dtype="int8", overwrite=False):
     with safe_open(compact, framework="pt") as f:
         metadata = f.metadata() or {}
 
-    parent, name = os.path.dirname(dst), os.path.basename(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
+    with written_whole(dst) as tmp:
         for rel in manifest["files"]:
             if rel == COMPACT_FILE:
                 continue
@@ -179,18 +175,6 @@ def convert_inference_folder(src, dst, dtype="int8", overwrite=False):
         }
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(new, f, indent=2)
-        _readable_by_all(tmp)
-        if os.path.exists(dst):  # replaced: moved aside, then removed
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return new
 
 
